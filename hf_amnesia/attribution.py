@@ -1,0 +1,173 @@
+"""Exact attribution of Adam/AdamW updates to individual samples (pure math, no transformers).
+
+With PyTorch's AdamW (decoupled decay `lam`; `lam = 0` is Adam without L2):
+
+    m_t = b1 m_{t-1} + (1-b1) g_t,   v_t = b2 v_{t-1} + (1-b2) g_t^2
+    a_t = lr_t / (1 - b1^t),          D_t = 1 / (sqrt(v_t / (1 - b2^t)) + eps)
+    theta_t = theta_{t-1} (1 - lr_t lam) - a_t D_t m_t
+
+Unrolling gives `theta_T - Q_T theta_0 = sum_s sum_i Delta_{s,i}` with
+
+    Delta_{s,i} = -(1-b1) Q_T [ sum_{t>=s} b1^(t-s) x_t ] contrib_{s,i},   x_t = a_t D_t / Q_t
+
+where `Q_t = prod_{u<=t} (1 - lr_u lam)` and `contrib_{s,i}` is sample i's share of the gradient
+the optimizer consumed at step s. The bracket needs the future, so each step's contributions stay
+"open" until `b1^(t-s)` falls below `tail_tolerance`. The bracket is read off a dense prefix sum
+(the ledger) `L_t = sum_{u<=t} b1^(u-e) x_u` kept in float64 and re-based to `e` regularly:
+
+    sum_{t=s..T} b1^(t-s) x_t = b1^(e-s) (L_T - L_{s-1}).
+
+Stored deltas omit the factor `Q_T`; `forget` multiplies by the current `Q`.
+See docs/attribution.md for the derivation and the memory bound of the open tails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Re-base the ledger once the newest term's weight b1^(t-e) has fallen this far, so that the
+# difference L_T - L_{s-1} never loses more than ~4 digits to cancellation in float64.
+REBASE_WEIGHT = 1e-4
+
+
+@dataclass
+class OpenStep:
+    """The contributions of one optimizer step whose momentum tail is still open."""
+
+    step: int
+    ids: np.ndarray  # [n] int64 dataset ids
+    positions: torch.Tensor  # [n, K] int64 flat positions
+    contrib: torch.Tensor  # [n, K] float32, contrib_{s,i} at the kept positions
+    start: torch.Tensor  # [n, K] float64, L_{s-1} at the kept positions, in the current base
+
+
+class MomentumLedger:
+    """Turns per-step, per-sample gradient contributions into exact per-sample parameter deltas.
+
+    Call `step(...)` once after each optimizer step with the step's contributions and the dense
+    `x_t`; it yields `(ids, deltas)` of the steps whose tails have closed. `close_all()` flushes
+    the rest at the end of training.
+    """
+
+    def __init__(self, num_params: int, beta1: float, tail_tolerance: float = 1e-7, device="cpu"):
+        if not 0.0 < beta1 < 1.0:
+            raise ValueError(f"beta1 must be in (0, 1), got {beta1}")
+        self.beta1 = float(beta1)
+        self.tail_tolerance = float(tail_tolerance)
+        self.ledger = torch.zeros(num_params, dtype=torch.float64, device=device)
+        self.base = 1  # step e whose term has weight b1^0
+        self.open: deque[OpenStep] = deque()
+
+    @property
+    def window(self) -> int:
+        """Steps a contribution stays open: the smallest w with b1^w < tail_tolerance."""
+        return max(1, math.ceil(math.log(self.tail_tolerance) / math.log(self.beta1)))
+
+    def step(
+        self,
+        t: int,
+        x_t: torch.Tensor,
+        ids: np.ndarray,
+        positions: torch.Tensor,
+        contrib: torch.Tensor,
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Account optimizer step `t` (1-based, consecutive) and yield the deltas that closed."""
+        if len(ids):
+            start = self.ledger[positions]
+            self.open.append(OpenStep(t, ids, positions, contrib.float(), start))
+        self.ledger.add_(x_t.to(torch.float64), alpha=self.beta1 ** (t - self.base))
+        while self.open and self.beta1 ** (t + 1 - self.open[0].step) < self.tail_tolerance:
+            yield self._close(self.open.popleft())
+        if self.beta1 ** (t - self.base) < REBASE_WEIGHT:
+            self._rebase(t + 1)
+
+    def close_all(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        while self.open:
+            yield self._close(self.open.popleft())
+
+    def _close(self, item: OpenStep) -> tuple[np.ndarray, torch.Tensor]:
+        tail = (self.ledger[item.positions] - item.start) * self.beta1 ** (self.base - item.step)
+        delta = -(1.0 - self.beta1) * tail * item.contrib.to(torch.float64)
+        return item.ids, delta.float()
+
+    def _rebase(self, new_base: int) -> None:
+        factor = self.beta1 ** (self.base - new_base)
+        for item in self.open:
+            item.start = (item.start - self.ledger[item.positions]) * factor
+        self.ledger.zero_()
+        self.base = new_base
+
+    # -- checkpointing ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {
+            "ledger": self.ledger.cpu(),
+            "base": torch.tensor(self.base),
+            "beta1": torch.tensor(self.beta1, dtype=torch.float64),
+            "num_open": torch.tensor(len(self.open)),
+        }
+        for k, item in enumerate(self.open):
+            state[f"open.{k}.step"] = torch.tensor(item.step)
+            state[f"open.{k}.ids"] = torch.from_numpy(np.asarray(item.ids, dtype=np.int64))
+            state[f"open.{k}.positions"] = item.positions.cpu()
+            state[f"open.{k}.contrib"] = item.contrib.cpu()
+            state[f"open.{k}.start"] = item.start.cpu()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        device = self.ledger.device
+        self.ledger = state["ledger"].to(device=device, dtype=torch.float64).clone()
+        self.base = int(state["base"])
+        self.open.clear()
+        for k in range(int(state["num_open"])):
+            self.open.append(
+                OpenStep(
+                    step=int(state[f"open.{k}.step"]),
+                    ids=state[f"open.{k}.ids"].numpy().copy(),
+                    positions=state[f"open.{k}.positions"].to(device),
+                    contrib=state[f"open.{k}.contrib"].to(device),
+                    start=state[f"open.{k}.start"].to(device),
+                )
+            )
+
+    def open_bytes(self) -> int:
+        """Bytes held by the open tails (the bounded memory stated in the docs)."""
+        return sum(
+            i.positions.numel() * 8 + i.contrib.numel() * 4 + i.start.numel() * 8 for i in self.open
+        )
+
+
+def adam_step_weights(
+    params: list[torch.Tensor],
+    states: list[dict],
+    hyper: list[dict],
+    decay: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x_t = a_t D_t / Q_t` for every trainable entry, right after an optimizer step.
+
+    `states[j]` is the optimizer state of parameter j (`step`, `exp_avg_sq`), `hyper[j]` its
+    param group (`lr`, `betas`, `eps`, `weight_decay`). `decay` holds `Q_{t-1}` per parameter
+    tensor and is returned updated to `Q_t`. A parameter without state this step (no gradient)
+    gets x = 0 and no decay, as the optimizer skipped it.
+    """
+    pieces = []
+    new_decay = decay.clone()
+    for j, (param, state, group) in enumerate(zip(params, states, hyper)):
+        if "exp_avg_sq" not in state:
+            pieces.append(torch.zeros(param.numel(), dtype=torch.float64, device=decay.device))
+            continue
+        t = float(state["step"])
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        a_t = lr / (1.0 - beta1**t)
+        v_hat = state["exp_avg_sq"].detach().to(torch.float64).reshape(-1) / (1.0 - beta2**t)
+        d_t = 1.0 / (v_hat.sqrt() + group["eps"])
+        new_decay[j] = decay[j] * (1.0 - lr * group["weight_decay"])
+        pieces.append((a_t / new_decay[j]) * d_t.to(decay.device))
+    return torch.cat(pieces), new_decay

@@ -1,0 +1,74 @@
+"""`AmnesiaConfig`: `TrainingArguments` plus what recording and forgetting need."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .errors import ConfigError
+from .store import STORE_DTYPES
+
+DEFAULT_KEEP_FRACTION = 0.01
+DEFAULT_STORE_DTYPE = "float16"
+DEFAULT_KEEP_SEED = 0
+STORE_FOLDER = "_amnesia_store"
+
+
+@dataclass
+class AmnesiaConfig(TrainingArguments):
+    """Training arguments of an `AmnesiacTrainer`.
+
+    `keep_fraction`, `store_dtype` and `keep_seed` are fixed by the store once it exists: leave
+    them unset (None) to take the store's values, or to get the defaults for a new store.
+    """
+
+    keep_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction p of each sample's delta entries kept in the store, 0 < p <= 1 "
+            f"(default {DEFAULT_KEEP_FRACTION}; an existing store's value wins)."
+        },
+    )
+    store_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Folder of the per-sample store (default <output_dir>/{STORE_FOLDER}; the leading "
+            "underscore keeps it out of push_to_hub uploads)."
+        },
+    )
+    store_dtype: str | None = field(
+        default=None,
+        metadata={"help": f"Value type on disk: one of {sorted(STORE_DTYPES)} (default {DEFAULT_STORE_DTYPE})."},
+    )
+    id_column: str = field(
+        default="dataset_id",
+        metadata={"help": "Column holding each row's integer dataset id; without it, the row index is used."},
+    )
+    keep_seed: int | None = field(
+        default=None,
+        metadata={"help": f"Seed of the kept positions (default {DEFAULT_KEEP_SEED})."},
+    )
+    tail_tolerance: float = field(
+        default=1e-7,
+        metadata={
+            "help": "A step's momentum tail is closed once beta1^(steps since) falls below this "
+            "(0 < tolerance < 1); the relative error left out is about this value."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.keep_fraction is not None and not (0.0 < float(self.keep_fraction) <= 1.0):
+            raise ConfigError(f"keep_fraction must satisfy 0 < keep_fraction <= 1, got {self.keep_fraction}.")
+        if self.store_dtype is not None and self.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {self.store_dtype!r}.")
+        if self.keep_seed is not None and not (0 <= int(self.keep_seed) < 2**32):
+            raise ConfigError(f"keep_seed must be an integer in [0, 2**32), got {self.keep_seed}.")
+        if not (0.0 < self.tail_tolerance < 1.0):
+            raise ConfigError(f"tail_tolerance must satisfy 0 < tail_tolerance < 1, got {self.tail_tolerance}.")
+        if not self.id_column or not isinstance(self.id_column, str):
+            raise ConfigError(f"id_column must be a non-empty column name, got {self.id_column!r}.")
+        if self.store_dir is None:
+            self.store_dir = os.path.join(self.output_dir, STORE_FOLDER)

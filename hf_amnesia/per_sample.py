@@ -1,0 +1,209 @@
+"""Per-sample gradients from Opacus' grad samplers, hooked onto the user's own modules.
+
+The model is never wrapped: forward hooks keep each layer's input, a tensor hook on the layer's
+output receives the gradient of the loss (the "backprops"), and Opacus' per-layer grad sampler
+turns the pair into per-sample gradients. Only the kept entries of each sample's gradient are
+retained. The per-sample gradients are those of the loss that was actually back-propagated, so
+they sum over the batch to exactly the parameter's `.grad`.
+
+Handled HF specifics:
+- an `nn.Embedding` called with a batch dimension of 1 (BERT's `position_ids` buffer of shape
+  [1, T], Opacus issue 841) gets its input expanded to the real batch, so that each sample's
+  gradient is seen before broadcasting sums them;
+- `nn.Embedding.padding_idx` rows get no gradient (as in PyTorch's own backward);
+- a module with parameters of its own but no Opacus sampler (e.g. ViT's embeddings with their
+  `cls_token`) is differentiated per sample with `torch.func`; dropout inside it is replayed with
+  the very mask the real forward used.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .errors import UnsupportedModelError
+
+
+def _direct_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+class PerSampleCapture:
+    """Hooks that collect, per microbatch, each sample's gradient at its kept positions.
+
+    `begin(positions)` arms the hooks for a microbatch of B samples whose kept flat positions
+    are `positions` [B, K]; after the backward pass `end()` returns the [B, K] float32 values.
+    """
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+        self.model = model
+        self.slot = {}  # id(param) -> (offset, numel)
+        offset = 0
+        for p in params:
+            self.slot[id(p)] = (offset, p.numel())
+            offset += p.numel()
+        self.num_params = offset
+        self.armed = False
+        self.batch_size = 0
+        self.values: torch.Tensor | None = None
+        self._select: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._positions: torch.Tensor | None = None
+        self._activations: dict[nn.Module, list] = defaultdict(list)
+        self._handles = []
+        self._masks: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
+        self._replay: dict[nn.Module, torch.Tensor] | None = None
+        self._attach()
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        samplers = GradSampleModule.GRAD_SAMPLERS
+        covered = set()
+        for module in self.model.modules():
+            own = _direct_trainable(module)
+            if not own:
+                continue
+            covered.update(id(p) for _, p in own)
+            if isinstance(module, nn.Embedding):
+                self._handles.append(module.register_forward_pre_hook(self._expand_broadcast_input))
+            if type(module) in samplers:
+                compute = samplers[type(module)]
+            else:
+                compute = self._functorch_sampler(module, own)
+            self._handles.append(
+                module.register_forward_hook(self._make_forward_hook(compute), with_kwargs=True)
+            )
+        missing = [p for p in self.slot if p not in covered]
+        if missing:
+            raise UnsupportedModelError(
+                f"{len(missing)} trainable parameters are not owned by any module of the model; "
+                "register them as attributes of a submodule so their per-sample gradients can be hooked."
+            )
+
+    def _functorch_sampler(self, module: nn.Module, own: list[tuple[str, nn.Parameter]]):
+        names = [n for n, _ in own]
+        for sub in module.modules():
+            if isinstance(sub, nn.modules.dropout._DropoutNd):
+                self._handles.append(sub.register_forward_hook(self._dropout_hook))
+
+        def compute(layer, saved, backprops):
+            args, masks = saved
+            tensor_args = [i for i, a in enumerate(args) if torch.is_tensor(a)]
+
+            def sample_loss(param_values, batched, sample_masks, backprop):
+                call_args = list(args)
+                for i, value in zip(tensor_args, batched):
+                    call_args[i] = value.unsqueeze(0)
+                self._replay = {m: v.unsqueeze(0) for m, v in sample_masks.items()}
+                try:
+                    out = functional_call(layer, dict(zip(names, param_values)), tuple(call_args))
+                finally:
+                    self._replay = None
+                return (out * backprop.unsqueeze(0)).sum()
+
+            values = tuple(p.detach() for _, p in own)
+            batched = tuple(args[i] for i in tensor_args)
+            grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0), randomness="different")(
+                values, batched, masks, backprops
+            )
+            return {p: g for (_, p), g in zip(own, grads)}
+
+        compute.needs_dropout_masks = True
+        return compute
+
+    def _dropout_hook(self, module, inputs, output):
+        """Inside functorch-fallback modules: draw the dropout mask ourselves and keep it."""
+        if self._replay is not None:
+            mask = self._replay.get(module)
+            return inputs[0] if mask is None else inputs[0] * mask
+        if not (self.armed and module.training and module.p > 0 and torch.is_grad_enabled()):
+            return None
+        keep = torch.empty_like(inputs[0]).bernoulli_(1.0 - module.p) / (1.0 - module.p)
+        self._masks[module].append(keep)
+        return inputs[0] * keep
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def _expand_broadcast_input(self, module, inputs):
+        if not self.armed or not torch.is_tensor(inputs[0]):
+            return None
+        ids = inputs[0]
+        if ids.dim() >= 1 and ids.shape[0] == 1 and self.batch_size > 1:
+            return (ids.expand(self.batch_size, *ids.shape[1:]),) + tuple(inputs[1:])
+        return None
+
+    def _make_forward_hook(self, compute):
+        needs_masks = getattr(compute, "needs_dropout_masks", False)
+
+        def forward_hook(module, args, kwargs, output):
+            if not self.armed or not torch.is_grad_enabled():
+                return None
+            if not torch.is_tensor(output) or not output.requires_grad:
+                if torch.is_tensor(output):
+                    return None
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} returns {type(output).__name__}, not a tensor; per-sample "
+                    "gradients of its own parameters cannot be hooked. Move its parameters into a "
+                    "submodule that returns a tensor (e.g. an nn.Linear)."
+                )
+            if kwargs:
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} is called with keyword arguments {sorted(kwargs)}; "
+                    "per-sample gradients need its tensor inputs as positional arguments."
+                )
+            if needs_masks:
+                masks = {m: stack.pop() for m, stack in self._masks.items() if stack}
+                self._masks.clear()
+                saved = (tuple(a.detach() if torch.is_tensor(a) else a for a in args), masks)
+            else:
+                saved = [a.detach() if torch.is_tensor(a) else a for a in args]
+            output.register_hook(lambda g: self._on_backprop(module, compute, saved, g))
+            return None
+
+        return forward_hook
+
+    def _on_backprop(self, module, compute, saved, backprops):
+        if backprops.shape[0] != self.batch_size:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} sees a batch of {backprops.shape[0]} but the microbatch "
+                f"holds {self.batch_size} samples: the layer mixes or broadcasts across the batch, "
+                "so its per-sample gradients are not defined. Keep the batch as dimension 0."
+            )
+        grads = compute(module, saved, backprops.detach())
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None and module.weight in grads:
+            grads[module.weight][:, module.padding_idx] = 0
+        for param, sample_grads in grads.items():
+            if id(param) in self._select:
+                rows, cols, local = self._select[id(param)]
+                flat = sample_grads.reshape(self.batch_size, -1).to(torch.float32)
+                self.values[rows, cols] += flat[rows, local]
+        return None
+
+    # -- per microbatch --------------------------------------------------------------------------
+
+    def begin(self, positions: torch.Tensor) -> None:
+        self.batch_size, k = positions.shape
+        self._positions = positions
+        self.values = torch.zeros(self.batch_size, k, dtype=torch.float32, device=positions.device)
+        self._select.clear()
+        for key, (offset, numel) in self.slot.items():
+            inside = (positions >= offset) & (positions < offset + numel)
+            rows, cols = inside.nonzero(as_tuple=True)
+            self._select[key] = (rows, cols, positions[rows, cols] - offset)
+        self._masks.clear()
+        self.armed = True
+
+    def end(self) -> torch.Tensor:
+        self.armed = False
+        values, self.values = self.values, None
+        self._masks.clear()
+        return values

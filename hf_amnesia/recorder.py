@@ -1,0 +1,138 @@
+"""Recording during training: per-sample gradients -> exact per-sample deltas -> the store.
+
+The `Recorder` is driven by `AmnesiacTrainer` (it knows nothing of `transformers`):
+
+    begin_microbatch(ids)   before the forward pass of a microbatch
+    end_microbatch(scale)   after its backward pass (scale: the loss scale of mixed precision)
+    set_clip_coef(c)        when the gradient is clipped before the optimizer step
+    (optimizer step)        a post-step hook turns the step's contributions into open tails
+    finish()                closes every tail and folds the shard's log into its rows
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attribution import MomentumLedger, adam_step_weights
+from .errors import UnsupportedOptimizerError
+from .per_sample import PerSampleCapture
+from .store import Manifest, ShardWriter, num_kept, positions_for
+
+
+class Recorder:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        store_dir: str | Path,
+        manifest: Manifest,
+        rank: int = 0,
+        world_size: int = 1,
+        tail_tolerance: float = 1e-7,
+    ):
+        self.manifest = manifest
+        self.layout = manifest.layout
+        self.params = self.layout.params_of(model)
+        self.k = num_kept(manifest.keep_fraction, self.layout.num_params)
+        self.rank, self.world_size = rank, world_size
+        beta1s = {float(g["betas"][0]) for g in optimizer.param_groups}
+        if len(beta1s) != 1:
+            raise UnsupportedOptimizerError(
+                f"param groups use different beta1 values {sorted(beta1s)}; use one beta1 for all groups."
+            )
+        device = self.params[0].device
+        self.ledger = MomentumLedger(self.layout.num_params, beta1s.pop(), tail_tolerance, device)
+        self.decay = torch.tensor(manifest.decay or [1.0] * len(self.params), dtype=torch.float64)
+        self.capture = PerSampleCapture(model, self.params)
+        self.shard = ShardWriter(Path(store_dir), rank, self.k, manifest.dtype)
+        self.optimizer = optimizer
+        self._hook = optimizer.register_step_post_hook(self._after_step)
+        self._pending: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
+        self._ids: np.ndarray | None = None
+        self._positions: torch.Tensor | None = None
+        self.clip_coef = 1.0
+        self.steps = 0
+        self._last_counts = self._step_counts()
+        self.record_seconds = 0.0
+
+    # -- driven by the trainer -------------------------------------------------------------------
+
+    def begin_microbatch(self, ids: np.ndarray) -> None:
+        began = time.perf_counter()
+        self._ids = np.asarray(ids, dtype=np.int64)
+        positions = positions_for(self.manifest.seed, self._ids, self.layout.num_params, self.k)
+        self._positions = torch.from_numpy(positions).to(self.params[0].device)
+        self.capture.begin(self._positions)
+        self.record_seconds += time.perf_counter() - began
+
+    def end_microbatch(self, loss_scale: float = 1.0) -> None:
+        values = self.capture.end()
+        if loss_scale != 1.0:
+            values = values / loss_scale
+        self._pending.append((self._ids, self._positions, values))
+        self._ids = self._positions = None
+
+    def set_clip_coef(self, total_norm: float, max_norm: float) -> None:
+        """The coefficient `torch.nn.utils.clip_grad_norm_` applied to the gradient."""
+        self.clip_coef = min(1.0, float(max_norm) / (float(total_norm) + 1e-6))
+
+    def _step_counts(self) -> list[float]:
+        return [float(self.optimizer.state[p]["step"]) if "step" in self.optimizer.state[p] else 0.0 for p in self.params]
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        began = time.perf_counter()
+        counts = self._step_counts()
+        took = [c > last for c, last in zip(counts, self._last_counts)]
+        self._last_counts = counts
+        pending, self._pending = self._pending, []
+        coef, self.clip_coef = self.clip_coef, 1.0
+        if not any(took):  # the optimizer skipped this step (e.g. fp16 overflow): nothing happened
+            return
+        states = [optimizer.state[p] if stepped else {} for p, stepped in zip(self.params, took)]
+        # Look groups up at every step: `load_state_dict` (Accelerate, resuming) replaces the dicts.
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        hyper = [group_of[id(p)] for p in self.params]
+        x_t, self.decay = adam_step_weights(self.params, states, hyper, self.decay)
+        if pending:
+            ids = np.concatenate([ids for ids, _, _ in pending])
+            positions = torch.cat([pos for _, pos, _ in pending])
+            contrib = torch.cat([vals for _, _, vals in pending]) * (coef / self.world_size)
+        else:
+            ids = np.zeros(0, dtype=np.int64)
+            positions = contrib = None
+        self.steps += 1
+        for closed_ids, deltas in self.ledger.step(self.steps, x_t, ids, positions, contrib):
+            self.shard.append(closed_ids, deltas)
+        self.record_seconds += time.perf_counter() - began
+
+    def finish(self) -> None:
+        """Close every open tail and fold this process's log into its rows."""
+        for closed_ids, deltas in self.ledger.close_all():
+            self.shard.append(closed_ids, deltas)
+        self.shard.compact()
+
+    def close(self) -> None:
+        self._hook.remove()
+        self.capture.remove()
+        self.shard.close()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"ledger.{k}": v for k, v in self.ledger.state_dict().items()}
+        state["decay"] = self.decay.clone()
+        state["steps"] = torch.tensor(self.steps)
+        state["log_size"] = torch.tensor(self.shard.log_size())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.ledger.load_state_dict({k[len("ledger.") :]: v for k, v in state.items() if k.startswith("ledger.")})
+        self.decay = state["decay"].to(torch.float64).clone()
+        self.steps = int(state["steps"])
+        self.shard.truncate(int(state["log_size"]))
+        self._last_counts = self._step_counts()

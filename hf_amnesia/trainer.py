@@ -1,0 +1,360 @@
+"""`AmnesiacTrainer`: a `transformers.Trainer` that records per-sample deltas and can forget them.
+
+Read top to bottom: construction and the refusals, what changes in training (ids in, recorder
+driven around each microbatch and optimizer step, checkpoints), then `forget`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from .config import DEFAULT_KEEP_FRACTION, DEFAULT_KEEP_SEED, DEFAULT_STORE_DTYPE, AmnesiaConfig
+from .data import with_dataset_ids, without_ids
+from .errors import (
+    ConfigError,
+    ForgetRequestError,
+    StoreError,
+    UnsupportedModelError,
+    UnsupportedOptimizerError,
+    UnsupportedTrainingError,
+)
+from .forget import ForgetReport, apply_update, forget_update, normalize_ids
+from .layout import ParamLayout
+from .recorder import Recorder
+from .store import Manifest, StoreReader, shard_paths
+
+logger = logging.get_logger(__name__)
+
+RECORDER_STATE = "amnesia_recorder-{rank:05d}.safetensors"
+FORGOTTEN_ATTR = "hf_amnesia_forgotten_ids"
+
+
+class AmnesiacTrainer(Trainer):
+    """Drop-in `Trainer` that records each training sample's exact Adam/AdamW delta.
+
+    Args are those of `Trainer`; `args` may be `None`, a `TrainingArguments` or an
+    `AmnesiaConfig`. With `record=False` it trains without recording (used for repair).
+    """
+
+    def __init__(self, model=None, args=None, train_dataset=None, *, record: bool = True, **kwargs):
+        args = _as_amnesia_config(args)
+        if model is not None:
+            _refuse_unsupported_model(model)
+        if args.gradient_checkpointing:
+            raise UnsupportedTrainingError(
+                "gradient_checkpointing=True re-runs the forward pass inside backward, which breaks the "
+                "per-sample hooks. Set gradient_checkpointing=False (use a smaller batch to save memory)."
+            )
+        self._record = record
+        self._recorder: Recorder | None = None
+        train_dataset = with_dataset_ids(train_dataset, args.id_column)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or args.fsdp or args.deepspeed:
+            raise UnsupportedTrainingError(
+                "FSDP and DeepSpeed shard parameters and optimizer state, so per-sample deltas cannot be "
+                "replayed exactly. Train with plain DDP (accelerate launch --multi_gpu) instead."
+            )
+        if args.n_gpu > 1:
+            raise UnsupportedTrainingError(
+                f"{args.n_gpu} GPUs in one process (torch DataParallel) are not supported; launch one "
+                "process per GPU with `accelerate launch` or `torchrun`."
+            )
+
+    # -- ids stay out of the model ---------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.id_column not in self._signature_columns:
+            self._signature_columns.append(self.args.id_column)
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        inputs.pop(self.args.id_column, None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+    # -- recording -------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        _refuse_unsupported_optimizer(optimizer)
+        if self._record:
+            self._start_recorder(optimizer)
+        return optimizer
+
+    def _start_recorder(self, optimizer: torch.optim.Optimizer) -> None:
+        manifest = self._open_manifest(create=True)
+        self._recorder = Recorder(
+            self.model,
+            optimizer,
+            self.args.store_dir,
+            manifest,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+            tail_tolerance=self.args.tail_tolerance,
+        )
+        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
+            size = len(self.train_dataset) * manifest.k * (4 if manifest.dtype == "float32" else 2)
+            logger.warning(
+                f"hf_amnesia: recording {manifest.k} of {manifest.num_params} trainable entries per sample "
+                f"(keep_fraction={manifest.keep_fraction}, {manifest.dtype}); the store of "
+                f"{len(self.train_dataset)} samples will take about {size / 2**20:.1f} MiB in {self.args.store_dir}."
+            )
+        self._record_started = time.perf_counter()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        ids = inputs.pop(self.args.id_column, None)
+        if self._recorder is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if ids is None:
+            raise UnsupportedTrainingError(
+                f"the training batch has no {self.args.id_column!r} column: a custom data collator dropped it. "
+                "Keep that key in the collated batch."
+            )
+        self._recorder.begin_microbatch(torch.as_tensor(ids).cpu().numpy().reshape(-1))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        scaler = getattr(self.accelerator, "scaler", None)
+        self._recorder.end_microbatch(float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0)
+        return loss
+
+    def _clip_grad_norm(self, model):
+        total_norm = super()._clip_grad_norm(model)
+        if self._recorder is not None:
+            self._recorder.set_clip_coef(float(total_norm), self.args.max_grad_norm)
+        return total_norm
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._resume_requested = resume_from_checkpoint not in (None, False)
+        try:
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            if self._recorder is not None:
+                self._finish_recording()
+        finally:
+            if self._recorder is not None:
+                self._recorder.close()
+                self._recorder = None
+        return output
+
+    def _finish_recording(self) -> None:
+        self._recorder.finish()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            manifest = self._recorder.manifest
+            manifest.decay = self._recorder.decay.tolist()
+            manifest.save(Path(self.args.store_dir))
+        self.accelerator.wait_for_everyone()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._recorder is not None:
+            elapsed = time.perf_counter() - self._record_started
+            logs["amnesia_record_time_share"] = round(self._recorder.record_seconds / max(elapsed, 1e-9), 4)
+            logs["amnesia_store_bytes"] = _folder_bytes(Path(self.args.store_dir))
+        super().log(logs, start_time)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self._recorder is not None:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            name = RECORDER_STATE.format(rank=self.accelerator.process_index)
+            save_file(self._recorder.state_dict(), str(folder / name))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self._recorder is not None:
+            path = Path(checkpoint) / RECORDER_STATE.format(rank=self.accelerator.process_index)
+            if not path.exists():
+                raise StoreError(
+                    f"{checkpoint} holds no hf_amnesia recorder state ({path.name}); it was not written by an "
+                    "AmnesiacTrainer with the same number of processes. Resume from a checkpoint of the recording run."
+                )
+            self._recorder.load_state_dict(load_file(str(path)))
+
+    # -- the store -------------------------------------------------------------------------------
+
+    def _open_manifest(self, create: bool) -> Manifest:
+        """The store's manifest; with `create`, made from the config when there is no store yet."""
+        args = self.args
+        store_dir = Path(args.store_dir)
+        layout = ParamLayout.from_model(self.model)
+        if layout.num_params == 0:
+            raise UnsupportedModelError("the model has no trainable parameters; nothing can be recorded.")
+        existing = Manifest.load(store_dir)
+        if existing is None and not create:
+            StoreReader(store_dir)  # raises the missing-store error
+        if existing is not None:
+            if existing.layout.fingerprint() != layout.fingerprint():
+                raise StoreError(
+                    f"the store at {store_dir} was recorded for another model or set of trainable parameters "
+                    f"({existing.num_params} entries, layout {existing.layout.fingerprint()[:12]}) than this one "
+                    f"({layout.num_params} entries, layout {layout.fingerprint()[:12]}). Use that model, or a new store_dir."
+                )
+            for name, mine, theirs in (
+                ("keep_fraction", args.keep_fraction, existing.keep_fraction),
+                ("store_dtype", args.store_dtype, existing.dtype),
+                ("keep_seed", args.keep_seed, existing.seed),
+            ):
+                if mine is not None and mine != theirs:
+                    raise ConfigError(
+                        f"{name}={mine!r} conflicts with the existing store at {store_dir}, which fixes "
+                        f"{name}={theirs!r}. Leave {name} unset to use the store's value, or use a new store_dir."
+                    )
+            manifest = existing
+        else:
+            manifest = Manifest(
+                layout=layout,
+                keep_fraction=float(args.keep_fraction or DEFAULT_KEEP_FRACTION),
+                dtype=args.store_dtype or DEFAULT_STORE_DTYPE,
+                seed=int(args.keep_seed if args.keep_seed is not None else DEFAULT_KEEP_SEED),
+            )
+        if create:
+            manifest.num_shards = max(manifest.num_shards, self.accelerator.num_processes)
+            if self.accelerator.is_main_process:
+                try:
+                    store_dir.mkdir(parents=True, exist_ok=True)
+                    os.chmod(store_dir, 0o700)
+                    manifest.save(store_dir)
+                except OSError as err:
+                    raise StoreError(f"cannot write the store at {store_dir}: {err}. Choose a writable store_dir.") from err
+            self.accelerator.wait_for_everyone()
+            _, _, log_path = shard_paths(store_dir, self.accelerator.process_index)
+            if log_path.exists() and log_path.stat().st_size and not getattr(self, "_resume_requested", False):
+                raise StoreError(
+                    f"{log_path} holds records of a training run that did not finish. Resume that run with "
+                    "trainer.train(resume_from_checkpoint=...), or start over with a new store_dir."
+                )
+        return manifest
+
+    # -- forgetting ------------------------------------------------------------------------------
+
+    def forget(self, dataset_ids, *, scale: float = 1.0, repair_steps: int = 0, strict: bool = False) -> ForgetReport:
+        """Subtract the stored deltas of `dataset_ids` from the model; optionally repair.
+
+        `forget(ids, scale=1.0, repair_steps=0)` is the exact subtraction of what those samples
+        contributed to training. Ids already forgotten by this model are skipped; ids the store
+        does not hold are reported in `unknown` (or raise with `strict=True`, before any change).
+        `repair_steps > 0` then fine-tunes on the retained training rows for that many steps.
+        """
+        began = time.perf_counter()
+        ids = normalize_ids(dataset_ids)
+        if not (isinstance(scale, (int, float)) and np.isfinite(scale)) or isinstance(scale, bool):
+            raise ForgetRequestError(f"scale must be a finite number, got {scale!r}.")
+        if not isinstance(repair_steps, (int, np.integer)) or isinstance(repair_steps, bool) or repair_steps < 0:
+            raise ForgetRequestError(f"repair_steps must be a non-negative integer, got {repair_steps!r}.")
+        if repair_steps and self.train_dataset is None:
+            raise ForgetRequestError(
+                "repair_steps > 0 fine-tunes on the retained training data, but this trainer has no "
+                "train_dataset. Pass train_dataset=... or use repair_steps=0."
+            )
+        reader = StoreReader(self.args.store_dir)
+        layout = ParamLayout.from_model(self.model)
+        if reader.manifest.layout.fingerprint() != layout.fingerprint():
+            raise StoreError(
+                f"the store at {self.args.store_dir} belongs to another model or set of trainable parameters; "
+                "load the model the store was recorded for."
+            )
+        done = set(self.forgotten_ids())
+        already = [i for i in ids.tolist() if i in done]
+        unknown = [i for i in ids.tolist() if i not in done and not reader.locate(i)]
+        if strict and unknown:
+            raise ForgetRequestError(
+                f"{len(unknown)} ids are not in the store (e.g. {unknown[:5]}); nothing was changed. "
+                "Drop them or call forget(..., strict=False) to skip them."
+            )
+        todo = np.array([i for i in ids.tolist() if i not in done and i not in set(unknown)], dtype=np.int64)
+        update = forget_update(reader, todo)
+        apply_update(layout.params_of(self.model), update, float(scale))
+        self._set_forgotten(sorted(done | set(todo.tolist())))
+        if repair_steps:
+            self._repair(repair_steps)
+        return ForgetReport(
+            forgotten=todo.tolist(),
+            already_forgotten=already,
+            unknown=unknown,
+            delta_norm=float(scale) * float(update.norm()),
+            seconds=time.perf_counter() - began,
+            scale=float(scale),
+            repair_steps=int(repair_steps),
+        )
+
+    def forgotten_ids(self) -> list[int]:
+        """Ids this model has already forgotten (saved with the model's config)."""
+        holder = getattr(self.model, "config", self.model)
+        return list(getattr(holder, FORGOTTEN_ATTR, []) or [])
+
+    def _set_forgotten(self, ids: list[int]) -> None:
+        holder = getattr(self.model, "config", self.model)
+        setattr(holder, FORGOTTEN_ATTR, [int(i) for i in ids])
+
+    def _repair(self, steps: int) -> None:
+        retained = without_ids(self.train_dataset, self.args.id_column, set(self.forgotten_ids()))
+        fields = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args) if f.init}
+        with tempfile.TemporaryDirectory() as tmp:
+            fields.update(
+                output_dir=tmp, max_steps=steps, save_strategy="no", eval_strategy="no", report_to=[],
+                lr_scheduler_type="constant", warmup_steps=0, logging_strategy="no", push_to_hub=False,
+                store_dir=os.path.join(tmp, "_unused"),
+            )
+            repairer = AmnesiacTrainer(
+                model=self.model,
+                args=AmnesiaConfig(**fields),
+                train_dataset=retained,
+                data_collator=self.data_collator,
+                record=False,
+            )
+            repairer.train()
+
+
+def _as_amnesia_config(args) -> AmnesiaConfig:
+    if args is None:
+        return AmnesiaConfig(output_dir="trainer_output")
+    if isinstance(args, AmnesiaConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+        return AmnesiaConfig(**values)
+    raise ConfigError(f"args must be an AmnesiaConfig or TrainingArguments, got {type(args).__name__}.")
+
+
+def _refuse_unsupported_model(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise UnsupportedModelError(
+                f"{name or 'model'} is a {type(module).__name__}: batch statistics mix samples, so per-sample "
+                "deltas are not defined. Replace it with GroupNorm, e.g. "
+                "`model = opacus.validators.ModuleValidator.fix(model)`."
+            )
+
+
+def _refuse_unsupported_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+        raise UnsupportedOptimizerError(
+            f"{type(inner).__name__} is not supported: exact per-sample deltas are derived for torch Adam and "
+            "AdamW only. Use optim='adamw_torch' (the default) or pass a torch.optim.AdamW."
+        )
+    for group in inner.param_groups:
+        if group.get("amsgrad") or group.get("maximize"):
+            raise UnsupportedOptimizerError("Adam/AdamW with amsgrad or maximize is not supported; turn them off.")
+        if type(inner) is torch.optim.Adam and group["weight_decay"] and not group.get("decoupled_weight_decay"):
+            raise UnsupportedOptimizerError(
+                "torch Adam with weight_decay > 0 adds an L2 term to the gradient that cannot be split per "
+                "sample. Use AdamW (decoupled decay) or weight_decay=0."
+            )
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*") if p.is_file()) if folder.exists() else 0
+

@@ -1,0 +1,72 @@
+"""Tiny models and data built in code for the tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """A small MNIST-style CNN returning {"loss", "logits"} like an HF model."""
+
+    def __init__(self, channels: int = 4, classes: int = 3, side: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(2, channels)
+        self.head = nn.Linear(channels * (side // 2) ** 2, classes)
+
+    def forward(self, pixel_values, labels=None):
+        x = torch.relu(self.norm(self.conv(pixel_values)))
+        x = nn.functional.max_pool2d(x, 2).flatten(1)
+        logits = self.head(x)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def image_dataset(n: int = 24, side: int = 8, classes: int = 3, seed: int = 0, with_ids: bool = False) -> Dataset:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    images = rng.normal(size=(n, 1, side, side)).astype(np.float32) + labels[:, None, None, None] * 0.5
+    data = {"pixel_values": images.tolist(), "labels": labels.tolist()}
+    if with_ids:
+        data["dataset_id"] = (np.arange(n) * 7 + 100).tolist()
+    return Dataset.from_dict(data).with_format("torch")
+
+
+def tiny_bert(seed: int = 0, classes: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=32, num_labels=classes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def text_dataset(n: int = 16, seq: int = 10, classes: int = 3, seed: int = 0) -> Dataset:
+    """Token ids with padding (id 0) at the end of each row, and an attention mask."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, seq + 1, size=n)
+    input_ids = np.zeros((n, seq), dtype=np.int64)
+    mask = np.zeros((n, seq), dtype=np.int64)
+    for i, length in enumerate(lengths):
+        input_ids[i, :length] = rng.integers(1, 50, size=length)
+        mask[i, :length] = 1
+    labels = rng.integers(0, classes, size=n)
+    data = {"input_ids": input_ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+    return Dataset.from_dict(data).with_format("torch")
+
+
+def tiny_vit(seed: int = 0, classes: int = 3, dropout: float = 0.0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=24, num_labels=classes, hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0,
+    )
+    return ViTForImageClassification(config)
