@@ -91,24 +91,30 @@ class PerSampleCapture:
                 self._handles.append(sub.register_forward_hook(self._dropout_hook))
 
         def compute(layer, saved, backprops):
-            args, masks = saved
-            tensor_args = [i for i, a in enumerate(args) if torch.is_tensor(a)]
+            args, kwargs, masks = saved
+            batch = backprops.shape[0]
+            # Tensors with the batch as dimension 0 are split per sample; everything else is shared.
+            arg_slots = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.dim() and a.shape[0] == batch]
+            kw_slots = [k for k, a in kwargs.items() if torch.is_tensor(a) and a.dim() and a.shape[0] == batch]
 
-            def sample_loss(param_values, batched, sample_masks, backprop):
-                call_args = list(args)
-                for i, value in zip(tensor_args, batched):
+            def sample_loss(param_values, arg_values, kw_values, sample_masks, backprop):
+                call_args, call_kwargs = list(args), dict(kwargs)
+                for i, value in zip(arg_slots, arg_values):
                     call_args[i] = value.unsqueeze(0)
+                for k, value in zip(kw_slots, kw_values):
+                    call_kwargs[k] = value.unsqueeze(0)
                 self._replay = {m: v.unsqueeze(0) for m, v in sample_masks.items()}
                 try:
-                    out = functional_call(layer, dict(zip(names, param_values)), tuple(call_args))
+                    out = functional_call(layer, dict(zip(names, param_values)), tuple(call_args), call_kwargs)
                 finally:
                     self._replay = None
                 return (out * backprop.unsqueeze(0)).sum()
 
             values = tuple(p.detach() for _, p in own)
-            batched = tuple(args[i] for i in tensor_args)
-            grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0), randomness="different")(
-                values, batched, masks, backprops
+            arg_values = tuple(args[i] for i in arg_slots)
+            kw_values = tuple(kwargs[k] for k in kw_slots)
+            grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0, 0), randomness="different")(
+                values, arg_values, kw_values, masks, backprops
             )
             return {p: g for (_, p), g in zip(own, grads)}
 
@@ -134,7 +140,7 @@ class PerSampleCapture:
     # -- hooks -----------------------------------------------------------------------------------
 
     def _expand_broadcast_input(self, module, inputs):
-        if not self.armed or not torch.is_tensor(inputs[0]):
+        if not self.armed or self._replay is not None or not torch.is_tensor(inputs[0]):
             return None
         ids = inputs[0]
         if ids.dim() >= 1 and ids.shape[0] == 1 and self.batch_size > 1:
@@ -145,7 +151,7 @@ class PerSampleCapture:
         needs_masks = getattr(compute, "needs_dropout_masks", False)
 
         def forward_hook(module, args, kwargs, output):
-            if not self.armed or not torch.is_grad_enabled():
+            if not self.armed or self._replay is not None or not torch.is_grad_enabled():
                 return None
             if not torch.is_tensor(output) or not output.requires_grad:
                 if torch.is_tensor(output):
@@ -155,15 +161,11 @@ class PerSampleCapture:
                     "gradients of its own parameters cannot be hooked. Move its parameters into a "
                     "submodule that returns a tensor (e.g. an nn.Linear)."
                 )
-            if kwargs:
-                raise UnsupportedModelError(
-                    f"{type(module).__name__} is called with keyword arguments {sorted(kwargs)}; "
-                    "per-sample gradients need its tensor inputs as positional arguments."
-                )
             if needs_masks:
                 masks = {m: stack.pop() for m, stack in self._masks.items() if stack}
                 self._masks.clear()
-                saved = (tuple(a.detach() if torch.is_tensor(a) else a for a in args), masks)
+                detach = lambda a: a.detach() if torch.is_tensor(a) else a  # noqa: E731
+                saved = (tuple(detach(a) for a in args), {k: detach(a) for k, a in kwargs.items()}, masks)
             else:
                 saved = [a.detach() if torch.is_tensor(a) else a for a in args]
             output.register_hook(lambda g: self._on_backprop(module, compute, saved, g))

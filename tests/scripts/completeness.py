@@ -1,0 +1,72 @@
+"""Train a tiny CNN with recording at keep_fraction 1.0 and check completeness.
+
+Run alone (`python tests/scripts/completeness.py OUT`) or in 2 processes
+(`torchrun --nproc_per_node 2 tests/scripts/completeness.py OUT`). Rank 0 writes
+OUT/result.json with the relative errors.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from tiny import TinyCNN, image_dataset  # noqa: E402
+
+from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader  # noqa: E402
+from hf_amnesia.forget import forget_update  # noqa: E402
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+
+class GradNorms(TrainerCallback):
+    def __init__(self):
+        self.norms = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "grad_norm" in logs:
+            self.norms.append(float(logs["grad_norm"]))
+
+
+def run(out_dir: str) -> dict:
+    torch.manual_seed(0)
+    model = TinyCNN()
+    theta0 = flat(model)
+    args = AmnesiaConfig(
+        output_dir=out_dir, keep_fraction=1.0, store_dtype="float32", per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, num_train_epochs=3, learning_rate=2e-2, weight_decay=0.1,
+        warmup_steps=2, lr_scheduler_type="linear", max_grad_norm=0.5, report_to=[], save_strategy="no",
+        use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1,
+    )
+    norms = GradNorms()
+    trainer = AmnesiacTrainer(model=model, args=args, train_dataset=image_dataset(32), callbacks=[norms])
+    trainer.train()
+    reader = StoreReader(args.store_dir)
+    decay = torch.tensor(reader.manifest.decay, dtype=torch.float64)
+    q = decay.repeat_interleave(torch.tensor(reader.manifest.layout.numels))
+    change = flat(model) - q * theta0
+    deltas = forget_update(reader, reader.all_ids())
+    completeness = float((deltas - change).norm() / change.norm())
+    report = trainer.forget(reader.all_ids(), scale=1.0, repair_steps=0)
+    back = float((flat(model) - q * theta0).norm() / (q * theta0).norm())
+    return {
+        "completeness": completeness,
+        "forget_all": back,
+        "num_ids": len(reader.all_ids()),
+        "clip_active": max(norms.norms) > args.max_grad_norm,
+        "world_size": trainer.accelerator.num_processes,
+        "forgotten": len(report.forgotten),
+        "num_shards": reader.manifest.num_shards,
+        "min_decay": float(decay.min()),
+    }
+
+
+if __name__ == "__main__":
+    result = run(sys.argv[1])
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(os.path.join(sys.argv[1], "result.json"), "w") as f:
+            json.dump(result, f)
