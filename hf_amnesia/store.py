@@ -175,6 +175,11 @@ def shard_paths(store_dir: Path, rank: int) -> tuple[Path, Path, Path]:
     return stem.with_suffix(".ids.npy"), stem.with_suffix(".rows"), stem.with_suffix(".log")
 
 
+def recording_marker(store_dir: Path, rank: int) -> Path:
+    """Present while a training run records into this shard; removed when it finishes."""
+    return Path(store_dir) / f"shard-{rank:05d}.recording"
+
+
 class ShardWriter:
     """One training process's shard: appends closed deltas to a log and folds them into rows."""
 
@@ -185,6 +190,8 @@ class ShardWriter:
         self.record = np.dtype([("id", "<i8"), ("values", "<f4", (k,))])
         fd = _private_open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         self._log = os.fdopen(fd, "ab")
+        self.marker = recording_marker(self.store_dir, rank)
+        os.close(_private_open(self.marker, os.O_WRONLY | os.O_CREAT))
 
     def append(self, ids: np.ndarray, deltas: torch.Tensor) -> None:
         records = np.empty(len(ids), dtype=self.record)
@@ -234,6 +241,7 @@ class ShardWriter:
         os.replace(tmp_rows, self.rows_path)
         save_npy(self.ids_path, ids.astype(np.int64))
         os.truncate(self.log_path, 0)
+        self.marker.unlink(missing_ok=True)
 
     def close(self) -> None:
         self._log.close()

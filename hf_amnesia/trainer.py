@@ -33,7 +33,7 @@ from .errors import (
 from .forget import ForgetReport, apply_update, forget_update, normalize_ids
 from .layout import ParamLayout
 from .recorder import Recorder
-from .store import Manifest, StoreReader, shard_paths
+from .store import Manifest, StoreReader, recording_marker
 
 logger = logging.get_logger(__name__)
 
@@ -229,10 +229,10 @@ class AmnesiacTrainer(Trainer):
                 except OSError as err:
                     raise StoreError(f"cannot write the store at {store_dir}: {err}. Choose a writable store_dir.") from err
             self.accelerator.wait_for_everyone()
-            _, _, log_path = shard_paths(store_dir, self.accelerator.process_index)
-            if log_path.exists() and log_path.stat().st_size and not getattr(self, "_resume_requested", False):
+            marker = recording_marker(store_dir, self.accelerator.process_index)
+            if marker.exists() and not getattr(self, "_resume_requested", False):
                 raise StoreError(
-                    f"{log_path} holds records of a training run that did not finish. Resume that run with "
+                    f"the store at {store_dir} holds records of a training run that did not finish. Resume that run with "
                     "trainer.train(resume_from_checkpoint=...), or start over with a new store_dir."
                 )
         return manifest
