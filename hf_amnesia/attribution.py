@@ -138,9 +138,7 @@ class MomentumLedger:
 
     def open_bytes(self) -> int:
         """Bytes held by the open tails (the bounded memory stated in the docs)."""
-        return sum(
-            i.positions.numel() * 8 + i.contrib.numel() * 4 + i.start.numel() * 8 for i in self.open
-        )
+        return sum(i.positions.numel() * 8 + i.contrib.numel() * 4 + i.start.numel() * 8 for i in self.open)
 
 
 def adam_step_weights(

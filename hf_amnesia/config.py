@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedTrainingError
 from .store import STORE_DTYPES
 
 DEFAULT_KEEP_FRACTION = 0.01
@@ -59,6 +59,11 @@ class AmnesiaConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.fsdp or self.deepspeed:
+            raise UnsupportedTrainingError(
+                "FSDP and DeepSpeed shard parameters and optimizer state, so per-sample deltas cannot be "
+                "replayed exactly. Train with plain DDP (accelerate launch --multi_gpu) instead."
+            )
         super().__post_init__()
         if self.keep_fraction is not None and not (0.0 < float(self.keep_fraction) <= 1.0):
             raise ConfigError(f"keep_fraction must satisfy 0 < keep_fraction <= 1, got {self.keep_fraction}.")

@@ -74,9 +74,7 @@ class PerSampleCapture:
                 compute = samplers[type(module)]
             else:
                 compute = self._functorch_sampler(module, own)
-            self._handles.append(
-                module.register_forward_hook(self._make_forward_hook(compute), with_kwargs=True)
-            )
+            self._handles.append(module.register_forward_hook(self._make_forward_hook(compute), with_kwargs=True))
         missing = [p for p in self.slot if p not in covered]
         if missing:
             raise UnsupportedModelError(

@@ -82,7 +82,9 @@ class Recorder:
         self.clip_coef = min(1.0, float(max_norm) / (float(total_norm) + 1e-6))
 
     def _step_counts(self) -> list[float]:
-        return [float(self.optimizer.state[p]["step"]) if "step" in self.optimizer.state[p] else 0.0 for p in self.params]
+        return [
+            float(self.optimizer.state[p]["step"]) if "step" in self.optimizer.state[p] else 0.0 for p in self.params
+        ]
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         began = time.perf_counter()

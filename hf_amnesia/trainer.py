@@ -227,7 +227,9 @@ class AmnesiacTrainer(Trainer):
                     os.chmod(store_dir, 0o700)
                     manifest.save(store_dir)
                 except OSError as err:
-                    raise StoreError(f"cannot write the store at {store_dir}: {err}. Choose a writable store_dir.") from err
+                    raise StoreError(
+                        f"cannot write the store at {store_dir}: {err}. Choose a writable store_dir."
+                    ) from err
             self.accelerator.wait_for_everyone()
             marker = recording_marker(store_dir, self.accelerator.process_index)
             if marker.exists() and not getattr(self, "_resume_requested", False):
@@ -303,8 +305,15 @@ class AmnesiacTrainer(Trainer):
         fields = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args) if f.init}
         with tempfile.TemporaryDirectory() as tmp:
             fields.update(
-                output_dir=tmp, max_steps=steps, save_strategy="no", eval_strategy="no", report_to=[],
-                lr_scheduler_type="constant", warmup_steps=0, logging_strategy="no", push_to_hub=False,
+                output_dir=tmp,
+                max_steps=steps,
+                save_strategy="no",
+                eval_strategy="no",
+                report_to=[],
+                lr_scheduler_type="constant",
+                warmup_steps=0,
+                logging_strategy="no",
+                push_to_hub=False,
                 store_dir=os.path.join(tmp, "_unused"),
             )
             repairer = AmnesiacTrainer(
@@ -357,4 +366,3 @@ def _refuse_unsupported_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*") if p.is_file()) if folder.exists() else 0
-

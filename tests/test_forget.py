@@ -24,8 +24,16 @@ def trained_cnn(tmp_path_factory):
     torch.manual_seed(0)
     model = TinyCNN()
     args = AmnesiaConfig(
-        output_dir=str(out), keep_fraction=0.5, per_device_train_batch_size=4, num_train_epochs=2,
-        learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no",
+        output_dir=str(out),
+        keep_fraction=0.5,
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
     )
     dataset = image_dataset(20, with_ids=True)
     trainer = AmnesiacTrainer(model=model, args=args, train_dataset=dataset)
@@ -93,9 +101,7 @@ def test_forgetting_twice_subtracts_once(trained_cnn):
     assert torch.equal(_flat(trainer.model), once)
 
 
-@pytest.mark.parametrize(
-    "bad", [None, "12", [1.5], [[1, 2]], [-3], [True], 3.0, [None], object()], ids=str
-)
+@pytest.mark.parametrize("bad", [None, "12", [1.5], [[1, 2]], [-3], [True], 3.0, [None], object()], ids=str)
 def test_malformed_ids_raise_and_change_nothing(trained_cnn, bad):
     trainer, dataset, theta = trained_cnn
     _fresh(trainer, theta)
@@ -114,7 +120,10 @@ def test_empty_request_changes_nothing(trained_cnn):
 
 def test_repair_needs_training_data(trained_cnn, tmp_path):
     trainer, dataset, theta = trained_cnn
-    late = AmnesiacTrainer(model=trainer.model, args=AmnesiaConfig(output_dir=str(tmp_path), store_dir=trainer.args.store_dir, report_to=[], use_cpu=True))
+    late = AmnesiacTrainer(
+        model=trainer.model,
+        args=AmnesiaConfig(output_dir=str(tmp_path), store_dir=trainer.args.store_dir, report_to=[], use_cpu=True),
+    )
     _fresh(late, theta)
     with pytest.raises(ForgetRequestError, match="train_dataset"):
         late.forget([100], repair_steps=3)
@@ -131,12 +140,18 @@ def test_repair_trains_on_retained_rows_only(trained_cnn):
 
 def test_wrong_store_is_refused(trained_cnn, tmp_path):
     trainer, _, _ = trained_cnn
-    other = AmnesiacTrainer(model=TinyCNN(channels=2), args=AmnesiaConfig(output_dir=str(tmp_path), store_dir=trainer.args.store_dir, report_to=[], use_cpu=True))
+    other = AmnesiacTrainer(
+        model=TinyCNN(channels=2),
+        args=AmnesiaConfig(output_dir=str(tmp_path), store_dir=trainer.args.store_dir, report_to=[], use_cpu=True),
+    )
     before = _flat(other.model)
     with pytest.raises(StoreError, match="another model"):
         other.forget([100])
     assert torch.equal(_flat(other.model), before)
-    missing = AmnesiacTrainer(model=TinyCNN(), args=AmnesiaConfig(output_dir=str(tmp_path), store_dir=str(tmp_path / "nowhere"), report_to=[], use_cpu=True))
+    missing = AmnesiacTrainer(
+        model=TinyCNN(),
+        args=AmnesiaConfig(output_dir=str(tmp_path), store_dir=str(tmp_path / "nowhere"), report_to=[], use_cpu=True),
+    )
     with pytest.raises(StoreError, match="no hf_amnesia store"):
         missing.forget([100])
 
@@ -155,8 +170,16 @@ json.dump({"forgotten": report.forgotten, "unknown": report.unknown}, open(sys.a
 
 def test_forget_in_a_new_process_equals_forget_in_training_process(tmp_path):
     args = AmnesiaConfig(
-        output_dir=str(tmp_path / "run"), keep_fraction=0.2, per_device_train_batch_size=4, num_train_epochs=2,
-        learning_rate=5e-3, weight_decay=0.01, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        keep_fraction=0.2,
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=5e-3,
+        weight_decay=0.01,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
         logging_strategy="no",
     )
     model = tiny_bert()
@@ -170,7 +193,10 @@ def test_forget_in_a_new_process_equals_forget_in_training_process(tmp_path):
     out = tmp_path / "later"
     code = subprocess.run(
         [sys.executable, "-c", NEW_PROCESS, str(tmp_path / "saved"), str(out), args.store_dir],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
     )
     assert code.returncode == 0, code.stderr[-3000:]
     assert json.loads((out / "report.json").read_text()) == {"forgotten": [1, 4, 9], "unknown": [200]}

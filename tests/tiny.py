@@ -40,8 +40,15 @@ def tiny_bert(seed: int = 0, classes: int = 3):
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=32, num_labels=classes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=classes,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
         pad_token_id=0,
     )
     return BertForSequenceClassification(config)
@@ -66,7 +73,15 @@ def tiny_vit(seed: int = 0, classes: int = 3, dropout: float = 0.0):
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=24, num_labels=classes, hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0,
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        num_labels=classes,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=0.0,
     )
     return ViTForImageClassification(config)

@@ -37,10 +37,23 @@ def run(out_dir: str) -> dict:
     model = TinyCNN()
     theta0 = flat(model)
     args = AmnesiaConfig(
-        output_dir=out_dir, keep_fraction=1.0, store_dtype="float32", per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, num_train_epochs=3, learning_rate=2e-2, weight_decay=0.1,
-        warmup_steps=2, lr_scheduler_type="linear", max_grad_norm=0.5, report_to=[], save_strategy="no",
-        use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1,
+        output_dir=out_dir,
+        keep_fraction=1.0,
+        store_dtype="float32",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=3,
+        learning_rate=2e-2,
+        weight_decay=0.1,
+        warmup_steps=2,
+        lr_scheduler_type="linear",
+        max_grad_norm=0.5,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        logging_steps=1,
     )
     norms = GradNorms()
     trainer = AmnesiacTrainer(model=model, args=args, train_dataset=image_dataset(32), callbacks=[norms])

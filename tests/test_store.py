@@ -1,0 +1,92 @@
+"""The store: kept positions, dtypes, bytes on disk, no pickle, shards read by any process count."""
+
+import math
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from hf_amnesia.layout import ParamLayout
+from hf_amnesia.store import Manifest, ShardWriter, StoreReader, kept_positions, num_kept
+
+
+def test_kept_positions_are_deterministic_sorted_and_distinct():
+    a = kept_positions(3, 42, 10_000, 100)
+    assert np.array_equal(a, kept_positions(3, 42, 10_000, 100))
+    assert len(np.unique(a)) == 100 and np.all(np.diff(a) > 0) and a.max() < 10_000
+    assert not np.array_equal(a, kept_positions(3, 43, 10_000, 100))
+    assert not np.array_equal(a, kept_positions(4, 42, 10_000, 100))
+    assert np.array_equal(kept_positions(0, 1, 50, 50), np.arange(50))
+
+
+def test_num_kept_is_ceil():
+    assert num_kept(0.01, 431_080) == math.ceil(4310.8)
+    assert num_kept(1.0, 17) == 17 and num_kept(1e-9, 17) == 1
+
+
+def _write(tmp_path, dtype, num_ids=300, num_params=40_000, keep_fraction=0.01, shards=1, epochs=2):
+    layout = ParamLayout(("w",), ((num_params,),))
+    manifest = Manifest(layout=layout, keep_fraction=keep_fraction, dtype=dtype, seed=1, num_shards=shards, decay=[1.0])
+    manifest.save(tmp_path)
+    k = manifest.k
+    expected = {}
+    rng = np.random.default_rng(0)
+    for rank in range(shards):
+        writer = ShardWriter(tmp_path, rank, k, dtype)
+        for _ in range(epochs):
+            ids = np.arange(rank, num_ids, shards)
+            values = torch.from_numpy(rng.normal(size=(len(ids), k)).astype(np.float32))
+            writer.append(ids, values)
+            for i, v in zip(ids, values):
+                expected[int(i)] = expected.get(int(i), 0) + v
+        writer.compact()
+        writer.close()
+    return expected, k
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_rows_sum_epochs_and_round_trip(tmp_path, dtype, tol):
+    expected, _ = _write(tmp_path, dtype)
+    reader = StoreReader(tmp_path)
+    for i, v in expected.items():
+        got = reader.read(i)
+        assert (got - v).abs().max() <= tol * (1 + v.abs().max())
+    assert reader.read(10_000) is None
+
+
+def test_bytes_on_disk_within_two_percent(tmp_path):
+    expected, k = _write(tmp_path, "float16", num_ids=500, num_params=431_080)
+    disk = sum(p.stat().st_size for p in tmp_path.iterdir())
+    ideal = len(expected) * k * 2
+    assert abs(disk - ideal) / ideal <= 0.02, (disk, ideal)
+
+
+def test_two_shards_are_read_by_one_process(tmp_path):
+    expected, _ = _write(tmp_path, "float32", shards=2)
+    reader = StoreReader(tmp_path)
+    assert sorted(reader.all_ids().tolist()) == sorted(expected)
+    assert all(torch.allclose(reader.read(i), v) for i, v in expected.items())
+
+
+def test_files_are_private_and_unpicklable(tmp_path):
+    _write(tmp_path, "float16", num_ids=10, num_params=1000)
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    ids = np.load(tmp_path / "shard-00000.ids.npy", allow_pickle=False)
+    assert ids.dtype == np.int64
+
+
+def test_damaged_shard_is_detected(tmp_path):
+    _write(tmp_path, "float16", num_ids=10, num_params=1000)
+    rows = tmp_path / "shard-00000.rows"
+    with open(rows, "r+b") as f:
+        f.truncate(rows.stat().st_size - 3)
+    from hf_amnesia import StoreError
+
+    with pytest.raises(StoreError, match="truncated"):
+        StoreReader(tmp_path)
+    (tmp_path / "shard-00000.ids.npy").unlink()
+    with pytest.raises(StoreError, match="missing"):
+        StoreReader(tmp_path)
