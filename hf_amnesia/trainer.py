@@ -302,28 +302,26 @@ class AmnesiacTrainer(Trainer):
 
     def _repair(self, steps: int) -> None:
         retained = without_ids(self.train_dataset, self.args.id_column, set(self.forgotten_ids()))
-        fields = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args) if f.init}
-        with tempfile.TemporaryDirectory() as tmp:
-            fields.update(
-                output_dir=tmp,
-                max_steps=steps,
-                save_strategy="no",
-                eval_strategy="no",
-                report_to=[],
-                lr_scheduler_type="constant",
-                warmup_steps=0,
-                logging_strategy="no",
-                push_to_hub=False,
-                store_dir=os.path.join(tmp, "_unused"),
-            )
-            repairer = AmnesiacTrainer(
-                model=self.model,
-                args=AmnesiaConfig(**fields),
-                train_dataset=retained,
-                data_collator=self.data_collator,
-                record=False,
-            )
-            repairer.train()
+        finetune(self.model, retained, steps, self.args, data_collator=self.data_collator)
+
+
+def finetune(model: nn.Module, train_dataset, steps: int, args: TrainingArguments, data_collator=None, trainer_class=None) -> None:
+    """Train `model` in place for `steps` optimizer steps at a constant learning rate, unrecorded.
+
+    This is the repair step of `forget` (on the retained rows), and the fine-tune baseline.
+    """
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    with tempfile.TemporaryDirectory() as tmp:
+        fields.update(
+            output_dir=tmp, max_steps=int(steps), save_strategy="no", eval_strategy="no", report_to=[],
+            lr_scheduler_type="constant", warmup_steps=0, logging_strategy="no", push_to_hub=False,
+            store_dir=os.path.join(tmp, "_unused"), disable_tqdm=True, load_best_model_at_end=False,
+        )
+        trainer_class = trainer_class or AmnesiacTrainer
+        trainer = trainer_class(
+            model=model, args=AmnesiaConfig(**fields), train_dataset=train_dataset, data_collator=data_collator, record=False
+        )
+        trainer.train()
 
 
 def _as_amnesia_config(args) -> AmnesiaConfig:

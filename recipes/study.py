@@ -1,0 +1,275 @@
+"""The unlearning study shared by the recipes.
+
+Train once with recording; then, for each scenario (`class`, `random_10`, `random_1`), apply every
+method to a copy of the trained model, evaluate it next to Retrain, and collect
+results[scenario][method][metric]. Methods and what each stores are described in
+docs/evaluation.md. Every process of a multi-process run computes the same numbers; the main
+process writes them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import TrainerCallback, set_seed
+
+from hf_amnesia import AmnesiaConfig, AmnesiacTrainer
+from hf_amnesia.evaluation import avg_gap, folder_bytes, markdown_table, plot_results, relative_distance, unlearning_metrics
+from hf_amnesia.store import num_kept
+from hf_amnesia.trainer import finetune
+
+SCENARIOS = ("class", "random_10", "random_1")
+
+
+@dataclass
+class StudyArguments:
+    """Flags of the study, shared by the recipes (each recipe sets its own dataset default)."""
+
+    dataset_name: str = field(default="", metadata={"help": "Hub id, or a local folder (parquet, save_to_disk, IDX)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Use at most this many test rows."})
+    forget_class: int = field(default=3, metadata={"help": "Label forgotten in the `class` scenario."})
+    scenarios: str = field(default=",".join(SCENARIOS), metadata={"help": "Comma-separated scenarios to run."})
+    repair_epochs: float = field(default=1.0, metadata={"help": "Length of the +repair step, in epochs of retained data."})
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
+
+
+def _set_flat(model: nn.Module, theta: torch.Tensor) -> None:
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta.to(next(model.parameters()).device), model.parameters())
+
+
+class _PerBatchRecorder(TrainerCallback):
+    """Baseline storage (Graves et al.): the dense change of every step that held a planned forget id."""
+
+    def __init__(self, trainer: StudyTrainer, planned: dict[str, set[int]], folder: Path):
+        self.trainer, self.planned = trainer, planned
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "per_batch_updates.f32"
+        self.path.unlink(missing_ok=True)
+        self.steps: dict[str, list[int]] = {name: [] for name in planned}
+        self.rows = 0
+        self.previous: torch.Tensor | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.previous = _flat(self.trainer.model)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ids, self.trainer.step_ids = self.trainer.step_ids, []
+        flags = torch.tensor([float(any(i in self.planned[n] for i in ids)) for n in self.planned])
+        flags = self.trainer.accelerator.reduce(flags.to(self.trainer.accelerator.device), reduction="sum").cpu()
+        now = _flat(self.trainer.model)
+        if flags.any():
+            with open(self.path, "ab") as f:
+                f.write((now - self.previous).numpy().tobytes())
+            for name, flag in zip(self.planned, flags.tolist()):
+                if flag:
+                    self.steps[name].append(self.rows)
+            self.rows += 1
+        self.previous = now
+
+    def updates(self, scenario: str, num_params: int) -> np.ndarray:
+        table = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.rows, num_params))
+        return table[self.steps[scenario]]
+
+
+class StudyTrainer(AmnesiacTrainer):
+    """AmnesiacTrainer that also notes the ids of each step, for the per-batch baselines."""
+
+    step_ids: list[int]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.step_ids = getattr(self, "step_ids", []) + torch.as_tensor(inputs[self.args.id_column]).reshape(-1).tolist()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+class _GradientAscent(AmnesiacTrainer):
+    """NegGrad: maximise the loss on the forget set."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return (-out[0], out[1]) if return_outputs else -out
+
+
+def plan_forget_sets(train_ids: np.ndarray, labels: np.ndarray, forget_class: int, seed: int, scenarios) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed + 12345)
+    planned = {}
+    for name in scenarios:
+        if name == "class":
+            chosen = train_ids[labels == forget_class]
+            if len(chosen) == 0:
+                raise ValueError(f"no training row has label {forget_class}; pick --forget_class from the labels present.")
+        elif name.startswith("random_"):
+            share = int(name.split("_")[1]) / 100.0
+            chosen = rng.choice(train_ids, size=max(1, round(share * len(train_ids))), replace=False)
+        else:
+            raise ValueError(f"unknown scenario {name!r}; choose from {SCENARIOS}.")
+        planned[name] = np.sort(chosen)
+    return planned
+
+
+def run_study(
+    make_model: Callable[[], nn.Module],
+    train_dataset,
+    test_dataset,
+    config: AmnesiaConfig,
+    study: StudyArguments,
+    label_column: str = "labels",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run every scenario and method; returns (results[scenario][method][metric], run facts)."""
+    scenarios = [s.strip() for s in study.scenarios.split(",") if s.strip()]
+    id_column = config.id_column
+    if id_column not in train_dataset.column_names:
+        train_dataset = train_dataset.add_column(id_column, np.arange(len(train_dataset), dtype=np.int64))
+    train_ids = np.asarray(train_dataset[id_column], dtype=np.int64)
+    train_labels = np.asarray(train_dataset[label_column])
+    test_labels = np.asarray(test_dataset[label_column])
+    planned = plan_forget_sets(train_ids, train_labels, study.forget_class, config.seed, scenarios)
+
+    # 1. Train once, recording per-sample deltas (and, for the baselines, per-batch updates).
+    set_seed(config.seed)
+    model = make_model()
+    theta_init = _flat(model)
+    trainer = StudyTrainer(model=model, args=config, train_dataset=train_dataset)
+    per_batch = _PerBatchRecorder(trainer, {k: set(v.tolist()) for k, v in planned.items()}, Path(config.output_dir) / "_per_batch")
+    trainer.add_callback(per_batch)
+    began = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - began
+    original = trainer.model
+    theta_orig = _flat(original)
+    num_params = theta_orig.numel()
+    store_bytes = folder_bytes(config.store_dir)
+    world = trainer.accelerator.num_processes
+    per_step = config.per_device_train_batch_size * world * config.gradient_accumulation_steps
+    log(f"trained with recording in {train_seconds:.1f}s; store {store_bytes / 2**20:.2f} MiB")
+
+    results = {}
+    for scenario in scenarios:
+        forget_ids = planned[scenario]
+        in_forget = np.isin(train_ids, forget_ids)
+        forget_set = train_dataset.select(np.flatnonzero(in_forget))
+        retain_set = train_dataset.select(np.flatnonzero(~in_forget))
+        test_set = test_dataset.select(np.flatnonzero(test_labels != study.forget_class)) if scenario == "class" else test_dataset
+        repair_steps = max(1, math.ceil(study.repair_epochs * len(retain_set) / per_step))
+
+        def evaluate(candidate: nn.Module) -> dict[str, float]:
+            return unlearning_metrics(candidate, forget_set, retain_set, test_set, label_column, seed=config.seed)
+
+        def retrain(seed: int) -> tuple[nn.Module, float]:
+            set_seed(seed)
+            fresh = make_model()
+            args = AmnesiaConfig(**{**_init_fields(config), "seed": seed, "output_dir": os.path.join(config.output_dir, "_retrain")})
+            began = time.perf_counter()
+            AmnesiacTrainer(model=fresh, args=args, train_dataset=retain_set, record=False).train()
+            return fresh, time.perf_counter() - began
+
+        rows: dict[str, dict] = {}
+        gold, gold_seconds = retrain(config.seed)
+        theta_gold = _flat(gold)
+        rows["retrain"] = {**evaluate(gold), "seconds": gold_seconds, "storage_bytes": 0}
+        other, other_seconds = retrain(config.seed + 1)
+        rows["retrain_other_seed"] = {**evaluate(other), "seconds": other_seconds, "storage_bytes": 0, "_model": other}
+        rows["original"] = {**evaluate(original), "seconds": 0.0, "storage_bytes": 0, "_model": original}
+
+        def amnesia(**kwargs):
+            candidate = copy.deepcopy(original)
+            forgetter = AmnesiacTrainer(model=candidate, args=config, train_dataset=train_dataset)
+            began = time.perf_counter()
+            forgetter.forget(forget_ids, **kwargs)
+            return candidate, time.perf_counter() - began
+
+        for name, kwargs in [
+            ("hf_amnesia", {}),
+            ("hf_amnesia_exact", {"scale": 1.0, "repair_steps": 0}),
+            ("hf_amnesia_exact+repair", {"scale": 1.0, "repair_steps": repair_steps}),
+        ]:
+            candidate, seconds = amnesia(**kwargs)
+            rows[name] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": store_bytes, "_model": candidate}
+
+        updates = per_batch.updates(scenario, num_params)
+        keep = num_kept(config.keep_fraction or 0.01, num_params)
+        for name, subset in [("per_batch", False), ("per_batch_subset", True)]:
+            candidate = copy.deepcopy(original)
+            began = time.perf_counter()
+            total = torch.zeros(num_params)
+            rng = np.random.default_rng(config.seed)
+            for row in updates:
+                row = torch.from_numpy(np.array(row))
+                if subset:
+                    mask = torch.zeros(num_params)
+                    mask[torch.from_numpy(rng.choice(num_params, size=keep, replace=False))] = 1.0
+                    row = row * mask
+                total += row
+            _set_flat(candidate, theta_orig - total)
+            seconds = time.perf_counter() - began
+            size = len(updates) * (keep if subset else num_params) * 4
+            rows[name] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": size, "_model": candidate}
+            repaired = copy.deepcopy(candidate)
+            began = time.perf_counter()
+            finetune(repaired, retain_set, repair_steps, config)
+            rows[name + "+repair"] = {**evaluate(repaired), "seconds": seconds + time.perf_counter() - began, "storage_bytes": size, "_model": repaired}
+
+        candidate = copy.deepcopy(original)
+        began = time.perf_counter()
+        finetune(candidate, retain_set, repair_steps, config)
+        rows["finetune"] = {**evaluate(candidate), "seconds": time.perf_counter() - began, "storage_bytes": 0, "_model": candidate}
+
+        candidate = copy.deepcopy(original)
+        began = time.perf_counter()
+        finetune(candidate, forget_set, max(1, math.ceil(len(forget_set) / per_step)), config, trainer_class=_GradientAscent)
+        seconds = time.perf_counter() - began
+        rows["neggrad"] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": 0, "_model": candidate}
+        repaired = copy.deepcopy(candidate)
+        began = time.perf_counter()
+        finetune(repaired, retain_set, repair_steps, config)
+        rows["neggrad+repair"] = {**evaluate(repaired), "seconds": seconds + time.perf_counter() - began, "storage_bytes": 0, "_model": repaired}
+
+        for name, row in rows.items():
+            theta = _flat(row.pop("_model")) if "_model" in row else theta_gold
+            row["avg_gap"] = avg_gap(row, rows["retrain"])
+            row["dist_original"] = relative_distance(theta, theta_orig, theta_orig, theta_init)
+            row["dist_retrain"] = relative_distance(theta, theta_gold, theta_orig, theta_init)
+            row["repair_steps"] = repair_steps if name.endswith("+repair") or name == "finetune" else 0
+        results[scenario] = rows
+        log(f"{scenario}: |F|={len(forget_ids)}, retrain {gold_seconds:.1f}s, hf_amnesia gap {rows['hf_amnesia']['avg_gap']:.2f}")
+    meta = {"train_seconds": train_seconds, "num_params": num_params, "world_size": world,
+                        "num_train": len(train_dataset), "num_test": len(test_dataset), "seed": config.seed,
+                        "keep_fraction": config.keep_fraction or 0.01, "store_bytes": store_bytes}
+    return results, meta
+
+
+def _init_fields(config: AmnesiaConfig) -> dict:
+    import dataclasses
+
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    values.update(save_strategy="no", report_to=[], push_to_hub=False)
+    return values
+
+
+def write_outputs(results: dict, meta: dict, output_dir: str) -> str:
+    """results.json, run.json, results.md and results.png in output_dir; returns the markdown table."""
+    os.makedirs(output_dir, exist_ok=True)
+    table = markdown_table(results)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(output_dir, "run.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    plot_results(results, os.path.join(output_dir, "results.png"))
+    return table
