@@ -20,7 +20,9 @@ GAP_METRICS = ("ua", "ra", "ta", "mia")
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, dataset, batch_size: int = 256, label_column: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+def predict_proba(
+    model: nn.Module, dataset, batch_size: int = 256, label_column: str = "labels"
+) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities and labels of every row (the model is put in eval mode)."""
     was_training = model.training
     model.eval()
@@ -47,9 +49,7 @@ def true_label_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return probs[np.arange(len(labels)), labels.astype(int)]
 
 
-def mia_efficacy(
-    retain_conf: np.ndarray, test_conf: np.ndarray, forget_conf: np.ndarray, seed: int = 0
-) -> float:
+def mia_efficacy(retain_conf: np.ndarray, test_conf: np.ndarray, forget_conf: np.ndarray, seed: int = 0) -> float:
     """Percent of forget samples an SVC attack calls non-members.
 
     The attack is `SVC(C=3, gamma="auto", kernel="rbf")` on the true-label probability, trained on
@@ -72,17 +72,21 @@ def loss_attack_accuracy(forget_loss: np.ndarray, test_loss: np.ndarray, folds: 
     """Cross-validated accuracy (percent) of telling forget losses (1) from test losses (0).
 
     `LogisticRegression` with stratified k-fold CV on equal-size sets; about 50 means the attack
-    cannot tell forgotten samples from unseen ones.
+    cannot tell forgotten samples from unseen ones. NaN when either set has fewer than 2 rows.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     rng = np.random.default_rng(seed)
     n = min(len(forget_loss), len(test_loss))
-    features = np.concatenate([
-        forget_loss[rng.choice(len(forget_loss), n, replace=False)],
-        test_loss[rng.choice(len(test_loss), n, replace=False)],
-    ]).reshape(-1, 1)
+    if n < 2:
+        return float("nan")  # one sample per side cannot be cross-validated
+    features = np.concatenate(
+        [
+            forget_loss[rng.choice(len(forget_loss), n, replace=False)],
+            test_loss[rng.choice(len(test_loss), n, replace=False)],
+        ]
+    ).reshape(-1, 1)
     target = np.concatenate([np.ones(n), np.zeros(n)])
     folds = max(2, min(folds, n))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -98,7 +102,9 @@ def avg_gap(method: Mapping[str, float], retrain: Mapping[str, float]) -> float:
     return float(np.mean([abs(method[m] - retrain[m]) for m in GAP_METRICS]))
 
 
-def relative_distance(theta: torch.Tensor, reference: torch.Tensor, theta_orig: torch.Tensor, theta_init: torch.Tensor) -> float:
+def relative_distance(
+    theta: torch.Tensor, reference: torch.Tensor, theta_orig: torch.Tensor, theta_init: torch.Tensor
+) -> float:
     """||theta - reference|| / ||theta_orig - theta_init||: a distance in units of the training change."""
     return float((theta - reference).norm() / (theta_orig - theta_init).norm())
 
@@ -138,7 +144,9 @@ def unlearning_metrics(
             true_label_confidence(forget_p, forget_y),
             seed=seed,
         ),
-        "loss_attack": loss_attack_accuracy(cross_entropy(forget_p, forget_y), cross_entropy(test_p, test_y), seed=seed),
+        "loss_attack": loss_attack_accuracy(
+            cross_entropy(forget_p, forget_y), cross_entropy(test_p, test_y), seed=seed
+        ),
     }
 
 
@@ -165,7 +173,17 @@ def plot_results(results: Mapping[str, Mapping[str, Mapping[str, float]]], path:
 
 def markdown_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], metrics=None) -> str:
     """results[scenario][method][metric] as one markdown table."""
-    metrics = metrics or ["ua", "ra", "ta", "mia", "avg_gap", "seconds", "storage_bytes", "dist_original", "dist_retrain"]
+    metrics = metrics or [
+        "ua",
+        "ra",
+        "ta",
+        "mia",
+        "avg_gap",
+        "seconds",
+        "storage_bytes",
+        "dist_original",
+        "dist_retrain",
+    ]
     lines = ["| scenario | method | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for scenario, methods in results.items():
         for method, values in methods.items():

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -305,7 +305,9 @@ class AmnesiacTrainer(Trainer):
         finetune(self.model, retained, steps, self.args, data_collator=self.data_collator)
 
 
-def finetune(model: nn.Module, train_dataset, steps: int, args: TrainingArguments, data_collator=None, trainer_class=None) -> None:
+def finetune(
+    model: nn.Module, train_dataset, steps: int, args: TrainingArguments, data_collator=None, trainer_class=None
+) -> None:
     """Train `model` in place for `steps` optimizer steps at a constant learning rate, unrecorded.
 
     This is the repair step of `forget` (on the retained rows), and the fine-tune baseline.
@@ -313,14 +315,29 @@ def finetune(model: nn.Module, train_dataset, steps: int, args: TrainingArgument
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     with tempfile.TemporaryDirectory() as tmp:
         fields.update(
-            output_dir=tmp, max_steps=int(steps), save_strategy="no", eval_strategy="no", report_to=[],
-            lr_scheduler_type="constant", warmup_steps=0, logging_strategy="no", push_to_hub=False,
-            store_dir=os.path.join(tmp, "_unused"), disable_tqdm=True, load_best_model_at_end=False,
+            output_dir=tmp,
+            max_steps=int(steps),
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            logging_strategy="no",
+            push_to_hub=False,
+            store_dir=os.path.join(tmp, "_unused"),
+            disable_tqdm=True,
+            load_best_model_at_end=False,
         )
         trainer_class = trainer_class or AmnesiacTrainer
         trainer = trainer_class(
-            model=model, args=AmnesiaConfig(**fields), train_dataset=train_dataset, data_collator=data_collator, record=False
+            model=model,
+            args=AmnesiaConfig(**fields),
+            train_dataset=train_dataset,
+            data_collator=data_collator,
+            record=False,
         )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
         trainer.train()
 
 

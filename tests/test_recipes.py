@@ -1,0 +1,206 @@
+"""The recipes run end to end on tiny generated data with the hub schemas (offline)."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, Features, Image
+from PIL import Image as PILImage
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes")
+sys.path.insert(0, RECIPES)
+
+METHODS = {
+    "original",
+    "retrain",
+    "retrain_other_seed",
+    "hf_amnesia",
+    "hf_amnesia_exact",
+    "hf_amnesia_exact+repair",
+    "per_batch",
+    "per_batch+repair",
+    "per_batch_subset",
+    "per_batch_subset+repair",
+    "finetune",
+    "neggrad",
+    "neggrad+repair",
+}
+METRICS = {"ua", "ra", "ta", "mia", "avg_gap", "seconds", "storage_bytes", "dist_original", "dist_retrain"}
+TINY = [
+    "--num_train_epochs",
+    "1",
+    "--per_device_train_batch_size",
+    "16",
+    "--use_cpu",
+    "--keep_fraction",
+    "0.05",
+    "--logging_strategy",
+    "no",
+]
+
+
+def _mnist_rows(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+    for i, y in enumerate(labels):  # a learnable bright block per class
+        images[i, 2 * y : 2 * y + 6, 4:20] = 250
+    return images, labels
+
+
+def make_mnist_parquet(folder, n_train=60, n_test=30):
+    features = Features({"image": Image(), "label": ClassLabel(num_classes=10)})
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = _mnist_rows(n, seed)
+        ds = Dataset.from_dict(
+            {"image": [PILImage.fromarray(a) for a in images], "label": labels.tolist()}, features=features
+        )
+        (folder / "mnist").mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(folder / "mnist" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+def _idx_bytes(array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def make_mnist_idx(folder, n_train=60, n_test=30):
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = _mnist_rows(n, seed)
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(_idx_bytes(images))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx_bytes(labels))
+    return folder
+
+
+def make_cifar_parquet(folder, n_train=48, n_test=24):
+    features = Features(
+        {"img": Image(), "fine_label": ClassLabel(num_classes=100), "coarse_label": ClassLabel(num_classes=20)}
+    )
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        rng = np.random.default_rng(seed)
+        fine = np.arange(n) % 6
+        images = rng.integers(0, 255, size=(n, 32, 32, 3), dtype=np.uint8)
+        images[np.arange(n), :, :, fine % 3] = 255
+        ds = Dataset.from_dict(
+            {
+                "img": [PILImage.fromarray(a) for a in images],
+                "fine_label": fine.tolist(),
+                "coarse_label": (fine // 5).tolist(),
+            },
+            features=features,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+def _check_outputs(out, scenarios=("class", "random_10", "random_1")):
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == list(scenarios)
+    for scenario in scenarios:
+        assert set(results[scenario]) == METHODS
+        for method, row in results[scenario].items():
+            assert METRICS <= set(row), (scenario, method)
+            assert all(np.isfinite(row[m]) for m in METRICS)
+        assert results[scenario]["retrain"]["avg_gap"] == 0
+        assert results[scenario]["hf_amnesia"]["storage_bytes"] > 0
+    assert results["class"]["retrain"]["ua"] == 100.0  # Retrain never saw the class
+    assert (out / "results.md").read_text().count("|") > 100
+    assert (out / "results.png").stat().st_size > 1000
+    return results
+
+
+def test_mnist_recipe_from_parquet(tmp_path):
+    import mnist
+
+    data = make_mnist_parquet(tmp_path / "data")
+    out = tmp_path / "out"
+    mnist.main(["--dataset_name", str(data), "--output_dir", str(out), *TINY])
+    _check_outputs(out)
+
+
+def test_mnist_recipe_from_idx_files(tmp_path):
+    import mnist
+
+    data = make_mnist_idx(tmp_path / "idx")
+    out = tmp_path / "out"
+    mnist.main(["--dataset_name", str(data), "--output_dir", str(out), "--scenarios", "class", *TINY])
+    _check_outputs(out, scenarios=("class",))
+
+
+def test_mnist_idx_reader_round_trips(tmp_path):
+    from data import read_idx
+
+    images, _ = _mnist_rows(5, 0)
+    (tmp_path / "x.gz").write_bytes(gzip.compress(_idx_bytes(images)))
+    assert np.array_equal(read_idx(tmp_path / "x.gz"), images)
+
+
+def test_cifar100_recipe_from_parquet(tmp_path):
+    import cifar100
+
+    data = make_cifar_parquet(tmp_path / "data")
+    out = tmp_path / "out"
+    cifar100.main(["--dataset_name", str(data), "--output_dir", str(out), "--model_width", "4", *TINY])
+    _check_outputs(out)
+
+
+def test_cifar100_from_save_to_disk(tmp_path):
+    import cifar100
+    from datasets import DatasetDict, load_dataset
+
+    parquet = make_cifar_parquet(tmp_path / "pq", n_train=12, n_test=6)
+    splits = load_dataset(
+        "parquet", data_files={s: str(parquet / f"{s}-00000-of-00001.parquet") for s in ("train", "test")}
+    )
+    DatasetDict(splits).save_to_disk(str(tmp_path / "disk"))
+    train, test = cifar100.get_datasets(cifar100.CifarArguments(dataset_name=str(tmp_path / "disk")), seed=0)
+    assert tuple(train[0]["pixel_values"].shape) == (3, 32, 32) and len(train) == 12 and len(test) == 6
+
+
+def test_bad_dataset_folder_says_what_to_do(tmp_path):
+    from data import load_image_dataset
+
+    with pytest.raises(FileNotFoundError, match="train-\\*.parquet"):
+        load_image_dataset(str(tmp_path))
+
+
+def test_quickstart_runs_shortened(tmp_path):
+    import quickstart
+
+    results = quickstart.main(["--output_dir", str(tmp_path), "--num_train_epochs", "2", "--max_train_samples", "300"])
+    assert set(results) == {"class", "random_10", "random_1"}
+    assert (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_mnist_recipe_in_two_processes(tmp_path):
+    data = make_mnist_parquet(tmp_path / "data")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29541",
+        os.path.join(RECIPES, "mnist.py"),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        *TINY,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check_outputs(out)
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["world_size"] == 2
