@@ -175,8 +175,7 @@ def run_study(
     per_step = config.per_device_train_batch_size * world * config.gradient_accumulation_steps
     log(f"trained with recording in {train_seconds:.1f}s; store {store_bytes / 2**20:.2f} MiB")
 
-    results = {}
-    for scenario in scenarios:
+    def run_scenario(scenario: str) -> dict:
         forget_ids = planned[scenario]
         in_forget = np.isin(train_ids, forget_ids)
         forget_set = train_dataset.select(np.flatnonzero(in_forget))
@@ -287,10 +286,12 @@ def run_study(
             row["dist_original"] = relative_distance(theta, theta_orig, theta_orig, theta_init)
             row["dist_retrain"] = relative_distance(theta, theta_gold, theta_orig, theta_init)
             row["repair_steps"] = repair_steps if name.endswith("+repair") or name == "finetune" else 0
-        results[scenario] = rows
         log(
             f"{scenario}: |F|={len(forget_ids)}, retrain {gold_seconds:.1f}s, hf_amnesia gap {rows['hf_amnesia']['avg_gap']:.2f}"
         )
+        return rows
+
+    results = {scenario: run_scenario(scenario) for scenario in scenarios}
     meta = {
         "train_seconds": train_seconds,
         "num_params": num_params,
