@@ -64,3 +64,19 @@ def test_markdown_table_lists_every_row():
     table = markdown_table({"class": {"retrain": {"ua": 100.0}, "original": {"ua": 1.234}}}, metrics=["ua"])
     assert table.splitlines()[2] == "| class | retrain | 100.00 |"
     assert table.splitlines()[3] == "| class | original | 1.23 |"
+
+
+def test_aggregate_over_seeds(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+    import aggregate
+
+    for seed, gap in [(0, 1.0), (1, 3.0)]:
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "results.json").write_text(json.dumps({"class": {"retrain": {"avg_gap": gap}}}))
+    aggregate.main([str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(tmp_path / "agg")])
+    agg = json.loads((tmp_path / "agg" / "aggregate.json").read_text())
+    assert agg["class"]["retrain"]["avg_gap"] == {"mean": 2.0, "std": 1.0, "n": 2}
