@@ -44,7 +44,9 @@ class OpenStep:
     ids: np.ndarray  # [n] int64 dataset ids
     positions: torch.Tensor  # [n, K] int64 flat positions
     contrib: torch.Tensor  # [n, K] float32, contrib_{s,i} at the kept positions
-    start: torch.Tensor  # [n, K] float64, L_{s-1} at the kept positions, in the current base
+    # L_{s-1} in the current base: at the kept positions [n, K], or the dense [M] ledger when
+    # that is smaller (n * K >= M, e.g. keep_fraction = 1).
+    start: torch.Tensor
 
 
 class MomentumLedger:
@@ -79,7 +81,7 @@ class MomentumLedger:
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Account optimizer step `t` (1-based, consecutive) and yield the deltas that closed."""
         if len(ids):
-            start = self.ledger[positions]
+            start = self.ledger.clone() if positions.numel() >= self.ledger.numel() else self.ledger[positions]
             self.open.append(OpenStep(t, ids, positions, contrib.float(), start))
         self.ledger.add_(x_t.to(torch.float64), alpha=self.beta1 ** (t - self.base))
         while self.open and self.beta1 ** (t + 1 - self.open[0].step) < self.tail_tolerance:
@@ -92,14 +94,16 @@ class MomentumLedger:
             yield self._close(self.open.popleft())
 
     def _close(self, item: OpenStep) -> tuple[np.ndarray, torch.Tensor]:
-        tail = (self.ledger[item.positions] - item.start) * self.beta1 ** (self.base - item.step)
+        start = item.start[item.positions] if item.start.dim() == 1 else item.start
+        tail = (self.ledger[item.positions] - start) * self.beta1 ** (self.base - item.step)
         delta = -(1.0 - self.beta1) * tail * item.contrib.to(torch.float64)
         return item.ids, delta.float()
 
     def _rebase(self, new_base: int) -> None:
         factor = self.beta1 ** (self.base - new_base)
         for item in self.open:
-            item.start = (item.start - self.ledger[item.positions]) * factor
+            now = self.ledger if item.start.dim() == 1 else self.ledger[item.positions]
+            item.start = (item.start - now) * factor
         self.ledger.zero_()
         self.base = new_base
 
@@ -115,7 +119,7 @@ class MomentumLedger:
         for k, item in enumerate(self.open):
             state[f"open.{k}.step"] = torch.tensor(item.step)
             state[f"open.{k}.ids"] = torch.from_numpy(np.asarray(item.ids, dtype=np.int64))
-            state[f"open.{k}.positions"] = item.positions.cpu()
+            state[f"open.{k}.positions"] = item.positions.cpu().contiguous()
             state[f"open.{k}.contrib"] = item.contrib.cpu()
             state[f"open.{k}.start"] = item.start.cpu()
         return state

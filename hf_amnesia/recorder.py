@@ -65,10 +65,15 @@ class Recorder:
     def begin_microbatch(self, ids: np.ndarray) -> None:
         began = time.perf_counter()
         self._ids = np.asarray(ids, dtype=np.int64)
-        positions = positions_for(self.manifest.seed, self._ids, self.layout.num_params, self.k)
-        self._positions = torch.from_numpy(positions).to(self.params[0].device)
+        self._positions = self._positions_of(self._ids)
         self.capture.begin(self._positions)
         self.record_seconds += time.perf_counter() - began
+
+    def _positions_of(self, ids: np.ndarray) -> torch.Tensor:
+        device = self.params[0].device
+        if self.k == self.layout.num_params:  # everything kept: a broadcast view, no [n, M] copy
+            return torch.arange(self.k, device=device).expand(len(ids), self.k)
+        return torch.from_numpy(positions_for(self.manifest.seed, ids, self.layout.num_params, self.k)).to(device)
 
     def end_microbatch(self, loss_scale: float = 1.0) -> None:
         values = self.capture.end()
@@ -102,7 +107,7 @@ class Recorder:
         x_t, self.decay = adam_step_weights(self.params, states, hyper, self.decay)
         if pending:
             ids = np.concatenate([ids for ids, _, _ in pending])
-            positions = torch.cat([pos for _, pos, _ in pending])
+            positions = self._positions_of(ids)
             contrib = torch.cat([vals for _, _, vals in pending]) * (coef / self.world_size)
         else:
             ids = np.zeros(0, dtype=np.int64)

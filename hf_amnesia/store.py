@@ -64,8 +64,8 @@ def _encode(values: torch.Tensor, dtype: str) -> np.ndarray:
 
 def _decode(raw: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "float32":
-        return torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)).clone()
-    bits = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).clone()
+        return torch.from_numpy(np.array(raw, dtype=np.float32, copy=True))
+    bits = torch.from_numpy(np.array(raw, copy=True).view(np.int16))
     return bits.view(STORE_DTYPES[dtype]).float()
 
 
@@ -216,22 +216,30 @@ class ShardWriter:
             )
         os.truncate(self.log_path, size)
 
-    def compact(self) -> None:
-        """Fold the log into the rows (sum per id, over epochs) and empty the log."""
+    def compact(self, chunk_bytes: int = 256 * 2**20) -> None:
+        """Fold the log into the rows (sum per id, over epochs) and empty the log.
+
+        The log is read in chunks of about `chunk_bytes`; the sum is held in float32 in memory
+        (rows x K x 4 bytes for this shard).
+        """
         self._log.flush()
-        log = np.fromfile(self.log_path, dtype=self.record)
+        num_records = self.log_path.stat().st_size // self.record.itemsize
+        per_chunk = max(1, chunk_bytes // self.record.itemsize)
+        log_ids = [np.fromfile(self.log_path, dtype=self.record, count=min(per_chunk, num_records - start),
+                               offset=start * self.record.itemsize)["id"] for start in range(0, num_records, per_chunk)]
+        log_ids = np.concatenate(log_ids) if log_ids else np.zeros(0, np.int64)
         old_ids = np.load(self.ids_path, allow_pickle=False) if self.ids_path.exists() else None
-        ids = np.unique(log["id"]) if old_ids is None else np.union1d(old_ids, log["id"])
+        ids = np.unique(log_ids) if old_ids is None else np.union1d(old_ids, log_ids)
         acc = torch.zeros(len(ids), self.k, dtype=torch.float32)
         if old_ids is not None and len(old_ids):
             old = np.memmap(self.rows_path, dtype=_raw_dtype(self.dtype), mode="r")
-            acc[torch.from_numpy(np.searchsorted(ids, old_ids))] = _decode(
-                old.reshape(len(old_ids), self.k), self.dtype
-            )
+            acc[torch.from_numpy(np.searchsorted(ids, old_ids))] = _decode(old.reshape(len(old_ids), self.k), self.dtype)
             del old
-        if len(log):
-            rows = torch.from_numpy(np.searchsorted(ids, log["id"]))
-            acc.index_add_(0, rows, torch.from_numpy(np.ascontiguousarray(log["values"])))
+        for start in range(0, num_records, per_chunk):
+            chunk = np.fromfile(self.log_path, dtype=self.record, count=min(per_chunk, num_records - start),
+                                offset=start * self.record.itemsize)
+            rows = torch.from_numpy(np.searchsorted(ids, chunk["id"]))
+            acc.index_add_(0, rows, torch.from_numpy(np.ascontiguousarray(chunk["values"])))
         tmp_rows = self.rows_path.with_name(self.rows_path.name + ".tmp")
         fd = _private_open(tmp_rows, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         with os.fdopen(fd, "wb") as f:

@@ -13,7 +13,18 @@ import os
 
 import numpy as np
 
-METRICS = ["ua", "ra", "ta", "mia", "loss_attack", "avg_gap", "seconds", "storage_bytes", "dist_original", "dist_retrain"]
+METRICS = [
+    "ua",
+    "ra",
+    "ta",
+    "mia",
+    "loss_attack",
+    "avg_gap",
+    "seconds",
+    "storage_bytes",
+    "dist_original",
+    "dist_retrain",
+]
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -25,7 +36,11 @@ def aggregate(runs: list[dict]) -> dict:
             for metric in METRICS:
                 values = [r[scenario][method][metric] for r in runs if metric in r[scenario][method]]
                 if values:
-                    out[scenario][method][metric] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)), "n": len(values)}
+                    out[scenario][method][metric] = {
+                        "mean": float(np.nanmean(values)),
+                        "std": float(np.nanstd(values)),
+                        "n": len(values),
+                    }
     return out
 
 

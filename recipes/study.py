@@ -147,6 +147,11 @@ def run_study(
 ) -> dict:
     """Run every scenario and method; returns (results[scenario][method][metric], run facts)."""
     scenarios = [s.strip() for s in study.scenarios.split(",") if s.strip()]
+    chosen = {m.strip() for m in study.methods.split(",") if m.strip()}
+
+    def wanted(method: str) -> bool:
+        return "all" in chosen or method in chosen
+
     id_column = config.id_column
     if id_column not in train_dataset.column_names:
         train_dataset = train_dataset.add_column(id_column, np.arange(len(train_dataset), dtype=np.int64))
@@ -206,9 +211,16 @@ def run_study(
         gold, gold_seconds = retrain(config.seed)
         theta_gold = _flat(gold)
         rows["retrain"] = {**evaluate(gold), "seconds": gold_seconds, "storage_bytes": 0}
-        other, other_seconds = retrain(config.seed + 1)
-        rows["retrain_other_seed"] = {**evaluate(other), "seconds": other_seconds, "storage_bytes": 0, "_model": other}
-        rows["original"] = {**evaluate(original), "seconds": 0.0, "storage_bytes": 0, "_model": original}
+        if wanted("retrain_other_seed"):
+            other, other_seconds = retrain(config.seed + 1)
+            rows["retrain_other_seed"] = {
+                **evaluate(other),
+                "seconds": other_seconds,
+                "storage_bytes": 0,
+                "_model": other,
+            }
+        if wanted("original"):
+            rows["original"] = {**evaluate(original), "seconds": 0.0, "storage_bytes": 0, "_model": original}
 
         def amnesia(**kwargs):
             candidate = copy.deepcopy(original)
@@ -217,17 +229,27 @@ def run_study(
             forgetter.forget(forget_ids, **kwargs)
             return candidate, time.perf_counter() - began
 
-        for name, kwargs in [
+        variants = [
             ("hf_amnesia", {}),
             ("hf_amnesia_exact", {"scale": 1.0, "repair_steps": 0}),
             ("hf_amnesia_exact+repair", {"scale": 1.0, "repair_steps": repair_steps}),
-        ]:
+        ]
+        for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
+            variants += [
+                (f"hf_amnesia_s{scale:g}", {"scale": scale}),
+                (f"hf_amnesia_s{scale:g}+repair", {"scale": scale, "repair_steps": repair_steps}),
+            ]
+        for name, kwargs in variants:
+            if not (wanted(name) or name.startswith("hf_amnesia_s")):
+                continue
             candidate, seconds = amnesia(**kwargs)
             rows[name] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": store_bytes, "_model": candidate}
 
         updates = per_batch.updates(scenario, num_params)
         keep = num_kept(config.keep_fraction or 0.01, num_params)
         for name, subset in [("per_batch", False), ("per_batch_subset", True)]:
+            if not wanted(name):
+                continue
             candidate = copy.deepcopy(original)
             began = time.perf_counter()
             total = torch.zeros(num_params)
@@ -253,32 +275,25 @@ def run_study(
                 "_model": repaired,
             }
 
-        candidate = copy.deepcopy(original)
-        began = time.perf_counter()
-        finetune(candidate, retain_set, repair_steps, config)
-        rows["finetune"] = {
-            **evaluate(candidate),
-            "seconds": time.perf_counter() - began,
-            "storage_bytes": 0,
-            "_model": candidate,
-        }
+        if wanted("finetune"):
+            candidate = copy.deepcopy(original)
+            began = time.perf_counter()
+            finetune(candidate, retain_set, repair_steps, config)
+            seconds = time.perf_counter() - began
+            rows["finetune"] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": 0, "_model": candidate}
 
-        candidate = copy.deepcopy(original)
-        began = time.perf_counter()
-        finetune(
-            candidate, forget_set, max(1, math.ceil(len(forget_set) / per_step)), config, trainer_class=_GradientAscent
-        )
-        seconds = time.perf_counter() - began
-        rows["neggrad"] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": 0, "_model": candidate}
-        repaired = copy.deepcopy(candidate)
-        began = time.perf_counter()
-        finetune(repaired, retain_set, repair_steps, config)
-        rows["neggrad+repair"] = {
-            **evaluate(repaired),
-            "seconds": seconds + time.perf_counter() - began,
-            "storage_bytes": 0,
-            "_model": repaired,
-        }
+        if wanted("neggrad"):
+            candidate = copy.deepcopy(original)
+            began = time.perf_counter()
+            ascent_steps = max(1, math.ceil(len(forget_set) / per_step))
+            finetune(candidate, forget_set, ascent_steps, config, trainer_class=_GradientAscent)
+            seconds = time.perf_counter() - began
+            rows["neggrad"] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": 0, "_model": candidate}
+            repaired = copy.deepcopy(candidate)
+            began = time.perf_counter()
+            finetune(repaired, retain_set, repair_steps, config)
+            seconds += time.perf_counter() - began
+            rows["neggrad+repair"] = {**evaluate(repaired), "seconds": seconds, "storage_bytes": 0, "_model": repaired}
 
         for name, row in rows.items():
             theta = _flat(row.pop("_model")) if "_model" in row else theta_gold
@@ -286,9 +301,8 @@ def run_study(
             row["dist_original"] = relative_distance(theta, theta_orig, theta_orig, theta_init)
             row["dist_retrain"] = relative_distance(theta, theta_gold, theta_orig, theta_init)
             row["repair_steps"] = repair_steps if name.endswith("+repair") or name == "finetune" else 0
-        log(
-            f"{scenario}: |F|={len(forget_ids)}, retrain {gold_seconds:.1f}s, hf_amnesia gap {rows['hf_amnesia']['avg_gap']:.2f}"
-        )
+        gaps = ", ".join(f"{m} {r['avg_gap']:.2f}" for m, r in rows.items() if m.startswith("hf_amnesia"))
+        log(f"{scenario}: |F|={len(forget_ids)}, retrain {gold_seconds:.1f}s; Avg. Gap: {gaps}")
         return rows
 
     results = {scenario: run_scenario(scenario) for scenario in scenarios}
