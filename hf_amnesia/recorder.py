@@ -135,11 +135,13 @@ class Recorder:
         state["decay"] = self.decay.clone()
         state["steps"] = torch.tensor(self.steps)
         state["log_size"] = torch.tensor(self.shard.log_size())
+        state["generation"] = torch.tensor(self.shard.state.generation)
+        state["log_consumed"] = torch.tensor(self.shard.state.log_consumed)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.ledger.load_state_dict({k[len("ledger.") :]: v for k, v in state.items() if k.startswith("ledger.")})
         self.decay = state["decay"].to(torch.float64).clone()
         self.steps = int(state["steps"])
-        self.shard.truncate(int(state["log_size"]))
+        self.shard.resume(int(state["log_size"]), int(state["generation"]), int(state["log_consumed"]))
         self._last_counts = self._step_counts()

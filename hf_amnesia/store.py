@@ -2,15 +2,19 @@
 
 Layout of a store folder (no pickle anywhere; see docs/store-format.md):
 
-    manifest.json           format and library version, parameter layout and its fingerprint,
-                            keep_fraction, K, dtype, seed, decay factors, shard list
-    shard-00000.ids.npy     int64 dataset ids of the shard's rows, sorted ascending
-    shard-00000.rows        raw little-endian [n, K] values in the store dtype (memory-mapped)
-    shard-00000.log         while training: appended records (int64 id, K float32 values),
-                            folded into the rows by `compact()` at the end of training
+    manifest.json                 format and library version, parameter layout and fingerprint,
+                                  keep_fraction, K, dtype, seed, decay factors, number of shards
+    shard-00000.json              the shard's current generation g and how much of its log is
+                                  already folded into that generation (written atomically)
+    shard-00000.gNNNNNN.ids.npy   int64 dataset ids of generation g's rows, sorted ascending
+    shard-00000.gNNNNNN.rows      raw little-endian [n, K] values in the store dtype (memory-mapped)
+    shard-00000.gNNNNNN.sums.npy  uint32 CRC-32 of each row, checked when a row is read
+    shard-00000.log               while training: appended records (int64 id, K float32 values)
+    shard-00000.recording         present while a run records into the shard
 
+Rows never change in place: folding the log in (`compact`) or purging forgotten ids writes a new
+generation and then switches `shard-*.json` to it, so a crash leaves the old or the new state.
 Kept positions are a deterministic function of (seed, dataset id) and are never stored.
-One shard per training process; any number of processes can read a store.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,14 +175,119 @@ class Manifest:
         return cls.from_json(data)
 
 
-def shard_paths(store_dir: Path, rank: int) -> tuple[Path, Path, Path]:
-    stem = Path(store_dir) / f"shard-{rank:05d}"
-    return stem.with_suffix(".ids.npy"), stem.with_suffix(".rows"), stem.with_suffix(".log")
+def _shard_stem(store_dir: Path, rank: int) -> Path:
+    return Path(store_dir) / f"shard-{rank:05d}"
 
 
 def recording_marker(store_dir: Path, rank: int) -> Path:
     """Present while a training run records into this shard; removed when it finishes."""
-    return Path(store_dir) / f"shard-{rank:05d}.recording"
+    return _shard_stem(store_dir, rank).with_suffix(".recording")
+
+
+def log_path(store_dir: Path, rank: int) -> Path:
+    return _shard_stem(store_dir, rank).with_suffix(".log")
+
+
+def generation_paths(store_dir: Path, rank: int, generation: int) -> tuple[Path, Path, Path]:
+    """(ids, rows, sums) files of one generation of a shard."""
+    stem = f"shard-{rank:05d}.g{generation:06d}"
+    folder = Path(store_dir)
+    return folder / f"{stem}.ids.npy", folder / f"{stem}.rows", folder / f"{stem}.sums.npy"
+
+
+@dataclass
+class ShardState:
+    """The committed state of a shard: which generation holds its rows, how much log is folded."""
+
+    generation: int = 0
+    log_consumed: int = 0
+    rows: int = 0
+
+    @classmethod
+    def load(cls, store_dir: Path, rank: int) -> ShardState | None:
+        path = _shard_stem(store_dir, rank).with_suffix(".json")
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls(int(data["generation"]), int(data["log_consumed"]), int(data["rows"]))
+        except (OSError, ValueError, KeyError) as err:
+            raise StoreError(f"{path} is damaged ({err}); restore it from a backup.") from err
+
+    def save(self, store_dir: Path, rank: int) -> None:
+        data = {"generation": self.generation, "log_consumed": self.log_consumed, "rows": self.rows}
+        write_atomic(_shard_stem(store_dir, rank).with_suffix(".json"), json.dumps(data).encode())
+
+
+def _row_sums(raw: np.ndarray) -> np.ndarray:
+    return np.fromiter((zlib.crc32(row.tobytes()) for row in raw), dtype=np.uint32, count=len(raw))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_generation(store_dir: Path, rank: int, generation: int, ids: np.ndarray, raw: np.ndarray) -> None:
+    """Write one generation's ids, rows and checksums (durably; not yet the current one)."""
+    ids_path, rows_path, sums_path = generation_paths(store_dir, rank, generation)
+    fd = _private_open(rows_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    save_npy(sums_path, _row_sums(raw))
+    save_npy(ids_path, ids.astype(np.int64))
+    _fsync_dir(Path(store_dir))
+
+
+def read_generation(store_dir: Path, rank: int, state: ShardState, k: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, rows memmap [n, K], sums) of a shard's current generation, with size checks."""
+    ids_path, rows_path, sums_path = generation_paths(store_dir, rank, state.generation)
+    if state.rows == 0 and not ids_path.exists():
+        empty = np.zeros((0, k), dtype=_raw_dtype(dtype))
+        return np.zeros(0, np.int64), empty, np.zeros(0, np.uint32)
+    for path in (ids_path, rows_path, sums_path):
+        if not path.exists():
+            raise StoreError(
+                f"store shard {rank} is missing {path.name}; the store at {store_dir} is incomplete. "
+                "Restore the file from a backup."
+            )
+    ids = np.load(ids_path, allow_pickle=False)
+    sums = np.load(sums_path, allow_pickle=False)
+    expected = len(ids) * k * _raw_dtype(dtype).itemsize
+    if rows_path.stat().st_size != expected or len(ids) != state.rows or len(sums) != len(ids):
+        raise StoreError(
+            f"store shard {rows_path.name} holds {rows_path.stat().st_size} bytes for {len(ids)} ids, expected "
+            f"{expected} for {state.rows}: it is truncated or damaged. Restore it from a backup."
+        )
+    rows = np.memmap(rows_path, dtype=_raw_dtype(dtype), mode="r", shape=(len(ids), k)) if len(ids) else np.zeros((0, k), dtype=_raw_dtype(dtype))
+    return ids, rows, sums
+
+
+def remove_other_generations(store_dir: Path, rank: int, keep: int, scrub_ids: np.ndarray | None = None) -> None:
+    """Delete a shard's generations other than `keep`; with `scrub_ids`, zero those rows first."""
+    for rows_path in sorted(Path(store_dir).glob(f"shard-{rank:05d}.g*.rows")):
+        generation = int(rows_path.name.split(".g")[1].split(".")[0])
+        if generation == keep:
+            continue
+        ids_path, _, sums_path = generation_paths(store_dir, rank, generation)
+        if scrub_ids is not None and ids_path.exists() and rows_path.stat().st_size:
+            ids = np.load(ids_path, allow_pickle=False)
+            hit = np.flatnonzero(np.isin(ids, scrub_ids))
+            if len(hit):
+                row_bytes = rows_path.stat().st_size // max(1, len(ids))
+                with open(rows_path, "r+b") as f:
+                    for row in hit:
+                        f.seek(int(row) * row_bytes)
+                        f.write(bytes(row_bytes))
+                    f.flush()
+                    os.fsync(f.fileno())
+        for path in (rows_path, ids_path, sums_path):
+            path.unlink(missing_ok=True)
 
 
 class ShardWriter:
@@ -186,18 +296,56 @@ class ShardWriter:
     def __init__(self, store_dir: Path, rank: int, k: int, dtype: str):
         self.store_dir = Path(store_dir)
         self.rank, self.k, self.dtype = rank, k, dtype
-        self.ids_path, self.rows_path, self.log_path = shard_paths(self.store_dir, rank)
+        self.log_path = log_path(self.store_dir, rank)
+        self.marker = recording_marker(self.store_dir, rank)
         self.record = np.dtype([("id", "<i8"), ("values", "<f4", (k,))])
+        self.state = ShardState.load(self.store_dir, rank) or ShardState()
         fd = _private_open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         self._log = os.fdopen(fd, "ab")
-        self.marker = recording_marker(self.store_dir, rank)
-        os.close(_private_open(self.marker, os.O_WRONLY | os.O_CREAT))
+        # A crash between emptying the log and recording it leaves consumed > size: nothing is left.
+        self.state.log_consumed = min(self.state.log_consumed, self.log_path.stat().st_size)
+
+    def begin(self) -> None:
+        """Start a new recording run: drop older generations and the folded log, set the marker."""
+        remove_other_generations(self.store_dir, self.rank, self.state.generation)
+        os.truncate(self.log_path, 0)  # everything in it is folded into the current generation
+        self.state.log_consumed = 0
+        self.state.save(self.store_dir, self.rank)
+        self._write_marker()
+
+    def resume(self, log_size: int, generation: int, log_consumed: int) -> None:
+        """Go back to a checkpoint: its generation, and its log length (later records dropped)."""
+        current = self.log_path.stat().st_size
+        ids_path, _, _ = generation_paths(self.store_dir, self.rank, generation)
+        if log_size > current or (generation > 0 and not ids_path.exists() and generation != self.state.generation):
+            raise StoreError(
+                f"the store at {self.store_dir} no longer matches this checkpoint (log {current} bytes, checkpoint "
+                f"expects {log_size}; generation {generation}): it was purged or belongs to another run. "
+                "Resume from a later checkpoint or retrain."
+            )
+        rows = self.state.rows
+        if generation != self.state.generation:
+            rows = len(np.load(ids_path, allow_pickle=False)) if ids_path.exists() else 0
+        self._log.flush()
+        os.truncate(self.log_path, log_size)
+        self.state = ShardState(generation, log_consumed, rows)
+        self.state.save(self.store_dir, self.rank)
+        self._write_marker()
+
+    def _write_marker(self) -> None:
+        write_atomic(self.marker, json.dumps({"generation": self.state.generation}).encode())
 
     def append(self, ids: np.ndarray, deltas: torch.Tensor) -> None:
         records = np.empty(len(ids), dtype=self.record)
         records["id"] = ids
         records["values"] = deltas.detach().cpu().float().numpy()
-        self._log.write(records.tobytes())
+        try:
+            self._log.write(records.tobytes())
+        except OSError as err:
+            raise StoreError(
+                f"cannot append to {self.log_path}: {err}. Free disk space (or move store_dir) and resume "
+                "training from the last checkpoint; records after it are rewritten."
+            ) from err
 
     def log_size(self) -> int:
         """Bytes of the log made durable so far (a checkpoint stores this position)."""
@@ -205,58 +353,50 @@ class ShardWriter:
         os.fsync(self._log.fileno())
         return self.log_path.stat().st_size
 
-    def truncate(self, size: int) -> None:
-        """Drop records appended after a checkpoint, so they are not counted twice on resume."""
-        self._log.flush()
-        current = self.log_path.stat().st_size
-        if size > current:
-            raise StoreError(
-                f"{self.log_path} holds {current} bytes but the checkpoint expects {size}: the "
-                "store does not belong to this checkpoint's run. Point store_dir at that run's store."
-            )
-        os.truncate(self.log_path, size)
-
     def compact(self, chunk_bytes: int = 256 * 2**20) -> None:
-        """Fold the log into the rows (sum per id, over epochs) and empty the log.
+        """Fold the unfolded log into a new generation of rows (sum per id, over epochs).
 
         The log is read in chunks of about `chunk_bytes`; the sum is held in float32 in memory
-        (rows x K x 4 bytes for this shard).
+        (rows x K x 4 bytes for this shard). The new generation becomes current in one atomic
+        write of the shard state; until the run's marker is removed right after, a crash still
+        allows resuming from a checkpoint of this run. Then the log and the previous generation
+        are deleted: a finished run cannot be resumed.
         """
-        self._log.flush()
-        num_records = self.log_path.stat().st_size // self.record.itemsize
+        size = self.log_size()
+        start_record = self.state.log_consumed // self.record.itemsize
+        num_records = size // self.record.itemsize - start_record
         per_chunk = max(1, chunk_bytes // self.record.itemsize)
-        log_ids = [np.fromfile(self.log_path, dtype=self.record, count=min(per_chunk, num_records - start),
-                               offset=start * self.record.itemsize)["id"] for start in range(0, num_records, per_chunk)]
-        log_ids = np.concatenate(log_ids) if log_ids else np.zeros(0, np.int64)
-        old_ids = np.load(self.ids_path, allow_pickle=False) if self.ids_path.exists() else None
-        ids = np.unique(log_ids) if old_ids is None else np.union1d(old_ids, log_ids)
+
+        def chunks():
+            for first in range(0, num_records, per_chunk):
+                yield np.fromfile(self.log_path, dtype=self.record, count=min(per_chunk, num_records - first),
+                                  offset=(start_record + first) * self.record.itemsize)
+
+        old_ids, old_rows, _ = read_generation(self.store_dir, self.rank, self.state, self.k, self.dtype)
+        log_ids = np.concatenate([c["id"] for c in chunks()] or [np.zeros(0, np.int64)])
+        ids = np.union1d(old_ids, log_ids)
         acc = torch.zeros(len(ids), self.k, dtype=torch.float32)
-        if old_ids is not None and len(old_ids):
-            old = np.memmap(self.rows_path, dtype=_raw_dtype(self.dtype), mode="r")
-            acc[torch.from_numpy(np.searchsorted(ids, old_ids))] = _decode(old.reshape(len(old_ids), self.k), self.dtype)
-            del old
-        for start in range(0, num_records, per_chunk):
-            chunk = np.fromfile(self.log_path, dtype=self.record, count=min(per_chunk, num_records - start),
-                                offset=start * self.record.itemsize)
+        if len(old_ids):
+            acc[torch.from_numpy(np.searchsorted(ids, old_ids))] = _decode(np.asarray(old_rows), self.dtype)
+        for chunk in chunks():
             rows = torch.from_numpy(np.searchsorted(ids, chunk["id"]))
             acc.index_add_(0, rows, torch.from_numpy(np.ascontiguousarray(chunk["values"])))
-        tmp_rows = self.rows_path.with_name(self.rows_path.name + ".tmp")
-        fd = _private_open(tmp_rows, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_encode(acc, self.dtype).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_rows, self.rows_path)
-        save_npy(self.ids_path, ids.astype(np.int64))
-        os.truncate(self.log_path, 0)
+        new = ShardState(self.state.generation + 1, size, len(ids))
+        write_generation(self.store_dir, self.rank, new.generation, ids, _encode(acc, self.dtype).reshape(len(ids), self.k))
+        new.save(self.store_dir, self.rank)  # the commit point
+        self.state = new
         self.marker.unlink(missing_ok=True)
+        os.truncate(self.log_path, 0)
+        self.state.log_consumed = 0
+        self.state.save(self.store_dir, self.rank)
+        remove_other_generations(self.store_dir, self.rank, new.generation)
 
     def close(self) -> None:
         self._log.close()
 
 
 class StoreReader:
-    """Read access to every shard of a store: which ids it holds, and their rows."""
+    """Read access to every shard of a store: which ids it holds, and their rows (checksummed)."""
 
     def __init__(self, store_dir: str | os.PathLike):
         self.store_dir = Path(store_dir)
@@ -267,27 +407,19 @@ class StoreReader:
                 "store_dir at the folder the training run wrote (by default <output_dir>/_amnesia_store)."
             )
         self.manifest = manifest
-        self._ids, self._rows = [], []
+        self.states, self._ids, self._rows, self._sums = [], [], [], []
         for rank in range(manifest.num_shards):
-            ids_path, rows_path, _ = shard_paths(self.store_dir, rank)
-            if not ids_path.exists() or not rows_path.exists():
+            state = ShardState.load(self.store_dir, rank)
+            if state is None:
                 raise StoreError(
-                    f"store shard {rank} is missing ({ids_path.name} / {rows_path.name}); the store "
-                    f"at {self.store_dir} is incomplete. Restore the shard from a backup."
+                    f"store shard {rank} is missing (shard-{rank:05d}.json); the store at {self.store_dir} "
+                    f"was written by {manifest.num_shards} processes and is incomplete. Restore the shard from a backup."
                 )
-            ids = np.load(ids_path, allow_pickle=False)
-            expected = len(ids) * manifest.k * _raw_dtype(manifest.dtype).itemsize
-            if rows_path.stat().st_size != expected:
-                raise StoreError(
-                    f"store shard {rows_path.name} holds {rows_path.stat().st_size} bytes, expected "
-                    f"{expected}: it is truncated or damaged. Restore it from a backup."
-                )
+            ids, rows, sums = read_generation(self.store_dir, rank, state, manifest.k, manifest.dtype)
+            self.states.append(state)
             self._ids.append(ids)
-            self._rows.append(
-                np.memmap(rows_path, dtype=_raw_dtype(manifest.dtype), mode="r", shape=(len(ids), manifest.k))
-                if len(ids)
-                else np.zeros((0, manifest.k), dtype=_raw_dtype(manifest.dtype))
-            )
+            self._rows.append(rows)
+            self._sums.append(sums)
 
     def all_ids(self) -> np.ndarray:
         return np.unique(np.concatenate(self._ids)) if self._ids else np.zeros(0, np.int64)
@@ -302,14 +434,59 @@ class StoreReader:
         return found
 
     def read(self, dataset_id: int) -> torch.Tensor | None:
-        """The id's stored delta at its kept positions (float32, summed over shards), or None."""
+        """The id's stored delta at its kept positions (float32, summed over shards), or None.
+
+        Each row's CRC-32 is checked; a mismatch raises `StoreError`.
+        """
         places = self.locate(dataset_id)
         if not places:
             return None
         total = torch.zeros(self.manifest.k, dtype=torch.float32)
         for shard, row in places:
-            total += _decode(self._rows[shard][row], self.manifest.dtype)
+            raw = np.asarray(self._rows[shard][row])
+            if zlib.crc32(raw.tobytes()) != int(self._sums[shard][row]):
+                raise StoreError(
+                    f"the stored row of id {dataset_id} in shard {shard} fails its checksum: the store at "
+                    f"{self.store_dir} is corrupted. Nothing was changed; restore the store from a backup."
+                )
+            total += _decode(raw, self.manifest.dtype)
         return total
+
+    def verify(self) -> int:
+        """Check every row's checksum; returns the number of rows checked."""
+        for shard, (ids, rows, sums) in enumerate(zip(self._ids, self._rows, self._sums)):
+            if len(ids) and not np.array_equal(_row_sums(np.asarray(rows)), sums):
+                raise StoreError(f"shard {shard} of {self.store_dir} has rows that fail their checksums.")
+        return sum(len(ids) for ids in self._ids)
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.store_dir.iterdir() if p.is_file())
+
+
+def stage_purge(store_dir: Path, manifest: Manifest, ids: np.ndarray) -> list[ShardState]:
+    """Write, for every shard, a new generation without the rows of `ids` (not yet current)."""
+    staged = []
+    for rank in range(manifest.num_shards):
+        state = ShardState.load(store_dir, rank) or ShardState()
+        old_ids, old_rows, _ = read_generation(store_dir, rank, state, manifest.k, manifest.dtype)
+        keep = ~np.isin(old_ids, ids)
+        new = ShardState(state.generation + 1, 0, int(keep.sum()))
+        write_generation(store_dir, rank, new.generation, old_ids[keep], np.asarray(old_rows)[keep])
+        staged.append(new)
+    return staged
+
+
+def finish_purge(store_dir: Path, staged: list[ShardState], ids: np.ndarray) -> None:
+    """Make the staged generations current and scrub the purged rows from disk (idempotent)."""
+    for rank, new in enumerate(staged):
+        log = log_path(store_dir, rank)
+        if log.exists():
+            os.truncate(log, 0)  # fully folded (no run is recording): it only repeats old rows
+        new.save(store_dir, rank)
+        remove_other_generations(store_dir, rank, new.generation, scrub_ids=ids)
+
+
+def discard_staged(store_dir: Path, staged: list[ShardState]) -> None:
+    for rank, new in enumerate(staged):
+        for path in generation_paths(store_dir, rank, new.generation):
+            path.unlink(missing_ok=True)

@@ -103,6 +103,8 @@ class AmnesiacTrainer(Trainer):
             world_size=self.accelerator.num_processes,
             tail_tolerance=self.args.tail_tolerance,
         )
+        if not getattr(self, "_resume_requested", False):
+            self._recorder.shard.begin()  # a resume goes back to its checkpoint's state instead
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
             size = len(self.train_dataset) * manifest.k * (4 if manifest.dtype == "float32" else 2)
             logger.warning(

@@ -74,19 +74,33 @@ def test_files_are_private_and_unpicklable(tmp_path):
     _write(tmp_path, "float16", num_ids=10, num_params=1000)
     for path in tmp_path.iterdir():
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
-    ids = np.load(tmp_path / "shard-00000.ids.npy", allow_pickle=False)
+    ids = np.load(tmp_path / "shard-00000.g000001.ids.npy", allow_pickle=False)
     assert ids.dtype == np.int64
 
 
 def test_damaged_shard_is_detected(tmp_path):
-    _write(tmp_path, "float16", num_ids=10, num_params=1000)
-    rows = tmp_path / "shard-00000.rows"
-    with open(rows, "r+b") as f:
-        f.truncate(rows.stat().st_size - 3)
     from hf_amnesia import StoreError
 
+    _write(tmp_path, "float16", num_ids=10, num_params=1000)
+    rows = tmp_path / "shard-00000.g000001.rows"
+    with open(rows, "r+b") as f:  # flip one byte of row 3
+        f.seek(3 * 10 * 2 + 1)
+        byte = f.read(1)
+        f.seek(3 * 10 * 2 + 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    reader = StoreReader(tmp_path)
+    assert reader.read(0) is not None
+    with pytest.raises(StoreError, match="checksum"):
+        reader.read(3)
+    with pytest.raises(StoreError, match="checksum"):
+        reader.verify()
+    with open(rows, "r+b") as f:
+        f.truncate(rows.stat().st_size - 3)
     with pytest.raises(StoreError, match="truncated"):
         StoreReader(tmp_path)
-    (tmp_path / "shard-00000.ids.npy").unlink()
+    (tmp_path / "shard-00000.g000001.ids.npy").unlink()
     with pytest.raises(StoreError, match="missing"):
+        StoreReader(tmp_path)
+    (tmp_path / "shard-00000.json").unlink()
+    with pytest.raises(StoreError, match="shard 0 is missing"):
         StoreReader(tmp_path)
