@@ -15,7 +15,7 @@ from .errors import (  # noqa: E402
 )
 from .forget import ForgetReport  # noqa: E402
 from .store import StoreReader  # noqa: E402
-from .trainer import AmnesiacTrainer  # noqa: E402
+from .trainer import AmnesiacTrainer, influence_holders, last_complete_checkpoint  # noqa: E402
 
 __all__ = [
     "AmnesiaConfig",
@@ -31,4 +31,6 @@ __all__ = [
     "UnsupportedTrainingError",
     "__version__",
     "ids_of_label",
+    "influence_holders",
+    "last_complete_checkpoint",
 ]

@@ -28,6 +28,8 @@ class ForgetReport:
     seconds: float = 0.0
     scale: float = 1.0
     repair_steps: int = 0
+    committed: bool = False  # saved and purged as one transaction (forget(..., save_to=...))
+    request: str | None = None  # the audit record's id, when committed
 
 
 def normalize_ids(dataset_ids) -> np.ndarray:

@@ -31,6 +31,7 @@ import torch
 
 from . import __version__
 from .errors import StoreError
+from .faults import crash_point
 from .layout import ParamLayout
 
 FORMAT_VERSION = 1
@@ -383,8 +384,10 @@ class ShardWriter:
             acc.index_add_(0, rows, torch.from_numpy(np.ascontiguousarray(chunk["values"])))
         new = ShardState(self.state.generation + 1, size, len(ids))
         write_generation(self.store_dir, self.rank, new.generation, ids, _encode(acc, self.dtype).reshape(len(ids), self.k))
+        crash_point("compact:generation_written")
         new.save(self.store_dir, self.rank)  # the commit point
         self.state = new
+        crash_point("compact:committed")
         self.marker.unlink(missing_ok=True)
         os.truncate(self.log_path, 0)
         self.state.log_consumed = 0

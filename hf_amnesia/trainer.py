@@ -7,9 +7,11 @@ driven around each microbatch and optimizer step, checkpoints), then `forget`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +32,22 @@ from .errors import (
     UnsupportedOptimizerError,
     UnsupportedTrainingError,
 )
+from .faults import crash_point
 from .forget import ForgetReport, apply_update, forget_update, normalize_ids
+from .journal import (
+    audit_record,
+    commit,
+    prepare,
+    recover,
+    roll_back,
+    roll_forward,
+    staging_dir,
+    store_lock,
+    weights_fingerprint,
+)
 from .layout import ParamLayout
 from .recorder import Recorder
-from .store import Manifest, StoreReader, recording_marker
+from .store import Manifest, StoreReader, recording_marker, stage_purge
 
 logger = logging.get_logger(__name__)
 
@@ -136,6 +150,10 @@ class AmnesiacTrainer(Trainer):
         return total_norm
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from.")
         self._resume_requested = resume_from_checkpoint not in (None, False)
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
@@ -166,12 +184,15 @@ class AmnesiacTrainer(Trainer):
     # -- checkpoints -----------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # The recorder state goes first: Trainer writes trainer_state.json last, so a checkpoint
+        # holding it is complete (see `last_complete_checkpoint`).
         if self._recorder is not None:
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             name = RECORDER_STATE.format(rank=self.accelerator.process_index)
             save_file(self._recorder.state_dict(), str(folder / name))
+            crash_point("checkpoint:recorder_saved")
+        super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -243,17 +264,31 @@ class AmnesiacTrainer(Trainer):
 
     # -- forgetting ------------------------------------------------------------------------------
 
-    def forget(self, dataset_ids, *, scale: float = 1.0, repair_steps: int = 0, strict: bool = False) -> ForgetReport:
-        """Subtract the stored deltas of `dataset_ids` from the model; optionally repair.
+    def forget(
+        self,
+        dataset_ids,
+        *,
+        scale: float = 1.0,
+        repair_steps: int = 0,
+        strict: bool = False,
+        save_to: str | os.PathLike | None = None,
+        purge: bool = True,
+    ) -> ForgetReport:
+        """Subtract the stored deltas of `dataset_ids` from the model; optionally repair and commit.
 
         `forget(ids, scale=1.0, repair_steps=0)` is the exact subtraction of what those samples
         contributed to training. Ids already forgotten by this model are skipped; ids the store
         does not hold are reported in `unknown` (or raise with `strict=True`, before any change).
         `repair_steps > 0` then fine-tunes on the retained training rows for that many steps.
+
+        Without `save_to` only the weights in memory change (e.g. to compare methods on copies).
+        With `save_to=DIR` the request is one transaction under the store's lock: the model is
+        saved to DIR, and (with `purge=True`) the forgotten ids' rows are erased from the store,
+        and an audit record is appended; a crash leaves both fully before or fully after.
         """
         began = time.perf_counter()
         ids = normalize_ids(dataset_ids)
-        if not (isinstance(scale, (int, float)) and np.isfinite(scale)) or isinstance(scale, bool):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
             raise ForgetRequestError(f"scale must be a finite number, got {scale!r}.")
         if not isinstance(repair_steps, (int, np.integer)) or isinstance(repair_steps, bool) or repair_steps < 0:
             raise ForgetRequestError(f"repair_steps must be a non-negative integer, got {repair_steps!r}.")
@@ -262,14 +297,35 @@ class AmnesiacTrainer(Trainer):
                 "repair_steps > 0 fine-tunes on the retained training data, but this trainer has no "
                 "train_dataset. Pass train_dataset=... or use repair_steps=0."
             )
+        store_dir = Path(self.args.store_dir)
+        main = self.accelerator.is_main_process
+        locked = store_lock(store_dir) if (save_to is not None and main and store_dir.is_dir()) else nullcontext()
+        with locked:
+            if save_to is not None and main and store_dir.is_dir():
+                recover(store_dir)
+            self.accelerator.wait_for_everyone()
+            report = self._forget_locked(ids, float(scale), int(repair_steps), strict, save_to, purge)
+            self.accelerator.wait_for_everyone()
+        report.seconds = time.perf_counter() - began
+        return report
+
+    def _forget_locked(self, ids, scale, repair_steps, strict, save_to, purge) -> ForgetReport:
         reader = StoreReader(self.args.store_dir)
+        store_dir = Path(self.args.store_dir)
         layout = ParamLayout.from_model(self.model)
         if reader.manifest.layout.fingerprint() != layout.fingerprint():
             raise StoreError(
-                f"the store at {self.args.store_dir} belongs to another model or set of trainable parameters; "
+                f"the store at {store_dir} belongs to another model or set of trainable parameters; "
                 "load the model the store was recorded for."
             )
+        if save_to is not None and any(recording_marker(store_dir, r).exists() for r in range(reader.manifest.num_shards)):
+            raise StoreError(
+                f"a training run is recording into {store_dir} (or one was interrupted); commit forget requests "
+                "after it finished, or resume it first."
+            )
         done = set(self.forgotten_ids())
+        if save_to is not None:
+            _refuse_stale_model(Path(save_to), done)
         already = [i for i in ids.tolist() if i in done]
         unknown = [i for i in ids.tolist() if i not in done and not reader.locate(i)]
         if strict and unknown:
@@ -277,21 +333,52 @@ class AmnesiacTrainer(Trainer):
                 f"{len(unknown)} ids are not in the store (e.g. {unknown[:5]}); nothing was changed. "
                 "Drop them or call forget(..., strict=False) to skip them."
             )
-        todo = np.array([i for i in ids.tolist() if i not in done and i not in set(unknown)], dtype=np.int64)
+        skip = done | set(unknown)
+        todo = np.array([i for i in ids.tolist() if i not in skip], dtype=np.int64)
+        params = layout.params_of(self.model)
+        snapshot = [p.detach().clone() for p in params]
+        before = weights_fingerprint(params) if save_to is not None else None
         update = forget_update(reader, todo)
-        apply_update(layout.params_of(self.model), update, float(scale))
-        self._set_forgotten(sorted(done | set(todo.tolist())))
-        if repair_steps:
-            self._repair(repair_steps)
-        return ForgetReport(
-            forgotten=todo.tolist(),
-            already_forgotten=already,
-            unknown=unknown,
-            delta_norm=float(scale) * float(update.norm()),
-            seconds=time.perf_counter() - began,
-            scale=float(scale),
-            repair_steps=int(repair_steps),
-        )
+        committed, staged = False, None
+        try:
+            apply_update(params, update, scale)
+            self._set_forgotten(sorted(done | set(todo.tolist())))
+            if repair_steps:
+                self._repair(repair_steps)
+            report = ForgetReport(
+                forgotten=todo.tolist(), already_forgotten=already, unknown=unknown,
+                delta_norm=scale * float(update.norm()), scale=scale, repair_steps=repair_steps,
+            )
+            if save_to is not None:
+                staging = staging_dir(save_to)
+                if main_process := self.accelerator.is_main_process:
+                    roll_back(store_dir, Path(save_to), None)
+                self.accelerator.wait_for_everyone()
+                self.save_model(str(staging))
+                self.accelerator.wait_for_everyone()
+                if main_process:
+                    purged = np.array(sorted(i for i in done | set(todo.tolist()) if reader.locate(i)), dtype=np.int64)
+                    staged = stage_purge(store_dir, reader.manifest, purged) if purge else None
+                    audit = audit_record(ids, report.forgotten, already, unknown, report.delta_norm, scale,
+                                         repair_steps, before, weights_fingerprint(params), save_to, purge)
+                    entry = prepare(store_dir, Path(save_to), staged, purged if purge else np.zeros(0), audit)
+                    crash_point("forget:staged")
+                    commit(store_dir, entry)
+                    committed = True
+                    crash_point("forget:committed")
+                    roll_forward(store_dir, entry, crash_at=crash_point)
+                    report.request = audit["request"]
+                report.committed = True
+        except BaseException:
+            if not committed:
+                with torch.no_grad():
+                    for p, old in zip(params, snapshot):
+                        p.copy_(old)
+                self._set_forgotten(sorted(done))
+                if save_to is not None and self.accelerator.is_main_process:
+                    roll_back(store_dir, Path(save_to), staged)
+            raise
+        return report
 
     def forgotten_ids(self) -> list[int]:
         """Ids this model has already forgotten (saved with the model's config)."""
@@ -341,6 +428,39 @@ def finetune(
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.train()
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder whose trainer state and recorder state were both written."""
+    found = []
+    for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = folder.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (folder / "trainer_state.json").exists() and any(folder.glob("amnesia_recorder-*")):
+            found.append((int(step), str(folder)))
+    return max(found)[1] if found else None
+
+
+def influence_holders(output_dir: str | os.PathLike) -> list[str]:
+    """Folders under `output_dir` that may still hold forgotten samples' influence.
+
+    Trainer checkpoints hold weights from before a forget, and their recorder state holds open
+    per-sample contributions. Models saved or pushed elsewhere before a forget are not visible
+    here: the docs list them.
+    """
+    return sorted(str(p) for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
+
+
+def _refuse_stale_model(save_to: Path, forgotten: set[int]) -> None:
+    """A model saved at `save_to` that forgot more than the one in memory must not be overwritten."""
+    config = save_to / "config.json"
+    if not config.exists():
+        return
+    saved = set(json.loads(config.read_text()).get(FORGOTTEN_ATTR) or [])
+    if not saved <= forgotten:
+        raise ForgetRequestError(
+            f"the model saved at {save_to} has already forgotten ids this model in memory has not "
+            f"(e.g. {sorted(saved - forgotten)[:5]}): it is newer. Load the model from {save_to} and retry."
+        )
 
 
 def _as_amnesia_config(args) -> AmnesiaConfig:

@@ -1,0 +1,135 @@
+"""The `hf-amnesia` command: serve forget requests, show the audit log, check a store.
+
+    hf-amnesia forget --model saved_model --store run/_amnesia_store --ids 12 40 977
+    hf-amnesia forget --model saved_model --store run/_amnesia_store --ids-file request.txt
+    hf-amnesia audit run/_amnesia_store
+    hf-amnesia verify run/_amnesia_store
+    hf-amnesia holders run              # checkpoints that may still hold forgotten influence
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import AmnesiaError
+
+
+def _read_ids(args) -> list[int]:
+    tokens = list(args.ids or [])
+    if args.ids_file:
+        text = Path(args.ids_file).read_text()
+        tokens += text.replace(",", " ").split()
+    ids = []
+    for token in tokens:
+        try:
+            ids.append(int(token))
+        except ValueError:
+            raise SystemExit(f"hf-amnesia: {token!r} is not an integer id; give ids as integers.") from None
+    if not ids:
+        raise SystemExit("hf-amnesia: no ids given; use --ids 1 2 3 or --ids-file FILE.")
+    return ids
+
+
+def _load_model(model_dir: str):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    names = getattr(config, "architectures", None) or []
+    if not names or not hasattr(transformers, names[0]):
+        raise SystemExit(
+            f"hf-amnesia: cannot tell the model class of {model_dir} (config.architectures={names}); "
+            "forget from Python with AmnesiacTrainer instead."
+        )
+    return getattr(transformers, names[0]).from_pretrained(model_dir)
+
+
+def cmd_forget(args) -> int:
+    from .config import AmnesiaConfig
+    from .trainer import AmnesiacTrainer
+
+    ids = _read_ids(args)
+    model = _load_model(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = AmnesiaConfig(output_dir=tmp, store_dir=args.store, report_to="none", use_cpu=True)
+        trainer = AmnesiacTrainer(model=model, args=config)
+        report = trainer.forget(ids, scale=args.scale, strict=args.strict, save_to=args.save_to or args.model,
+                                purge=not args.no_purge)
+    print(json.dumps({
+        "forgotten": len(report.forgotten), "already_forgotten": len(report.already_forgotten),
+        "unknown": report.unknown, "delta_norm": report.delta_norm, "seconds": round(report.seconds, 3),
+        "saved_to": args.save_to or args.model, "request": report.request,
+    }))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from .journal import read_audit
+
+    records = read_audit(args.store)
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return 0
+    print(f"{len(records)} forget request(s) in {args.store}")
+    for r in records:
+        print(f"{r['time']}  request {r['request'][:12]}  ids {r['count']} (forgotten {r['forgotten']}, already "
+              f"{r['already_forgotten']}, unknown {r['unknown']})  |delta| {r['delta_norm']:.4g}  "
+              f"model {r['model_before'][:12]} -> {r['model_after'][:12]}  purged {r['purged']}  saved {r['saved_to']}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .store import StoreReader
+
+    reader = StoreReader(args.store)
+    rows = reader.verify()
+    print(f"{args.store}: {rows} rows, {len(reader.all_ids())} ids, all checksums match")
+    return 0
+
+
+def cmd_holders(args) -> int:
+    from .trainer import influence_holders
+
+    for path in influence_holders(args.output_dir):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-amnesia", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    forget = sub.add_parser("forget", help="forget ids from a saved model and purge them from the store")
+    forget.add_argument("--model", required=True, help="folder of the saved model (save_pretrained)")
+    forget.add_argument("--store", required=True, help="the store folder")
+    forget.add_argument("--ids", nargs="*", help="integer dataset ids")
+    forget.add_argument("--ids-file", help="file of integer ids, separated by whitespace or commas")
+    forget.add_argument("--scale", type=float, default=1.0)
+    forget.add_argument("--save-to", help="where to save the new model (default: replace --model)")
+    forget.add_argument("--no-purge", action="store_true", help="keep the ids' rows in the store")
+    forget.add_argument("--strict", action="store_true", help="refuse the request if an id is unknown")
+    forget.set_defaults(run=cmd_forget)
+    audit = sub.add_parser("audit", help="show the audit log of a store")
+    audit.add_argument("store")
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(run=cmd_audit)
+    verify = sub.add_parser("verify", help="check every row's checksum")
+    verify.add_argument("store")
+    verify.set_defaults(run=cmd_verify)
+    holders = sub.add_parser("holders", help="list checkpoints that may still hold forgotten influence")
+    holders.add_argument("output_dir")
+    holders.set_defaults(run=cmd_holders)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.run(args)
+    except AmnesiaError as err:
+        print(f"hf-amnesia: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Committing a forget: one transaction over the saved model, its forgotten-id record and the store.
+
+A committed forget request (`forget(..., save_to=DIR)`) runs under the store's lock:
+
+1. stage: the new model is saved to `DIR.amnesia-staging`; every shard gets a new generation
+   without the forgotten ids' rows (not yet current);
+2. commit: `forget-journal.json` is written atomically with `"state": "committed"`. Before this
+   point nothing visible has changed; a crash leaves the saved model and the store as before
+   and `recover()` discards the staged files;
+3. roll forward (idempotent, completed by `recover()` after a crash): the staged model replaces
+   DIR, the shards switch to their new generations, the forgotten rows of every older generation
+   are overwritten with zeros and deleted, the audit record is appended, the journal removed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import StoreError
+from .store import Manifest, ShardState, _private_open, discard_staged, finish_purge, write_atomic
+
+JOURNAL = "forget-journal.json"
+AUDIT = "audit.jsonl"
+LOCK = ".lock"
+STAGING_SUFFIX = ".amnesia-staging"
+REPLACED_SUFFIX = ".amnesia-replaced"
+
+
+@contextmanager
+def store_lock(store_dir: str | os.PathLike):
+    """Exclusive lock on a store: concurrent forget jobs on one store run one after another."""
+    path = Path(store_dir) / LOCK
+    fd = _private_open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """sha256 of the sorted int64 ids: identifies a request without listing who asked."""
+    return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).astype("<i8").tobytes()).hexdigest()
+
+
+def weights_fingerprint(params: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def staging_dir(save_to: str | os.PathLike) -> Path:
+    target = Path(save_to)
+    return target.with_name(target.name + STAGING_SUFFIX)
+
+
+def prepare(store_dir: Path, save_to: Path, staged: list[ShardState] | None, purged_ids: np.ndarray, audit: dict) -> dict:
+    """The journal entry of a staged request (written by `commit`)."""
+    return {
+        "state": "committed",
+        "request": audit["request"],
+        "save_to": str(Path(save_to).resolve()),
+        "staged": [[s.generation, s.log_consumed, s.rows] for s in staged] if staged is not None else None,
+        "purged_ids": [int(i) for i in purged_ids],
+        "audit": audit,
+    }
+
+
+def commit(store_dir: Path, entry: dict) -> None:
+    """The commit point: after this write, `recover` completes the request."""
+    write_atomic(Path(store_dir) / JOURNAL, json.dumps(entry).encode())
+
+
+def roll_forward(store_dir: Path, entry: dict, crash_at=None) -> None:
+    """Complete a committed request (safe to repeat)."""
+    target = Path(entry["save_to"])
+    staged_model = staging_dir(target)
+    replaced = target.with_name(target.name + REPLACED_SUFFIX)
+    if staged_model.exists():
+        if target.exists():
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            os.replace(target, replaced)
+        if crash_at:
+            crash_at("swap")
+        os.replace(staged_model, target)
+    if replaced.exists():
+        shutil.rmtree(replaced)
+    if entry["staged"] is not None:
+        staged = [ShardState(*s) for s in entry["staged"]]
+        finish_purge(Path(store_dir), staged, np.asarray(entry["purged_ids"], dtype=np.int64))
+    if crash_at:
+        crash_at("purge")
+    append_audit(store_dir, entry["audit"])
+    (Path(store_dir) / JOURNAL).unlink(missing_ok=True)
+
+
+def roll_back(store_dir: Path, save_to: Path, staged: list[ShardState] | None) -> None:
+    """Discard a request that did not reach its commit point."""
+    staged_model = staging_dir(save_to)
+    if staged_model.exists():
+        shutil.rmtree(staged_model)
+    if staged is not None:
+        discard_staged(Path(store_dir), staged)
+
+
+def recover(store_dir: str | os.PathLike) -> bool:
+    """Finish or undo a forget request a crash interrupted. Returns True if one was completed.
+
+    A committed request (journal present) is rolled forward. Staged generations that no journal
+    points to (a crash before the commit point) are removed.
+    """
+    store_dir = Path(store_dir)
+    journal = store_dir / JOURNAL
+    if journal.exists():
+        try:
+            entry = json.loads(journal.read_text())
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{journal} is damaged ({err}); inspect it before forgetting more.") from err
+        roll_forward(store_dir, entry)
+        return True
+    manifest = Manifest.load(store_dir)
+    if manifest is not None:
+        for rank in range(manifest.num_shards):
+            state = ShardState.load(store_dir, rank)
+            if state is not None and not (store_dir / f"shard-{rank:05d}.recording").exists():
+                _discard_newer(store_dir, rank, state.generation)
+    return False
+
+
+def _discard_newer(store_dir: Path, rank: int, current: int) -> None:
+    for rows_path in Path(store_dir).glob(f"shard-{rank:05d}.g*.rows"):
+        generation = int(rows_path.name.split(".g")[1].split(".")[0])
+        if generation > current:
+            stem = rows_path.name[: -len(".rows")]
+            for suffix in (".rows", ".ids.npy", ".sums.npy"):
+                (Path(store_dir) / (stem + suffix)).unlink(missing_ok=True)
+
+
+def append_audit(store_dir: str | os.PathLike, record: dict) -> None:
+    """Append one record to the audit log (once per request id)."""
+    path = Path(store_dir) / AUDIT
+    if any(r.get("request") == record["request"] for r in read_audit(store_dir)):
+        return
+    fd = _private_open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_audit(store_dir: str | os.PathLike) -> list[dict]:
+    path = Path(store_dir) / AUDIT
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def audit_record(ids: np.ndarray, forgotten: list[int], already: list[int], unknown: list[int], delta_norm: float,
+                 scale: float, repair_steps: int, before: str, after: str, save_to, purged: bool) -> dict:
+    return {
+        "request": uuid.uuid4().hex,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "ids_sha256": ids_digest(ids),
+        "count": int(len(ids)),
+        "forgotten": len(forgotten),
+        "already_forgotten": len(already),
+        "unknown": len(unknown),
+        "delta_norm": float(delta_norm),
+        "scale": float(scale),
+        "repair_steps": int(repair_steps),
+        "model_before": before,
+        "model_after": after,
+        "saved_to": str(save_to) if save_to is not None else None,
+        "purged": bool(purged),
+    }
