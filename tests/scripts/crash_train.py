@@ -1,0 +1,44 @@
+"""Train a tiny CNN with recording and checkpoints; can be SIGKILLed and resumed.
+
+    python tests/scripts/crash_train.py OUT [resume]
+
+`KILL_AT_STEP=n` kills the process at the end of optimizer step n; `HF_AMNESIA_CRASH_AT` kills it
+at a named point inside hf_amnesia. The final weights go to OUT/final.safetensors.
+"""
+
+import os
+import signal
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from tiny import TinyCNN, image_dataset  # noqa: E402
+
+from hf_amnesia import AmnesiaConfig, AmnesiacTrainer  # noqa: E402
+
+
+class KillAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(os.environ.get("KILL_AT_STEP", "-1")):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(out: str, resume: bool) -> None:
+    torch.manual_seed(0)
+    model = TinyCNN()
+    args = AmnesiaConfig(
+        output_dir=out, keep_fraction=0.3, store_dtype="float32", per_device_train_batch_size=4,
+        num_train_epochs=3, learning_rate=1e-2, weight_decay=0.05, max_grad_norm=1.0, report_to=[],
+        save_strategy="steps", save_steps=4, use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
+        tail_tolerance=1e-12,
+    )
+    trainer = AmnesiacTrainer(model=model, args=args, train_dataset=image_dataset(24), callbacks=[KillAt()])
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "final.safetensors"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], len(sys.argv) > 2 and sys.argv[2] == "resume")

@@ -1,0 +1,219 @@
+"""kill -9 during training or inside forget: resuming / recovering gives the uninterrupted result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import text_dataset, tiny_bert
+from transformers import BertForSequenceClassification
+
+from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader
+from hf_amnesia.journal import JOURNAL, read_audit, recover
+
+SCRIPTS = Path(__file__).parent / "scripts"
+TOL = 1e-6
+
+
+def _run(args, env=None, expect_kill=False):
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if expect_kill:
+        assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _store(out):
+    reader = StoreReader(Path(out) / "_amnesia_store")
+    return {int(i): reader.read(int(i)) for i in reader.all_ids()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    _run([SCRIPTS / "crash_train.py", out])
+    return load_file(str(out / "final.safetensors")), _store(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"KILL_AT_STEP": "7"},  # between checkpoints: records after checkpoint-4 must be dropped
+        {"HF_AMNESIA_CRASH_AT": "checkpoint:recorder_saved#3"},  # inside the 3rd checkpoint save
+        {"HF_AMNESIA_CRASH_AT": "compact:generation_written"},  # inside the final compaction
+    ],
+    ids=["mid_training", "mid_checkpoint", "mid_compaction"],
+)
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, env):
+    weights, store = uninterrupted
+    _run([SCRIPTS / "crash_train.py", tmp_path], env=env, expect_kill=True)
+    _run([SCRIPTS / "crash_train.py", tmp_path, "resume"])
+    resumed = load_file(str(tmp_path / "final.safetensors"))
+    for name in weights:
+        assert (weights[name] - resumed[name]).abs().max() <= TOL, name
+    got = _store(tmp_path)
+    assert sorted(got) == sorted(store)
+    assert max(float((got[i] - store[i]).abs().max()) for i in store) <= TOL
+
+
+# -- forget ---------------------------------------------------------------------------------------
+
+FORGET = """
+import sys, json
+from transformers import BertForSequenceClassification
+from hf_amnesia import AmnesiaConfig, AmnesiacTrainer
+model = BertForSequenceClassification.from_pretrained(sys.argv[1])
+trainer = AmnesiacTrainer(model=model, args=AmnesiaConfig(output_dir=sys.argv[3], store_dir=sys.argv[2], report_to=[], use_cpu=True))
+report = trainer.forget([2, 5, 11], save_to=sys.argv[1])
+print(json.dumps({"forgotten": report.forgotten, "already": report.already_forgotten, "unknown": report.unknown}))
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_bert(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bert")
+    args = AmnesiaConfig(output_dir=str(root / "run"), keep_fraction=0.1, per_device_train_batch_size=4, num_train_epochs=2,
+                         learning_rate=5e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                         logging_strategy="no", store_dtype="float32")
+    model = tiny_bert()
+    AmnesiacTrainer(model=model, args=args, train_dataset=text_dataset(16)).train()
+    model.save_pretrained(str(root / "model"))
+    # The reference: the same request with no crash, on copies.
+    ref = root / "ref"
+    os.system(f"cp -r {root / 'run'} {ref}_run && cp -r {root / 'model'} {ref}_model")
+    _run(["-c", FORGET, f"{ref}_model", f"{ref}_run/_amnesia_store", root / "tmp"])
+    return root, BertForSequenceClassification.from_pretrained(f"{ref}_model").state_dict()
+
+
+def _copy_case(root, tmp_path):
+    os.system(f"cp -r {root / 'run'} {tmp_path / 'run'} && cp -r {root / 'model'} {tmp_path / 'model'}")
+    return tmp_path / "model", tmp_path / "run" / "_amnesia_store"
+
+
+def _rows_bytes(store, ids):
+    """For each id, 32 bytes (8 float32 values, all non-zero) of its stored row."""
+    reader = StoreReader(store)
+    out = {}
+    for i in ids:
+        row = reader.read(i).numpy()
+        nonzero = np.convolve(row != 0, np.ones(8), mode="valid") == 8
+        start = int(np.flatnonzero(nonzero)[0])
+        out[i] = row[start : start + 8].tobytes()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["forget:staged", "forget:committed", "swap", "purge"])
+def test_sigkill_inside_forget_is_atomic_and_idempotent(tmp_path, trained_bert, point):
+    root, reference = trained_bert
+    model_dir, store = _copy_case(root, tmp_path)
+    before = BertForSequenceClassification.from_pretrained(str(model_dir)).state_dict()
+    _run(["-c", FORGET, model_dir, store, tmp_path / "x"], env={"HF_AMNESIA_CRASH_AT": point}, expect_kill=True)
+    completed = recover(store)
+    saved = BertForSequenceClassification.from_pretrained(str(model_dir))
+    reader = StoreReader(store)
+    if point == "forget:staged":  # before the commit point: everything as before
+        assert not completed
+        assert all(torch.equal(saved.state_dict()[k], v) for k, v in before.items())
+        assert all(reader.locate(i) for i in (2, 5, 11))
+        assert not getattr(saved.config, "hf_amnesia_forgotten_ids", None)
+    else:  # after it: recovery completed the request
+        assert completed and not (store / JOURNAL).exists()
+        assert saved.config.hf_amnesia_forgotten_ids == [2, 5, 11]
+        assert not any(reader.locate(i) for i in (2, 5, 11))
+        assert len(read_audit(store)) == 1
+    # Running the request again completes it, and never subtracts twice.
+    _run(["-c", FORGET, model_dir, store, tmp_path / "y"])
+    final = BertForSequenceClassification.from_pretrained(str(model_dir)).state_dict()
+    for name, value in reference.items():
+        assert torch.allclose(final[name], value, rtol=0, atol=1e-6), name
+    assert len(read_audit(store)) == (2 if point != "forget:staged" else 1)
+    assert not list(store.parent.parent.glob("*.amnesia-*"))
+
+
+def test_purged_rows_are_gone_from_the_raw_bytes(tmp_path, trained_bert):
+    root, _ = trained_bert
+    model_dir, store = _copy_case(root, tmp_path)
+    secret = _rows_bytes(store, [2, 5, 11])
+    kept = _rows_bytes(store, [3])
+    _run(["-c", FORGET, model_dir, store, tmp_path / "x"])
+    raw = b"".join(p.read_bytes() for p in store.iterdir() if p.is_file())
+    for i, row in secret.items():
+        # 8 consecutive non-zero values of the row would betray it.
+        assert row not in raw, f"row of id {i} is still on disk"
+    assert kept[3] in raw  # the check can find rows that are there
+
+
+def test_audit_log_and_cli(tmp_path, trained_bert, capsys):
+    from hf_amnesia.cli import main
+
+    root, _ = trained_bert
+    model_dir, store = _copy_case(root, tmp_path)
+    (tmp_path / "ids.txt").write_text("2, 5\n11 999\n")
+    assert main(["forget", "--model", str(model_dir), "--store", str(store), "--ids-file", str(tmp_path / "ids.txt")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["forgotten"] == 3 and out["unknown"] == [999]
+    assert main(["forget", "--model", str(model_dir), "--store", str(store), "--ids", "5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["already_forgotten"] == 1
+    assert main(["audit", str(store), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["forgotten"] for r in records] == [3, 0]
+    first = records[0]
+    assert first["count"] == 4 and first["model_before"] != first["model_after"] and first["purged"]
+    assert len(first["ids_sha256"]) == 64 and "999" not in json.dumps(first)
+    assert records[1]["model_before"] == records[1]["model_after"]
+    assert oct(os.stat(store / "audit.jsonl").st_mode & 0o777) == "0o600"
+    assert main(["verify", str(store)]) == 0
+    assert "all checksums match" in capsys.readouterr().out
+
+
+def test_two_jobs_on_one_store_are_serialised(tmp_path, trained_bert):
+    from hf_amnesia.journal import store_lock
+
+    root, _ = trained_bert
+    model_dir, store = _copy_case(root, tmp_path)
+    with store_lock(store):
+        job = subprocess.Popen([sys.executable, "-c", FORGET, str(model_dir), str(store), str(tmp_path / "x")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            job.wait(timeout=8)
+            pytest.fail("the second job ran while the store was locked")
+        except subprocess.TimeoutExpired:
+            pass
+        assert read_audit(store) == []
+    assert job.wait(timeout=300) == 0
+    assert len(read_audit(store)) == 1
+
+
+def test_forget_without_save_to_purges_nothing(tmp_path, trained_bert):
+    root, _ = trained_bert
+    model_dir, store = _copy_case(root, tmp_path)
+    model = BertForSequenceClassification.from_pretrained(str(model_dir))
+    trainer = AmnesiacTrainer(model=model, args=AmnesiaConfig(output_dir=str(tmp_path / "o"), store_dir=str(store), report_to=[], use_cpu=True))
+    report = trainer.forget([2, 5])
+    assert report.forgotten == [2, 5] and not report.committed
+    assert StoreReader(store).locate(2) and read_audit(store) == []
+
+
+def test_stale_model_is_not_saved_over_a_newer_one(tmp_path, trained_bert):
+    from hf_amnesia import ForgetRequestError
+
+    root, _ = trained_bert
+    model_dir, store = _copy_case(root, tmp_path)
+    stale = BertForSequenceClassification.from_pretrained(str(model_dir))
+    _run(["-c", FORGET, model_dir, store, tmp_path / "x"])  # another job forgot 2, 5, 11 meanwhile
+    trainer = AmnesiacTrainer(model=stale, args=AmnesiaConfig(output_dir=str(tmp_path / "o"), store_dir=str(store), report_to=[], use_cpu=True))
+    before = [p.detach().clone() for p in stale.parameters()]
+    with pytest.raises(ForgetRequestError, match="newer"):
+        trainer.forget([7], save_to=str(model_dir))
+    assert all(torch.equal(a, b) for a, b in zip(before, stale.parameters()))
+    assert BertForSequenceClassification.from_pretrained(str(model_dir)).config.hf_amnesia_forgotten_ids == [2, 5, 11]
+    assert np.all([StoreReader(store).locate(7)])
