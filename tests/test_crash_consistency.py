@@ -216,4 +216,4 @@ def test_stale_model_is_not_saved_over_a_newer_one(tmp_path, trained_bert):
         trainer.forget([7], save_to=str(model_dir))
     assert all(torch.equal(a, b) for a, b in zip(before, stale.parameters()))
     assert BertForSequenceClassification.from_pretrained(str(model_dir)).config.hf_amnesia_forgotten_ids == [2, 5, 11]
-    assert np.all([StoreReader(store).locate(7)])
+    assert StoreReader(store).locate(7)  # nothing was purged
