@@ -298,6 +298,15 @@ class AmnesiacTrainer(Trainer):
                 "train_dataset. Pass train_dataset=... or use repair_steps=0."
             )
         store_dir = Path(self.args.store_dir)
+        if save_to is not None:
+            target = Path(save_to).resolve()
+            if target == store_dir.resolve() or store_dir.resolve() in target.parents or target.is_file():
+                raise ForgetRequestError(
+                    f"save_to={str(save_to)!r} must be a folder outside the store {store_dir} (the model is saved "
+                    "there and replaces what it holds)."
+                )
+        if store_dir.exists() and not store_dir.is_dir():
+            raise StoreError(f"store_dir {store_dir} is a file, not a store folder; point it at the store folder.")
         main = self.accelerator.is_main_process
         locked = store_lock(store_dir) if (save_to is not None and main and store_dir.is_dir()) else nullcontext()
         with locked:
