@@ -18,6 +18,8 @@ def _check(result, world_size):
     assert result["world_size"] == world_size
     assert result["num_ids"] == 32
     assert result["forgotten"] == 32
+    assert result["spread"] == 0.0  # every process holds the same weights
+    assert result["committed"] and result["saved"] and result["left_in_store"] == 0
     assert result["clip_active"]  # gradient clipping changed some steps
     assert result["min_decay"] < 1.0  # AdamW decay was active
     assert result["completeness"] <= REL_TOL, result

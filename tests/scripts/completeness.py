@@ -64,8 +64,15 @@ def run(out_dir: str) -> dict:
     change = flat(model) - q * theta0
     deltas = forget_update(reader, reader.all_ids())
     completeness = float((deltas - change).norm() / change.norm())
-    report = trainer.forget(reader.all_ids(), scale=1.0, repair_steps=0)
+    # Committed: saved by one process, rows purged, the same change applied on every process.
+    report = trainer.forget(reader.all_ids(), scale=1.0, repair_steps=0, save_to=os.path.join(out_dir, "forgot"))
     back = float((flat(model) - q * theta0).norm() / (q * theta0).norm())
+    spread = 0.0  # largest weight difference between processes after the forget
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        mine = flat(model)
+        everyone = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(everyone, mine)
+        spread = max(float((w - mine).abs().max()) for w in everyone)
     return {
         "completeness": completeness,
         "forget_all": back,
@@ -73,6 +80,10 @@ def run(out_dir: str) -> dict:
         "clip_active": max(norms.norms) > args.max_grad_norm,
         "world_size": trainer.accelerator.num_processes,
         "forgotten": len(report.forgotten),
+        "spread": spread,
+        "committed": report.committed,
+        "left_in_store": len(StoreReader(args.store_dir).all_ids()),
+        "saved": os.path.exists(os.path.join(out_dir, "forgot", "model.safetensors")),
         "num_shards": reader.manifest.num_shards,
         "min_decay": float(decay.min()),
     }
