@@ -1,10 +1,10 @@
 """The `hf-amnesia` command: serve forget requests, show the audit log, check a store.
 
-    hf-amnesia forget --model saved_model --store run/_amnesia_store --ids 12 40 977
-    hf-amnesia forget --model saved_model --store run/_amnesia_store --ids-file request.txt
-    hf-amnesia audit run/_amnesia_store
-    hf-amnesia verify run/_amnesia_store
-    hf-amnesia holders run              # checkpoints that may still hold forgotten influence
+hf-amnesia forget --model saved_model --store run/_amnesia_store --ids 12 40 977
+hf-amnesia forget --model saved_model --store run/_amnesia_store --ids-file request.txt
+hf-amnesia audit run/_amnesia_store
+hf-amnesia verify run/_amnesia_store
+hf-amnesia holders run              # checkpoints that may still hold forgotten influence
 """
 
 from __future__ import annotations
@@ -57,13 +57,22 @@ def cmd_forget(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config = AmnesiaConfig(output_dir=tmp, store_dir=args.store, report_to="none", use_cpu=True)
         trainer = AmnesiacTrainer(model=model, args=config)
-        report = trainer.forget(ids, scale=args.scale, strict=args.strict, save_to=args.save_to or args.model,
-                                purge=not args.no_purge)
-    print(json.dumps({
-        "forgotten": len(report.forgotten), "already_forgotten": len(report.already_forgotten),
-        "unknown": report.unknown, "delta_norm": report.delta_norm, "seconds": round(report.seconds, 3),
-        "saved_to": args.save_to or args.model, "request": report.request,
-    }))
+        report = trainer.forget(
+            ids, scale=args.scale, strict=args.strict, save_to=args.save_to or args.model, purge=not args.no_purge
+        )
+    print(
+        json.dumps(
+            {
+                "forgotten": len(report.forgotten),
+                "already_forgotten": len(report.already_forgotten),
+                "unknown": report.unknown,
+                "delta_norm": report.delta_norm,
+                "seconds": round(report.seconds, 3),
+                "saved_to": args.save_to or args.model,
+                "request": report.request,
+            }
+        )
+    )
     return 0
 
 
@@ -76,9 +85,11 @@ def cmd_audit(args) -> int:
         return 0
     print(f"{len(records)} forget request(s) in {args.store}")
     for r in records:
-        print(f"{r['time']}  request {r['request'][:12]}  ids {r['count']} (forgotten {r['forgotten']}, already "
-              f"{r['already_forgotten']}, unknown {r['unknown']})  |delta| {r['delta_norm']:.4g}  "
-              f"model {r['model_before'][:12]} -> {r['model_after'][:12]}  purged {r['purged']}  saved {r['saved_to']}")
+        print(
+            f"{r['time']}  request {r['request'][:12]}  ids {r['count']} (forgotten {r['forgotten']}, already "
+            f"{r['already_forgotten']}, unknown {r['unknown']})  |delta| {r['delta_norm']:.4g}  "
+            f"model {r['model_before'][:12]} -> {r['model_after'][:12]}  purged {r['purged']}  saved {r['saved_to']}"
+        )
     return 0
 
 
@@ -100,7 +111,9 @@ def cmd_holders(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-amnesia", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hf-amnesia", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     forget = sub.add_parser("forget", help="forget ids from a saved model and purge them from the store")
     forget.add_argument("--model", required=True, help="folder of the saved model (save_pretrained)")

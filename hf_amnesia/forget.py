@@ -85,7 +85,7 @@ def forget_update(reader: StoreReader, ids: np.ndarray) -> torch.Tensor:
         row = reader.read(int(dataset_id))
         positions = torch.from_numpy(kept_positions(manifest.seed, int(dataset_id), num_params, k))
         update.index_add_(0, positions, row.to(torch.float64))
-    decay = torch.tensor(manifest.decay, dtype=torch.float64)
+    decay = torch.tensor(manifest.decay or [1.0] * len(manifest.layout.numels), dtype=torch.float64)
     return update * decay.repeat_interleave(torch.tensor(manifest.layout.numels))
 
 

@@ -67,7 +67,9 @@ def staging_dir(save_to: str | os.PathLike) -> Path:
     return target.with_name(target.name + STAGING_SUFFIX)
 
 
-def prepare(store_dir: Path, save_to: Path, staged: list[ShardState] | None, purged_ids: np.ndarray, audit: dict) -> dict:
+def prepare(
+    store_dir: Path, save_to: Path, staged: list[ShardState] | None, purged_ids: np.ndarray, audit: dict
+) -> dict:
     """The journal entry of a staged request (written by `commit`)."""
     return {
         "state": "committed",
@@ -170,8 +172,19 @@ def read_audit(store_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def audit_record(ids: np.ndarray, forgotten: list[int], already: list[int], unknown: list[int], delta_norm: float,
-                 scale: float, repair_steps: int, before: str, after: str, save_to, purged: bool) -> dict:
+def audit_record(
+    ids: np.ndarray,
+    forgotten: list[int],
+    already: list[int],
+    unknown: list[int],
+    delta_norm: float,
+    scale: float,
+    repair_steps: int,
+    before: str,
+    after: str,
+    save_to,
+    purged: bool,
+) -> dict:
     return {
         "request": uuid.uuid4().hex,
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

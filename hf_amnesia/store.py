@@ -245,7 +245,9 @@ def write_generation(store_dir: Path, rank: int, generation: int, ids: np.ndarra
     _fsync_dir(Path(store_dir))
 
 
-def read_generation(store_dir: Path, rank: int, state: ShardState, k: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_generation(
+    store_dir: Path, rank: int, state: ShardState, k: int, dtype: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, rows memmap [n, K], sums) of a shard's current generation, with size checks."""
     ids_path, rows_path, sums_path = generation_paths(store_dir, rank, state.generation)
     if state.rows == 0 and not ids_path.exists():
@@ -265,7 +267,11 @@ def read_generation(store_dir: Path, rank: int, state: ShardState, k: int, dtype
             f"store shard {rows_path.name} holds {rows_path.stat().st_size} bytes for {len(ids)} ids, expected "
             f"{expected} for {state.rows}: it is truncated or damaged. Restore it from a backup."
         )
-    rows = np.memmap(rows_path, dtype=_raw_dtype(dtype), mode="r", shape=(len(ids), k)) if len(ids) else np.zeros((0, k), dtype=_raw_dtype(dtype))
+    rows = (
+        np.memmap(rows_path, dtype=_raw_dtype(dtype), mode="r", shape=(len(ids), k))
+        if len(ids)
+        else np.zeros((0, k), dtype=_raw_dtype(dtype))
+    )
     return ids, rows, sums
 
 
@@ -370,8 +376,12 @@ class ShardWriter:
 
         def chunks():
             for first in range(0, num_records, per_chunk):
-                yield np.fromfile(self.log_path, dtype=self.record, count=min(per_chunk, num_records - first),
-                                  offset=(start_record + first) * self.record.itemsize)
+                yield np.fromfile(
+                    self.log_path,
+                    dtype=self.record,
+                    count=min(per_chunk, num_records - first),
+                    offset=(start_record + first) * self.record.itemsize,
+                )
 
         old_ids, old_rows, _ = read_generation(self.store_dir, self.rank, self.state, self.k, self.dtype)
         log_ids = np.concatenate([c["id"] for c in chunks()] or [np.zeros(0, np.int64)])
@@ -383,7 +393,9 @@ class ShardWriter:
             rows = torch.from_numpy(np.searchsorted(ids, chunk["id"]))
             acc.index_add_(0, rows, torch.from_numpy(np.ascontiguousarray(chunk["values"])))
         new = ShardState(self.state.generation + 1, size, len(ids))
-        write_generation(self.store_dir, self.rank, new.generation, ids, _encode(acc, self.dtype).reshape(len(ids), self.k))
+        write_generation(
+            self.store_dir, self.rank, new.generation, ids, _encode(acc, self.dtype).reshape(len(ids), self.k)
+        )
         crash_point("compact:generation_written")
         new.save(self.store_dir, self.rank)  # the commit point
         self.state = new

@@ -73,6 +73,7 @@ class AmnesiacTrainer(Trainer):
             )
         self._record = record
         self._recorder: Recorder | None = None
+        self._resume_requested = False
         train_dataset = with_dataset_ids(train_dataset, args.id_column)
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or args.fsdp or args.deepspeed:
@@ -107,7 +108,7 @@ class AmnesiacTrainer(Trainer):
         return optimizer
 
     def _start_recorder(self, optimizer: torch.optim.Optimizer) -> None:
-        manifest = self._open_manifest(create=True)
+        manifest = self._open_manifest()
         self._recorder = Recorder(
             self.model,
             optimizer,
@@ -117,7 +118,7 @@ class AmnesiacTrainer(Trainer):
             world_size=self.accelerator.num_processes,
             tail_tolerance=self.args.tail_tolerance,
         )
-        if not getattr(self, "_resume_requested", False):
+        if not self._resume_requested:
             self._recorder.shard.begin()  # a resume goes back to its checkpoint's state instead
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
             size = len(self.train_dataset) * manifest.k * (4 if manifest.dtype == "float32" else 2)
@@ -207,16 +208,14 @@ class AmnesiacTrainer(Trainer):
 
     # -- the store -------------------------------------------------------------------------------
 
-    def _open_manifest(self, create: bool) -> Manifest:
-        """The store's manifest; with `create`, made from the config when there is no store yet."""
+    def _open_manifest(self) -> Manifest:
+        """The store's manifest (made from the config when there is no store yet), saved for this run."""
         args = self.args
         store_dir = Path(args.store_dir)
         layout = ParamLayout.from_model(self.model)
         if layout.num_params == 0:
             raise UnsupportedModelError("the model has no trainable parameters; nothing can be recorded.")
         existing = Manifest.load(store_dir)
-        if existing is None and not create:
-            StoreReader(store_dir)  # raises the missing-store error
         if existing is not None:
             if existing.layout.fingerprint() != layout.fingerprint():
                 raise StoreError(
@@ -242,24 +241,21 @@ class AmnesiacTrainer(Trainer):
                 dtype=args.store_dtype or DEFAULT_STORE_DTYPE,
                 seed=int(args.keep_seed if args.keep_seed is not None else DEFAULT_KEEP_SEED),
             )
-        if create:
-            manifest.num_shards = max(manifest.num_shards, self.accelerator.num_processes)
-            if self.accelerator.is_main_process:
-                try:
-                    store_dir.mkdir(parents=True, exist_ok=True)
-                    os.chmod(store_dir, 0o700)
-                    manifest.save(store_dir)
-                except OSError as err:
-                    raise StoreError(
-                        f"cannot write the store at {store_dir}: {err}. Choose a writable store_dir."
-                    ) from err
-            self.accelerator.wait_for_everyone()
-            marker = recording_marker(store_dir, self.accelerator.process_index)
-            if marker.exists() and not getattr(self, "_resume_requested", False):
-                raise StoreError(
-                    f"the store at {store_dir} holds records of a training run that did not finish. Resume that run with "
-                    "trainer.train(resume_from_checkpoint=...), or start over with a new store_dir."
-                )
+        manifest.num_shards = max(manifest.num_shards, self.accelerator.num_processes)
+        if self.accelerator.is_main_process:
+            try:
+                store_dir.mkdir(parents=True, exist_ok=True)
+                os.chmod(store_dir, 0o700)
+                manifest.save(store_dir)
+            except OSError as err:
+                raise StoreError(f"cannot write the store at {store_dir}: {err}. Choose a writable store_dir.") from err
+        self.accelerator.wait_for_everyone()
+        marker = recording_marker(store_dir, self.accelerator.process_index)
+        if marker.exists() and not self._resume_requested:
+            raise StoreError(
+                f"the store at {store_dir} holds records of a training run that did not finish. Resume that run with "
+                "trainer.train(resume_from_checkpoint=...), or start over with a new store_dir."
+            )
         return manifest
 
     # -- forgetting ------------------------------------------------------------------------------
@@ -327,7 +323,9 @@ class AmnesiacTrainer(Trainer):
                 f"the store at {store_dir} belongs to another model or set of trainable parameters; "
                 "load the model the store was recorded for."
             )
-        if save_to is not None and any(recording_marker(store_dir, r).exists() for r in range(reader.manifest.num_shards)):
+        if save_to is not None and any(
+            recording_marker(store_dir, r).exists() for r in range(reader.manifest.num_shards)
+        ):
             raise StoreError(
                 f"a training run is recording into {store_dir} (or one was interrupted); commit forget requests "
                 "after it finished, or resume it first."
@@ -355,8 +353,12 @@ class AmnesiacTrainer(Trainer):
             if repair_steps:
                 self._repair(repair_steps)
             report = ForgetReport(
-                forgotten=todo.tolist(), already_forgotten=already, unknown=unknown,
-                delta_norm=scale * float(update.norm()), scale=scale, repair_steps=repair_steps,
+                forgotten=todo.tolist(),
+                already_forgotten=already,
+                unknown=unknown,
+                delta_norm=scale * float(update.norm()),
+                scale=scale,
+                repair_steps=repair_steps,
             )
             if save_to is not None:
                 staging = staging_dir(save_to)
@@ -368,8 +370,19 @@ class AmnesiacTrainer(Trainer):
                 if main_process:
                     purged = np.array(sorted(i for i in done | set(todo.tolist()) if reader.locate(i)), dtype=np.int64)
                     staged = stage_purge(store_dir, reader.manifest, purged) if purge else None
-                    audit = audit_record(ids, report.forgotten, already, unknown, report.delta_norm, scale,
-                                         repair_steps, before, weights_fingerprint(params), save_to, purge)
+                    audit = audit_record(
+                        ids,
+                        report.forgotten,
+                        already,
+                        unknown,
+                        report.delta_norm,
+                        scale,
+                        repair_steps,
+                        before,
+                        weights_fingerprint(params),
+                        save_to,
+                        purge,
+                    )
                     entry = prepare(store_dir, Path(save_to), staged, purged if purge else np.zeros(0), audit)
                     crash_point("forget:staged")
                     commit(store_dir, entry)

@@ -50,9 +50,12 @@ class StudyArguments:
     repair_epochs: float = field(
         default=1.0, metadata={"help": "Length of the +repair step, in epochs of retained data."}
     )
-    methods: str = field(default="all", metadata={"help": "Comma-separated methods to run (retrain always runs), or `all`."})
+    methods: str = field(
+        default="all", metadata={"help": "Comma-separated methods to run (retrain always runs), or `all`."}
+    )
     extra_scales: str = field(
-        default="", metadata={"help": "Also run forget at these scales, with and without repair (`hf_amnesia_s{scale}`)."}
+        default="",
+        metadata={"help": "Also run forget at these scales, with and without repair (`hf_amnesia_s{scale}`)."},
     )
 
 

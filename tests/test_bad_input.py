@@ -22,9 +22,18 @@ from hf_amnesia import (
 
 
 def _args(out, **kw):
-    base = dict(output_dir=str(out), keep_fraction=0.2, per_device_train_batch_size=4, num_train_epochs=1,
-                learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-                logging_strategy="no")
+    base = dict(
+        output_dir=str(out),
+        keep_fraction=0.2,
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
     base.update(kw)
     return AmnesiaConfig(**base)
 
@@ -156,8 +165,9 @@ def test_missing_shard_is_caught(tmp_path, trained):
 def test_store_dir_that_is_a_file(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
-    trainer = AmnesiacTrainer(model=TinyCNN(), args=_args(tmp_path, store_dir=str(blocker / "store")),
-                              train_dataset=image_dataset(8))
+    trainer = AmnesiacTrainer(
+        model=TinyCNN(), args=_args(tmp_path, store_dir=str(blocker / "store")), train_dataset=image_dataset(8)
+    )
     with pytest.raises(StoreError, match="cannot write the store"):
         trainer.train()
     assert blocker.read_text() == "not a folder"
@@ -184,8 +194,9 @@ class _DiskFull(TrainerCallback):
 
 
 def test_disk_full_during_recording_stops_with_a_clear_error(tmp_path):
-    trainer = AmnesiacTrainer(model=TinyCNN(), args=_args(tmp_path, tail_tolerance=0.5),
-                              train_dataset=image_dataset(16))
+    trainer = AmnesiacTrainer(
+        model=TinyCNN(), args=_args(tmp_path, tail_tolerance=0.5), train_dataset=image_dataset(16)
+    )
     trainer.add_callback(_DiskFull(trainer))
     with pytest.raises(StoreError, match="Free disk space"):
         trainer.train()
@@ -204,9 +215,16 @@ def test_iterable_dataset_is_refused(tmp_path):
 
 def test_collator_that_drops_the_id_column(tmp_path):
     def collate(rows):
-        return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]), "labels": torch.stack([r["labels"] for r in rows])}
+        return {
+            "pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+            "labels": torch.stack([r["labels"] for r in rows]),
+        }
 
-    trainer = AmnesiacTrainer(model=TinyCNN(), args=_args(tmp_path, remove_unused_columns=False),
-                              train_dataset=image_dataset(8), data_collator=collate)
+    trainer = AmnesiacTrainer(
+        model=TinyCNN(),
+        args=_args(tmp_path, remove_unused_columns=False),
+        train_dataset=image_dataset(8),
+        data_collator=collate,
+    )
     with pytest.raises(UnsupportedTrainingError, match="no 'dataset_id' column"):
         trainer.train()

@@ -22,8 +22,13 @@ TOL = 1e-6
 
 
 def _run(args, env=None, expect_kill=False):
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     if expect_kill:
         assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
     else:
@@ -80,9 +85,19 @@ print(json.dumps({"forgotten": report.forgotten, "already": report.already_forgo
 @pytest.fixture(scope="module")
 def trained_bert(tmp_path_factory):
     root = tmp_path_factory.mktemp("bert")
-    args = AmnesiaConfig(output_dir=str(root / "run"), keep_fraction=0.1, per_device_train_batch_size=4, num_train_epochs=2,
-                         learning_rate=5e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-                         logging_strategy="no", store_dtype="float32")
+    args = AmnesiaConfig(
+        output_dir=str(root / "run"),
+        keep_fraction=0.1,
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=5e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        store_dtype="float32",
+    )
     model = tiny_bert()
     AmnesiacTrainer(model=model, args=args, train_dataset=text_dataset(16)).train()
     model.save_pretrained(str(root / "model"))
@@ -158,7 +173,9 @@ def test_audit_log_and_cli(tmp_path, trained_bert, capsys):
     root, _ = trained_bert
     model_dir, store = _copy_case(root, tmp_path)
     (tmp_path / "ids.txt").write_text("2, 5\n11 999\n")
-    assert main(["forget", "--model", str(model_dir), "--store", str(store), "--ids-file", str(tmp_path / "ids.txt")]) == 0
+    assert (
+        main(["forget", "--model", str(model_dir), "--store", str(store), "--ids-file", str(tmp_path / "ids.txt")]) == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["forgotten"] == 3 and out["unknown"] == [999]
     assert main(["forget", "--model", str(model_dir), "--store", str(store), "--ids", "5"]) == 0
@@ -181,8 +198,12 @@ def test_two_jobs_on_one_store_are_serialised(tmp_path, trained_bert):
     root, _ = trained_bert
     model_dir, store = _copy_case(root, tmp_path)
     with store_lock(store):
-        job = subprocess.Popen([sys.executable, "-c", FORGET, str(model_dir), str(store), str(tmp_path / "x")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        job = subprocess.Popen(
+            [sys.executable, "-c", FORGET, str(model_dir), str(store), str(tmp_path / "x")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             job.wait(timeout=8)
             pytest.fail("the second job ran while the store was locked")
@@ -197,7 +218,10 @@ def test_forget_without_save_to_purges_nothing(tmp_path, trained_bert):
     root, _ = trained_bert
     model_dir, store = _copy_case(root, tmp_path)
     model = BertForSequenceClassification.from_pretrained(str(model_dir))
-    trainer = AmnesiacTrainer(model=model, args=AmnesiaConfig(output_dir=str(tmp_path / "o"), store_dir=str(store), report_to=[], use_cpu=True))
+    trainer = AmnesiacTrainer(
+        model=model,
+        args=AmnesiaConfig(output_dir=str(tmp_path / "o"), store_dir=str(store), report_to=[], use_cpu=True),
+    )
     report = trainer.forget([2, 5])
     assert report.forgotten == [2, 5] and not report.committed
     assert StoreReader(store).locate(2) and read_audit(store) == []
@@ -210,7 +234,10 @@ def test_stale_model_is_not_saved_over_a_newer_one(tmp_path, trained_bert):
     model_dir, store = _copy_case(root, tmp_path)
     stale = BertForSequenceClassification.from_pretrained(str(model_dir))
     _run(["-c", FORGET, model_dir, store, tmp_path / "x"])  # another job forgot 2, 5, 11 meanwhile
-    trainer = AmnesiacTrainer(model=stale, args=AmnesiaConfig(output_dir=str(tmp_path / "o"), store_dir=str(store), report_to=[], use_cpu=True))
+    trainer = AmnesiacTrainer(
+        model=stale,
+        args=AmnesiaConfig(output_dir=str(tmp_path / "o"), store_dir=str(store), report_to=[], use_cpu=True),
+    )
     before = [p.detach().clone() for p in stale.parameters()]
     with pytest.raises(ForgetRequestError, match="newer"):
         trainer.forget([7], save_to=str(model_dir))

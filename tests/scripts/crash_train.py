@@ -30,9 +30,21 @@ def main(out: str, resume: bool) -> None:
     torch.manual_seed(0)
     model = TinyCNN()
     args = AmnesiaConfig(
-        output_dir=out, keep_fraction=0.3, store_dtype="float32", per_device_train_batch_size=4,
-        num_train_epochs=3, learning_rate=1e-2, weight_decay=0.05, max_grad_norm=1.0, report_to=[],
-        save_strategy="steps", save_steps=4, use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
+        output_dir=out,
+        keep_fraction=0.3,
+        store_dtype="float32",
+        per_device_train_batch_size=4,
+        num_train_epochs=3,
+        learning_rate=1e-2,
+        weight_decay=0.05,
+        max_grad_norm=1.0,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=4,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        logging_strategy="no",
         tail_tolerance=1e-12,
     )
     trainer = AmnesiacTrainer(model=model, args=args, train_dataset=image_dataset(24), callbacks=[KillAt()])
