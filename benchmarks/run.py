@@ -1,0 +1,283 @@
+"""Benchmarks of recording and forgetting; every ratio is measured side by side in one run.
+
+    python benchmarks/run.py --quick     # about 5-10 minutes on 2 CPU cores
+    python benchmarks/run.py             # also sweeps keep_fraction and batch size
+
+Prints tables, then as its last line one JSON object with: overhead_cnn, overhead_bert,
+opacus_dense_cnn, peak_mem_ratio_cnn, store_overhead_pct, forget_1_ms, forget_6000_s,
+rte_speedup, forget_default_s (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes"))
+
+from mnist import MnistCNN  # noqa: E402
+
+from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader  # noqa: E402
+
+
+def cnn():
+    """An MNIST-size CNN of about 455k parameters (conv 32, conv 64, fc 128)."""
+    torch.manual_seed(0)
+    return MnistCNN(channels=(32, 64), hidden=128)
+
+
+def bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=512,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return Dataset.from_dict(
+        {"pixel_values": rng.normal(size=(n, 1, 28, 28)).astype(np.float32), "labels": rng.integers(0, 10, n)}
+    ).with_format("torch")
+
+
+def texts(n, seq=128, seed=0):
+    rng = np.random.default_rng(seed)
+    return Dataset.from_dict(
+        {
+            "input_ids": rng.integers(1, 1000, (n, seq)),
+            "attention_mask": np.ones((n, seq), np.int64),
+            "labels": rng.integers(0, 2, n),
+        }
+    ).with_format("torch")
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times, self._began = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._began)
+
+
+def _args(out, batch, steps, record_kw=None, **kw):
+    return AmnesiaConfig(
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        **(record_kw or {}),
+        **kw,
+    )
+
+
+def step_time(make_model, data, batch, steps, record, keep_fraction=0.01):
+    """Median seconds per optimizer step (first 3 steps dropped)."""
+    with tempfile.TemporaryDirectory() as out:
+        timer = StepTimer()
+        trainer = AmnesiacTrainer(
+            model=make_model(),
+            args=_args(out, batch, steps, {"keep_fraction": keep_fraction}),
+            train_dataset=data,
+            callbacks=[timer],
+            record=record,
+        )
+        trainer.train()
+        return statistics.median(timer.times[3:])
+
+
+def overhead(make_model, data, batch, steps, keep_fraction=0.01, rounds=2):
+    """AmnesiacTrainer / plain Trainer step time, alternating the two to share the machine's noise."""
+    plain, amnesiac = [], []
+    for _ in range(rounds):
+        plain.append(step_time(make_model, data, batch, steps, record=False))
+        amnesiac.append(step_time(make_model, data, batch, steps, record=True, keep_fraction=keep_fraction))
+    return min(amnesiac) / min(plain), min(plain), min(amnesiac)
+
+
+def opacus_dense(batch, steps):
+    """Opacus GradSampleModule (dense per-sample gradients) / plain, forward+backward, same model."""
+    from opacus import GradSampleModule
+
+    data = images(batch)[:batch]
+    x, y = data["pixel_values"], data["labels"]
+
+    def timed(model):
+        times = []
+        for _ in range(steps):
+            began = time.perf_counter()
+            loss = (
+                model(pixel_values=x, labels=y)["loss"]
+                if not isinstance(model, GradSampleModule)
+                else torch.nn.functional.cross_entropy(model(x), y)
+            )
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if isinstance(model, GradSampleModule):
+                for p in model.parameters():
+                    p.grad_sample = None
+            times.append(time.perf_counter() - began)
+        return statistics.median(times[2:])
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return self.inner(pixel_values)["logits"]
+
+    plain = timed(cnn())
+    dense = timed(GradSampleModule(Logits(cnn())))
+    return dense / plain
+
+
+PEAK = """
+import resource, sys
+sys.path.insert(0, {bench!r})
+import run
+run.step_time(run.cnn, run.images(64 * 12), 64, 12, record={record})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_memory_ratio():
+    """Peak resident memory of a recording run / a plain run (each in a fresh process)."""
+    peaks = {}
+    for record in (False, True):
+        code = PEAK.format(bench=str(Path(__file__).parent), record=record)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        peaks[record] = int(out.stdout.strip().splitlines()[-1])
+    return peaks[True] / peaks[False], peaks
+
+
+def store_and_forget(num_samples, keep_fraction=0.01, batch=64):
+    """Train the CNN one epoch with recording, then time forget(1 id), forget(6000 ids) and Retrain."""
+    data = images(num_samples, seed=1)
+    with tempfile.TemporaryDirectory() as out:
+        model = cnn()
+        trainer = AmnesiacTrainer(
+            model=model,
+            args=_args(out, batch, -1, {"keep_fraction": keep_fraction}, num_train_epochs=1),
+            train_dataset=data,
+        )
+        trainer.train()
+        reader = StoreReader(trainer.args.store_dir)
+        k, n = reader.manifest.k, len(reader.all_ids())
+        rows = sum(s.rows for s in reader.states)
+        disk = sum(p.stat().st_size for p in Path(trainer.args.store_dir).iterdir() if p.is_file())
+        ideal = rows * k * 2
+        snapshot = [p.detach().clone() for p in model.parameters()]
+
+        def reset():
+            with torch.no_grad():
+                for p, s in zip(model.parameters(), snapshot):
+                    p.copy_(s)
+            trainer._set_forgotten([])
+
+        many = list(range(5, min(6005, n)))
+        began = time.perf_counter()
+        trainer.forget(many)  # the defaults, in memory only
+        forget_default = time.perf_counter() - began
+        one = []
+        for i in range(5):  # committed: integrity checks, saved model, purged row, audit record
+            reset()
+            began = time.perf_counter()
+            trainer.forget([i], scale=1.0, repair_steps=0, save_to=os.path.join(out, "saved"))
+            one.append(time.perf_counter() - began)
+        reset()
+        began = time.perf_counter()
+        trainer.forget(many, scale=1.0, repair_steps=0, save_to=os.path.join(out, "saved"))
+        forget_many = time.perf_counter() - began
+        retained = data.select(range(len(many), num_samples)) if num_samples > len(many) else data
+        began = time.perf_counter()
+        with tempfile.TemporaryDirectory() as out2:
+            AmnesiacTrainer(
+                model=cnn(), args=_args(out2, batch, -1, num_train_epochs=1), train_dataset=retained, record=False
+            ).train()
+        retrain = time.perf_counter() - began
+    return {
+        "store_overhead_pct": 100.0 * (disk - ideal) / ideal,
+        "forget_1_ms": 1000.0 * statistics.median(one),
+        "forget_6000_s": forget_many,
+        "forget_default_s": forget_default,
+        "retrain_s": retrain,
+        "rte_speedup": retrain / forget_many,
+        "store_bytes": disk,
+        "k": k,
+        "samples": n,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    steps = 15 if args.quick else 30
+    result = {}
+    ratio, plain, amnesiac = overhead(cnn, images(64 * steps), 64, steps)
+    result["overhead_cnn"] = ratio
+    print(
+        f"CNN (455k params, batch 64, p=0.01): plain {plain * 1e3:.1f} ms/step, recording {amnesiac * 1e3:.1f} ms/step"
+    )
+    ratio, plain, amnesiac = overhead(bert, texts(32 * 10), 32, 10)
+    result["overhead_bert"] = ratio
+    print(
+        f"tiny BERT (seq 128, batch 32, p=0.01): plain {plain * 1e3:.1f} ms/step, recording {amnesiac * 1e3:.1f} ms/step"
+    )
+    result["opacus_dense_cnn"] = opacus_dense(64, 8)
+    result["peak_mem_ratio_cnn"], peaks = peak_memory_ratio()
+    print(f"peak RSS: plain {peaks[False] / 1024:.0f} MiB, recording {peaks[True] / 1024:.0f} MiB")
+    forget = store_and_forget(12000 if not args.quick else 7000)
+    print(
+        f"store: {forget['samples']} samples x K={forget['k']}: {forget['store_bytes']:,} bytes; "
+        f"Retrain (1 epoch on the retained rows) {forget['retrain_s']:.1f} s"
+    )
+    result.update(
+        {
+            k: forget[k]
+            for k in ("store_overhead_pct", "forget_1_ms", "forget_6000_s", "rte_speedup", "forget_default_s")
+        }
+    )
+    if not args.quick:
+        print("\nkeep_fraction sweep (CNN, batch 64): overhead")
+        for p in (0.001, 0.01, 0.1):
+            print(f"  p={p}: {overhead(cnn, images(64 * steps), 64, steps, keep_fraction=p, rounds=1)[0]:.2f}x")
+        print("batch-size sweep (CNN, p=0.01): overhead")
+        for b in (16, 64, 256):
+            print(f"  batch {b}: {overhead(cnn, images(b * steps), b, steps, rounds=1)[0]:.2f}x")
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
