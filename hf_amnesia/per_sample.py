@@ -25,6 +25,7 @@ from opacus.grad_sample import GradSampleModule
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from . import sparse_grads
 from .errors import UnsupportedModelError
 
 
@@ -39,8 +40,11 @@ class PerSampleCapture:
     are `positions` [B, K]; after the backward pass `end()` returns the [B, K] float32 values.
     """
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], sparse: bool | str = True):
+        # sparse: True uses the sparse rules where they are cheaper than the dense samplers,
+        # "always" wherever a rule exists (the tests compare them with the dense oracle), False never.
         self.model = model
+        self.sparse = sparse
         self.slot = {}  # id(param) -> (offset, numel)
         offset = 0
         for p in params:
@@ -70,7 +74,11 @@ class PerSampleCapture:
             covered.update(id(p) for _, p in own)
             if isinstance(module, nn.Embedding):
                 self._handles.append(module.register_forward_pre_hook(self._expand_broadcast_input))
-            if type(module) in samplers:
+            rule = sparse_grads.rule_for(module) if self.sparse else None
+            if rule is not None:
+                fallback = None if self.sparse == "always" else samplers.get(type(module))
+                compute = self._sparse_sampler(rule, own, fallback)
+            elif type(module) in samplers:
                 compute = samplers[type(module)]
             else:
                 compute = self._functorch_sampler(module, own)
@@ -81,6 +89,27 @@ class PerSampleCapture:
                 f"{len(missing)} trainable parameters are not owned by any module of the model; "
                 "register them as attributes of a submodule so their per-sample gradients can be hooked."
             )
+
+    def _sparse_sampler(self, rule, own: list[tuple[str, nn.Parameter]], dense=None):
+        """Adds the kept entries straight into `values` and returns no dense gradients.
+
+        Gathering costs (kept entries) x (positions per sample); when that exceeds the dense
+        per-sample tensor (batch x parameter size), e.g. at a high keep_fraction on a long
+        sequence, the dense Opacus sampler is cheaper and is used for that call instead.
+        """
+
+        def compute(layer, saved, backprops):
+            positions = backprops[0].numel() // sparse_grads.output_units(layer)
+            selected = [(name, param, self._select[id(param)]) for name, param in own if id(param) in self._select]
+            gathered = sum(len(sel[0]) for _, _, sel in selected) * positions
+            if dense is not None and gathered > backprops.shape[0] * sum(p.numel() for _, p in own):
+                return dense(layer, saved, backprops)
+            for name, _, (rows, cols, local) in selected:
+                if len(rows):
+                    self.values[rows, cols] += rule(layer, saved, backprops, name, rows, local).to(torch.float32)
+            return {}
+
+        return compute
 
     def _functorch_sampler(self, module: nn.Module, own: list[tuple[str, nn.Parameter]]):
         names = [n for n, _ in own]

@@ -1,0 +1,129 @@
+"""Kept entries of per-sample gradients, computed without building the per-sample tensor.
+
+For a layer whose per-sample gradient is a sum over positions t (tokens, pixels) of products of
+the layer's input `a` and the gradient of its output `g`, the entry (b, j) of sample b's
+gradient needs only `a[b, :, .]` and `g[b, :, .]` at that entry's row and column. Each rule
+below returns, for selected (sample, local flat index) pairs, those entries: n values instead of
+Opacus' dense [B, *param.shape] tensor. Layers without a rule use the dense Opacus samplers.
+
+Every rule has the signature `rule(layer, inputs, backprops, name, rows, local) -> [n]` where
+`rows` are sample indices in the microbatch and `local` flat indices into parameter `name`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _is_hf_conv1d(layer: nn.Module) -> bool:
+    """HF's transposed linear layer (GPT-2's Conv1D), recognised without importing transformers."""
+    kind = type(layer)
+    return kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers")
+
+
+def _tokens(x: torch.Tensor, features: int) -> torch.Tensor:
+    """[B, ..., features] -> [B, T, features]."""
+    return x.reshape(x.shape[0], -1, features)
+
+
+def linear(layer: nn.Linear, inputs, g, name, rows, local):
+    a = _tokens(inputs[0].to(g.dtype), layer.in_features)
+    g = _tokens(g, layer.out_features)
+    if name == "bias":
+        return g[rows, :, local].sum(-1)
+    r, c = local // layer.in_features, local % layer.in_features
+    return (g[rows, :, r] * a[rows, :, c]).sum(-1)
+
+
+def hf_conv1d(layer, inputs, g, name, rows, local):
+    n_in, n_out = layer.weight.shape
+    a = _tokens(inputs[0].to(g.dtype), n_in)
+    g = _tokens(g, n_out)
+    if name == "bias":
+        return g[rows, :, local].sum(-1)
+    i, o = local // n_out, local % n_out
+    return (a[rows, :, i] * g[rows, :, o]).sum(-1)
+
+
+def _unfold(layer, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(-2)
+        k, s, p, d = (1, *layer.kernel_size), (1, *layer.stride), (0, *layer.padding), (1, *layer.dilation)
+    else:
+        k, s, p, d = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    return F.unfold(x, kernel_size=k, dilation=d, padding=p, stride=s)  # [B, cin*k, L]
+
+
+def conv(layer, inputs, g, name, rows, local):
+    g = g.reshape(g.shape[0], layer.out_channels, -1)  # [B, cout, L]
+    if name == "bias":
+        return g[rows, local, :].sum(-1)
+    patches = _unfold(layer, inputs[0].to(g.dtype))
+    per_out = patches.shape[1]
+    co, k = local // per_out, local % per_out
+    return (g[rows, co, :] * patches[rows, k, :]).sum(-1)
+
+
+def embedding(layer: nn.Embedding, inputs, g, name, rows, local):
+    ids = inputs[0].reshape(inputs[0].shape[0], -1)  # [B, T]
+    g = _tokens(g, layer.embedding_dim)
+    v, d = local // layer.embedding_dim, local % layer.embedding_dim
+    values = ((ids[rows] == v[:, None]).to(g.dtype) * g[rows, :, d]).sum(-1)
+    if layer.padding_idx is not None:
+        values = values.masked_fill(v == layer.padding_idx, 0.0)
+    return values
+
+
+def layer_norm(layer: nn.LayerNorm, inputs, g, name, rows, local):
+    features = layer.weight.numel() if layer.weight is not None else layer.bias.numel()
+    g = _tokens(g, features)
+    if name == "bias":
+        return g[rows, :, local].sum(-1)
+    normed = _tokens(F.layer_norm(inputs[0].to(g.dtype), layer.normalized_shape, eps=layer.eps), features)
+    return (g[rows, :, local] * normed[rows, :, local]).sum(-1)
+
+
+def group_norm(layer: nn.GroupNorm, inputs, g, name, rows, local):
+    g = g.reshape(g.shape[0], layer.num_channels, -1)
+    if name == "bias":
+        return g[rows, local, :].sum(-1)
+    normed = F.group_norm(inputs[0].to(g.dtype), layer.num_groups, eps=layer.eps)
+    normed = normed.reshape(normed.shape[0], layer.num_channels, -1)
+    return (g[rows, local, :] * normed[rows, local, :]).sum(-1)
+
+
+def output_units(layer: nn.Module) -> int:
+    """Size of the layer's output feature dimension: the backprops hold positions x this per sample."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return layer.out_channels
+    if isinstance(layer, nn.Embedding):
+        return layer.embedding_dim
+    if isinstance(layer, nn.GroupNorm):
+        return layer.num_channels
+    if isinstance(layer, nn.LayerNorm):
+        return int(torch.Size(layer.normalized_shape).numel())
+    return int(layer.weight.shape[1])  # HF Conv1D
+
+
+def rule_for(layer: nn.Module):
+    """The sparse rule for this layer, or None when the dense Opacus sampler must be used."""
+    kind = type(layer)
+    if kind is nn.Linear:
+        return linear
+    if kind in (nn.Conv1d, nn.Conv2d):
+        if layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+            return conv
+        return None
+    if kind is nn.Embedding:
+        return None if layer.max_norm is not None else embedding
+    if kind is nn.LayerNorm:
+        return layer_norm
+    if kind is nn.GroupNorm:
+        return group_norm
+    if _is_hf_conv1d(layer):
+        return hf_conv1d
+    return None
