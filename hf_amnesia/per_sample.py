@@ -18,6 +18,7 @@ Handled HF specifics:
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
@@ -45,6 +46,7 @@ class PerSampleCapture:
         # "always" wherever a rule exists (the tests compare them with the dense oracle), False never.
         self.model = model
         self.sparse = sparse
+        self.seconds = 0.0  # time spent in the backward hooks
         self.slot = {}  # id(param) -> (offset, numel)
         offset = 0
         for p in params:
@@ -201,6 +203,13 @@ class PerSampleCapture:
         return forward_hook
 
     def _on_backprop(self, module, compute, saved, backprops):
+        began = time.perf_counter()
+        try:
+            self._gather(module, compute, saved, backprops)
+        finally:
+            self.seconds += time.perf_counter() - began
+
+    def _gather(self, module, compute, saved, backprops):
         if backprops.shape[0] != self.batch_size:
             raise UnsupportedModelError(
                 f"{type(module).__name__} sees a batch of {backprops.shape[0]} but the microbatch "

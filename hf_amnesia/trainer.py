@@ -178,7 +178,8 @@ class AmnesiacTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._recorder is not None:
             elapsed = time.perf_counter() - self._record_started
-            logs["amnesia_record_time_share"] = round(self._recorder.record_seconds / max(elapsed, 1e-9), 4)
+            spent = self._recorder.record_seconds + self._recorder.capture.seconds
+            logs["amnesia_record_time_share"] = round(spent / max(elapsed, 1e-9), 4)
             logs["amnesia_store_bytes"] = _folder_bytes(Path(self.args.store_dir))
         super().log(logs, start_time)
 
