@@ -42,7 +42,7 @@ class OpenStep:
 
     step: int
     ids: np.ndarray  # [n] int64 dataset ids
-    positions: torch.Tensor  # [n, K] int64 flat positions
+    positions: torch.Tensor  # [n, K] flat positions (int32 when M < 2**31; a broadcast view when K = M)
     contrib: torch.Tensor  # [n, K] float32, contrib_{s,i} at the kept positions
     # L_{s-1} in the current base: at the kept positions [n, K], or the dense [M] ledger when
     # that is smaller (n * K >= M, e.g. keep_fraction = 1).
@@ -82,6 +82,8 @@ class MomentumLedger:
         """Account optimizer step `t` (1-based, consecutive) and yield the deltas that closed."""
         if len(ids):
             start = self.ledger.clone() if positions.numel() >= self.ledger.numel() else self.ledger[positions]
+            if positions.stride(0) != 0 and self.ledger.numel() < 2**31:
+                positions = positions.to(torch.int32)  # half the memory of the open tails' positions
             self.open.append(OpenStep(t, ids, positions, contrib.float(), start))
         self.ledger.add_(x_t.to(torch.float64), alpha=self.beta1 ** (t - self.base))
         while self.open and self.beta1 ** (t + 1 - self.open[0].step) < self.tail_tolerance:
