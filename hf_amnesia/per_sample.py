@@ -1,10 +1,11 @@
 """Per-sample gradients from Opacus' grad samplers, hooked onto the user's own modules.
 
 The model is never wrapped: forward hooks keep each layer's input, a tensor hook on the layer's
-output receives the gradient of the loss (the "backprops"), and Opacus' per-layer grad sampler
-turns the pair into per-sample gradients. Only the kept entries of each sample's gradient are
-retained. The per-sample gradients are those of the loss that was actually back-propagated, so
-they sum over the batch to exactly the parameter's `.grad`.
+output receives the gradient of the loss (the "backprops"), and the pair gives each sample's
+gradient at its kept positions: computed directly for the layers `sparse_grads` covers, or
+gathered from Opacus' dense per-layer grad sampler otherwise. The per-sample gradients are those
+of the loss that was actually back-propagated, so they sum over the batch to exactly the
+parameter's `.grad`.
 
 Handled HF specifics:
 - an `nn.Embedding` called with a batch dimension of 1 (BERT's `position_ids` buffer of shape
@@ -57,7 +58,6 @@ class PerSampleCapture:
         self.batch_size = 0
         self.values: torch.Tensor | None = None
         self._select: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._positions: torch.Tensor | None = None
         self._activations: dict[nn.Module, list] = defaultdict(list)
         self._handles = []
         self._masks: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
@@ -230,7 +230,6 @@ class PerSampleCapture:
 
     def begin(self, positions: torch.Tensor) -> None:
         self.batch_size, k = positions.shape
-        self._positions = positions
         self.values = torch.zeros(self.batch_size, k, dtype=torch.float32, device=positions.device)
         self._select.clear()
         for key, (offset, numel) in self.slot.items():
