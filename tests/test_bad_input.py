@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import TinyCNN, image_dataset
+from tiny import TinyCNN, image_dataset, tiny_config
 from transformers import TrainerCallback
 
 from hf_amnesia import (
-    AmnesiaConfig,
     AmnesiacTrainer,
     ForgetRequestError,
     StoreError,
@@ -22,20 +21,7 @@ from hf_amnesia import (
 
 
 def _args(out, **kw):
-    base = dict(
-        output_dir=str(out),
-        keep_fraction=0.2,
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-    )
-    base.update(kw)
-    return AmnesiaConfig(**base)
+    return tiny_config(out, **{"keep_fraction": 0.2, "learning_rate": 1e-2, **kw})
 
 
 def _disk(folder):

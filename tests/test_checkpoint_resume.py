@@ -1,12 +1,18 @@
 """Resuming from a checkpoint gives the same store and weights as an uninterrupted run."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
 from tiny import TinyCNN, image_dataset
 from transformers import TrainerCallback
 
-from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+from crash_train import config  # noqa: E402
+
+from hf_amnesia import AmnesiacTrainer, StoreReader
 
 TOL = 1e-6
 
@@ -25,25 +31,7 @@ class CrashAt(TrainerCallback):
 
 
 def _args(out, **kw):
-    return AmnesiaConfig(
-        output_dir=str(out),
-        keep_fraction=0.3,
-        store_dtype="float32",
-        per_device_train_batch_size=4,
-        num_train_epochs=3,
-        learning_rate=1e-2,
-        weight_decay=0.05,
-        max_grad_norm=1.0,
-        report_to=[],
-        save_strategy="steps",
-        save_steps=4,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        logging_strategy="no",
-        tail_tolerance=1e-12,
-        **kw,
-    )
+    return config(out, **kw)
 
 
 def _train(out, callbacks=(), resume=None):

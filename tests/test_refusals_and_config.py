@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny import TinyCNN, image_dataset
+from tiny import TinyCNN, image_dataset, tiny_config
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -20,18 +20,7 @@ from hf_amnesia import (
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-    )
-    base.update(kw)
-    return AmnesiaConfig(**base)
+    return tiny_config(tmp_path, **kw)
 
 
 @pytest.mark.parametrize(

@@ -85,3 +85,20 @@ def tiny_vit(seed: int = 0, classes: int = 3, dropout: float = 0.0):
         attention_probs_dropout_prob=0.0,
     )
     return ViTForImageClassification(config)
+
+
+def tiny_config(out, **overrides):
+    """A quiet CPU AmnesiaConfig for tiny test runs; keyword arguments override the defaults."""
+    from hf_amnesia import AmnesiaConfig
+
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    return AmnesiaConfig(**{**base, **overrides})

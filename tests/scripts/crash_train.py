@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from tiny import TinyCNN, image_dataset  # noqa: E402
+from tiny import TinyCNN, image_dataset, tiny_config  # noqa: E402
 
-from hf_amnesia import AmnesiaConfig, AmnesiacTrainer  # noqa: E402
+from hf_amnesia import AmnesiacTrainer  # noqa: E402
 
 
 class KillAt(TrainerCallback):
@@ -26,27 +26,28 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main(out: str, resume: bool) -> None:
-    torch.manual_seed(0)
-    model = TinyCNN()
-    args = AmnesiaConfig(
-        output_dir=out,
+def config(out, **overrides):
+    """Checkpoints every 4 steps; tails stay open across checkpoints (tail_tolerance 1e-12)."""
+    return tiny_config(
+        out,
         keep_fraction=0.3,
         store_dtype="float32",
-        per_device_train_batch_size=4,
         num_train_epochs=3,
         learning_rate=1e-2,
         weight_decay=0.05,
         max_grad_norm=1.0,
-        report_to=[],
         save_strategy="steps",
         save_steps=4,
-        use_cpu=True,
         seed=0,
-        disable_tqdm=True,
-        logging_strategy="no",
         tail_tolerance=1e-12,
+        **overrides,
     )
+
+
+def main(out: str, resume: bool) -> None:
+    torch.manual_seed(0)
+    model = TinyCNN()
+    args = config(out)
     trainer = AmnesiacTrainer(model=model, args=args, train_dataset=image_dataset(24), callbacks=[KillAt()])
     trainer.train(resume_from_checkpoint=True if resume else None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "final.safetensors"))
