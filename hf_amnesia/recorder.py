@@ -107,7 +107,10 @@ class Recorder:
         x_t, self.decay = adam_step_weights(self.params, states, hyper, self.decay)
         if pending:
             ids = np.concatenate([ids for ids, _, _ in pending])
-            positions = self._positions_of(ids)
+            if self.k == self.layout.num_params:
+                positions = self._positions_of(ids)  # a broadcast view
+            else:
+                positions = torch.cat([pos for _, pos, _ in pending])
             contrib = torch.cat([vals for _, _, vals in pending]) * (coef / self.world_size)
         else:
             ids = np.zeros(0, dtype=np.int64)

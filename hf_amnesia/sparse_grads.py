@@ -47,23 +47,33 @@ def hf_conv1d(layer, inputs, g, name, rows, local):
     return (a[rows, :, i] * g[rows, :, o]).sum(-1)
 
 
-def _unfold(layer, x: torch.Tensor) -> torch.Tensor:
+def _patches(layer, x: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, positions: int) -> torch.Tensor:
+    """[n, L]: for each (sample, weight entry), the inputs that entry multiplied at every output
+    position, read straight from the zero-padded input (no full unfold of the activations)."""
     if isinstance(layer, nn.Conv1d):
         x = x.unsqueeze(-2)
-        k, s, p, d = (1, *layer.kernel_size), (1, *layer.stride), (0, *layer.padding), (1, *layer.dilation)
+        (kh, kw), (sh, sw) = (1, *layer.kernel_size), (1, *layer.stride)
+        (ph, pw), (dh, dw) = (0, *layer.padding), (1, *layer.dilation)
     else:
-        k, s, p, d = layer.kernel_size, layer.stride, layer.padding, layer.dilation
-    return F.unfold(x, kernel_size=k, dilation=d, padding=p, stride=s)  # [B, cin*k, L]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    padded = F.pad(x, (pw, pw, ph, ph))
+    out_h = (padded.shape[-2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = positions // out_h
+    ci, rest = k // (kh * kw), k % (kh * kw)
+    ky, kx = rest // kw, rest % kw
+    ys = (ky * dh)[:, None, None] + (torch.arange(out_h, device=x.device) * sh)[None, :, None]
+    xs = (kx * dw)[:, None, None] + (torch.arange(out_w, device=x.device) * sw)[None, None, :]
+    return padded[rows[:, None, None], ci[:, None, None], ys, xs].reshape(len(rows), -1)
 
 
 def conv(layer, inputs, g, name, rows, local):
     g = g.reshape(g.shape[0], layer.out_channels, -1)  # [B, cout, L]
     if name == "bias":
         return g[rows, local, :].sum(-1)
-    patches = _unfold(layer, inputs[0].to(g.dtype))
-    per_out = patches.shape[1]
+    per_out = layer.weight[0].numel()
     co, k = local // per_out, local % per_out
-    return (g[rows, co, :] * patches[rows, k, :]).sum(-1)
+    patches = _patches(layer, inputs[0].to(g.dtype), rows, k, g.shape[-1])
+    return (g[rows, co, :] * patches).sum(-1)
 
 
 def embedding(layer: nn.Embedding, inputs, g, name, rows, local):

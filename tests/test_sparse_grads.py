@@ -29,6 +29,21 @@ class SeqModel(nn.Module):
         return {"loss": nn.functional.cross_entropy(logits, labels)}
 
 
+class StridedConvs(nn.Module):
+    """Convolutions with stride, padding and dilation, in 1 and 2 dimensions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2)
+        self.conv1d = nn.Conv1d(2, 3, 2, stride=2, padding=1, dilation=3)
+        self.head = nn.Linear(4 + 3, 3)
+
+    def forward(self, image, seq, labels):
+        a = torch.tanh(self.conv2d(image)).mean((2, 3))
+        b = torch.tanh(self.conv1d(seq)).mean(2)
+        return {"loss": nn.functional.cross_entropy(self.head(torch.cat([a, b], 1)), labels)}
+
+
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
@@ -56,6 +71,9 @@ def _batch(name):
     if name == "gpt2":
         return tiny_gpt2(), dict(text_dataset(6)[:6])
     torch.manual_seed(0)
+    if name == "strided":
+        batch = {"image": torch.randn(6, 2, 9, 8), "seq": torch.randn(6, 2, 11), "labels": torch.randint(0, 3, (6,))}
+        return StridedConvs(), batch
     return SeqModel(), {"x": torch.randn(6, 3, 7), "labels": torch.randint(0, 5, (6,))}
 
 
@@ -72,7 +90,7 @@ def _capture(model, batch, positions, sparse):
 
 
 @pytest.mark.parametrize("keep_fraction", [0.05, 1.0])  # forced sparse: every rule is exercised
-@pytest.mark.parametrize("name", ["cnn", "bert", "gpt2", "seq"])
+@pytest.mark.parametrize("name", ["cnn", "bert", "gpt2", "seq", "strided"])
 def test_sparse_equals_dense_oracle(name, keep_fraction):
     torch.manual_seed(0)
     model, batch = _batch(name)
