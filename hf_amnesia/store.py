@@ -232,15 +232,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_generation(store_dir: Path, rank: int, generation: int, ids: np.ndarray, raw: np.ndarray) -> None:
-    """Write one generation's ids, rows and checksums (durably; not yet the current one)."""
+def write_generation(
+    store_dir: Path, rank: int, generation: int, ids: np.ndarray, raw: np.ndarray, sums: np.ndarray | None = None
+) -> None:
+    """Write one generation's ids, rows and checksums (durably; not yet the current one).
+
+    `sums` carries the rows' existing checksums over (a purge copies rows unchanged, and a row
+    damaged before the copy must still fail its check afterwards)."""
     ids_path, rows_path, sums_path = generation_paths(store_dir, rank, generation)
     fd = _private_open(rows_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "wb") as f:
         f.write(raw.tobytes())
         f.flush()
         os.fsync(f.fileno())
-    save_npy(sums_path, _row_sums(raw))
+    save_npy(sums_path, _row_sums(raw) if sums is None else sums)
     save_npy(ids_path, ids.astype(np.int64))
     _fsync_dir(Path(store_dir))
 
@@ -483,10 +488,10 @@ def stage_purge(store_dir: Path, manifest: Manifest, ids: np.ndarray) -> list[Sh
     staged = []
     for rank in range(manifest.num_shards):
         state = ShardState.load(store_dir, rank) or ShardState()
-        old_ids, old_rows, _ = read_generation(store_dir, rank, state, manifest.k, manifest.dtype)
+        old_ids, old_rows, old_sums = read_generation(store_dir, rank, state, manifest.k, manifest.dtype)
         keep = ~np.isin(old_ids, ids)
         new = ShardState(state.generation + 1, 0, int(keep.sum()))
-        write_generation(store_dir, rank, new.generation, old_ids[keep], np.asarray(old_rows)[keep])
+        write_generation(store_dir, rank, new.generation, old_ids[keep], np.asarray(old_rows)[keep], old_sums[keep])
         staged.append(new)
     return staged
 

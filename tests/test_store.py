@@ -104,3 +104,22 @@ def test_damaged_shard_is_detected(tmp_path):
     (tmp_path / "shard-00000.json").unlink()
     with pytest.raises(StoreError, match="shard 0 is missing"):
         StoreReader(tmp_path)
+
+
+def test_purge_keeps_other_rows_checksums(tmp_path):
+    """A row damaged before a purge still fails its checksum after it (purge never re-blesses)."""
+    from hf_amnesia import StoreError
+    from hf_amnesia.store import finish_purge, stage_purge
+
+    _write(tmp_path, "float16", num_ids=10, num_params=1000)
+    rows = tmp_path / "shard-00000.g000001.rows"
+    data = bytearray(rows.read_bytes())
+    data[3 * 10 * 2] ^= 0xFF  # damage row of id 3
+    rows.write_bytes(bytes(data))
+    manifest = Manifest.load(tmp_path)
+    staged = stage_purge(tmp_path, manifest, np.array([0]))
+    finish_purge(tmp_path, staged, np.array([0]))
+    reader = StoreReader(tmp_path)
+    assert reader.read(0) is None and reader.read(5) is not None
+    with pytest.raises(StoreError, match="checksum"):
+        reader.read(3)
