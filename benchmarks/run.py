@@ -84,6 +84,9 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._began)
 
 
+USE_CPU = not torch.cuda.is_available()
+
+
 def _args(out, batch, steps, record_kw=None, **kw):
     return AmnesiaConfig(
         output_dir=out,
@@ -92,7 +95,7 @@ def _args(out, batch, steps, record_kw=None, **kw):
         learning_rate=1e-3,
         report_to=[],
         save_strategy="no",
-        use_cpu=True,
+        use_cpu=USE_CPU,
         disable_tqdm=True,
         logging_strategy="no",
         **(record_kw or {}),
