@@ -120,10 +120,14 @@ class Recorder:
             self.shard.append(closed_ids, deltas)
         self.record_seconds += time.perf_counter() - began
 
-    def finish(self) -> None:
-        """Close every open tail and fold this process's log into its rows."""
+    def close_tails(self) -> None:
+        """End of training: every open tail is complete; append the deltas to the log."""
         for closed_ids, deltas in self.ledger.close_all():
             self.shard.append(closed_ids, deltas)
+        self.shard.log_size()  # durable
+
+    def compact(self) -> None:
+        """Fold this process's log into its rows (the run's commit point for this shard)."""
         self.shard.compact()
 
     def close(self) -> None:

@@ -167,12 +167,16 @@ class AmnesiacTrainer(Trainer):
         return output
 
     def _finish_recording(self) -> None:
-        self._recorder.finish()
+        # The decay factors reach the manifest before any shard commits its new rows: a crash in
+        # between leaves the run marked unfinished, and resuming it writes both again.
+        self._recorder.close_tails()
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             manifest = self._recorder.manifest
             manifest.decay = self._recorder.decay.tolist()
             manifest.save(Path(self.args.store_dir))
+        self.accelerator.wait_for_everyone()
+        self._recorder.compact()
         self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
