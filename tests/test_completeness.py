@@ -2,10 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from tiny import run_two_processes
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 from completeness import run  # noqa: E402
@@ -32,20 +32,7 @@ def test_completeness_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_completeness_two_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        SCRIPT,
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes(SCRIPT, str(tmp_path), port=29533, timeout=600)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["num_shards"] == 2
     _check(result, 2)

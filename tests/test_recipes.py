@@ -3,13 +3,13 @@
 import gzip
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
+from tiny import run_two_processes
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes")
 sys.path.insert(0, RECIPES)
@@ -184,23 +184,9 @@ def test_quickstart_runs_shortened(tmp_path):
 def test_mnist_recipe_in_two_processes(tmp_path):
     data = make_mnist_parquet(tmp_path / "data")
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29541",
-        os.path.join(RECIPES, "mnist.py"),
-        "--dataset_name",
-        str(data),
-        "--output_dir",
-        str(out),
-        *TINY,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes(
+        os.path.join(RECIPES, "mnist.py"), "--dataset_name", str(data), "--output_dir", str(out), *TINY, port=29541
+    )
     _check_outputs(out)
     meta = json.loads((out / "run.json").read_text())
     assert meta["world_size"] == 2

@@ -102,3 +102,26 @@ def tiny_config(out, **overrides):
         logging_strategy="no",
     )
     return AmnesiaConfig(**{**base, **overrides})
+
+
+def run_two_processes(script: str, *args: str, port: int, timeout: int = 900) -> None:
+    """Run `script` in 2 CPU processes with torchrun; fail the test with its stderr if it fails."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        script,
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
