@@ -2,14 +2,13 @@
 
 A committed forget request (`forget(..., save_to=DIR)`) runs under the store's lock:
 
-1. stage: the new model is saved to `DIR.amnesia-staging`; every shard gets a new generation
-   without the forgotten ids' rows (not yet current);
+1. stage: the new model is saved to `DIR.amnesia-staging`;
 2. commit: `forget-journal.json` is written atomically with `"state": "committed"`. Before this
    point nothing visible has changed; a crash leaves the saved model and the store as before
-   and `recover()` discards the staged files;
+   (the next request removes the staged model);
 3. roll forward (idempotent, completed by `recover()` after a crash): the staged model replaces
-   DIR, the shards switch to their new generations, the forgotten rows of every older generation
-   are overwritten with zeros and deleted, the audit record is appended, the journal removed.
+   DIR, the forgotten ids' rows are overwritten with zeros in place and recorded as purged in
+   each shard's state, the audit record is appended, the journal removed.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import StoreError
-from .store import Manifest, ShardState, _private_open, discard_staged, finish_purge, write_atomic
+from .store import Manifest, ShardState, _private_open, purge_rows, write_atomic
 
 JOURNAL = "forget-journal.json"
 AUDIT = "audit.jsonl"
@@ -67,16 +66,13 @@ def staging_dir(save_to: str | os.PathLike) -> Path:
     return target.with_name(target.name + STAGING_SUFFIX)
 
 
-def prepare(
-    store_dir: Path, save_to: Path, staged: list[ShardState] | None, purged_ids: np.ndarray, audit: dict
-) -> dict:
-    """The journal entry of a staged request (written by `commit`)."""
+def prepare(save_to: Path, purged_ids: np.ndarray | None, audit: dict) -> dict:
+    """The journal entry of a staged request (written by `commit`); `purged_ids` None: no purge."""
     return {
         "state": "committed",
         "request": audit["request"],
         "save_to": str(Path(save_to).resolve()),
-        "staged": [[s.generation, s.log_consumed, s.rows] for s in staged] if staged is not None else None,
-        "purged_ids": [int(i) for i in purged_ids],
+        "purged_ids": None if purged_ids is None else [int(i) for i in purged_ids],
         "audit": audit,
     }
 
@@ -101,22 +97,19 @@ def roll_forward(store_dir: Path, entry: dict, crash_at=None) -> None:
         os.replace(staged_model, target)
     if replaced.exists():
         shutil.rmtree(replaced)
-    if entry["staged"] is not None:
-        staged = [ShardState(*s) for s in entry["staged"]]
-        finish_purge(Path(store_dir), staged, np.asarray(entry["purged_ids"], dtype=np.int64))
+    if entry["purged_ids"] is not None:
+        purge_rows(Path(store_dir), Manifest.load(Path(store_dir)), np.asarray(entry["purged_ids"], dtype=np.int64))
     if crash_at:
         crash_at("purge")
     append_audit(store_dir, entry["audit"])
     (Path(store_dir) / JOURNAL).unlink(missing_ok=True)
 
 
-def roll_back(store_dir: Path, save_to: Path, staged: list[ShardState] | None) -> None:
-    """Discard a request that did not reach its commit point."""
+def roll_back(save_to: Path) -> None:
+    """Discard a request that did not reach its commit point (its staged model)."""
     staged_model = staging_dir(save_to)
     if staged_model.exists():
         shutil.rmtree(staged_model)
-    if staged is not None:
-        discard_staged(Path(store_dir), staged)
 
 
 def recover(store_dir: str | os.PathLike) -> bool:

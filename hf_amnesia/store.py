@@ -203,6 +203,7 @@ class ShardState:
     generation: int = 0
     log_consumed: int = 0
     rows: int = 0
+    purged: list[int] = field(default_factory=list)  # ids whose rows were erased (zeroed in place)
 
     @classmethod
     def load(cls, store_dir: Path, rank: int) -> ShardState | None:
@@ -211,12 +212,18 @@ class ShardState:
             return None
         try:
             data = json.loads(path.read_text())
-            return cls(int(data["generation"]), int(data["log_consumed"]), int(data["rows"]))
+            purged = [int(i) for i in data.get("purged", [])]
+            return cls(int(data["generation"]), int(data["log_consumed"]), int(data["rows"]), purged)
         except (OSError, ValueError, KeyError) as err:
             raise StoreError(f"{path} is damaged ({err}); restore it from a backup.") from err
 
     def save(self, store_dir: Path, rank: int) -> None:
-        data = {"generation": self.generation, "log_consumed": self.log_consumed, "rows": self.rows}
+        data = {
+            "generation": self.generation,
+            "log_consumed": self.log_consumed,
+            "rows": self.rows,
+            "purged": self.purged,
+        }
         write_atomic(_shard_stem(store_dir, rank).with_suffix(".json"), json.dumps(data).encode())
 
 
@@ -340,7 +347,7 @@ class ShardWriter:
             rows = len(np.load(ids_path, allow_pickle=False)) if ids_path.exists() else 0
         self._log.flush()
         os.truncate(self.log_path, log_size)
-        self.state = ShardState(generation, log_consumed, rows)
+        self.state = ShardState(generation, log_consumed, rows, list(self.state.purged))
         self.state.save(self.store_dir, self.rank)
         self._write_marker()
 
@@ -389,6 +396,8 @@ class ShardWriter:
                 )
 
         old_ids, old_rows, _ = read_generation(self.store_dir, self.rank, self.state, self.k, self.dtype)
+        live = ~np.isin(old_ids, np.asarray(self.state.purged, dtype=np.int64))
+        old_ids, old_rows = old_ids[live], np.asarray(old_rows)[live]
         log_ids = np.concatenate([c["id"] for c in chunks()] or [np.zeros(0, np.int64)])
         ids = np.union1d(old_ids, log_ids)
         acc = torch.zeros(len(ids), self.k, dtype=torch.float32)
@@ -427,7 +436,7 @@ class StoreReader:
                 "store_dir at the folder the training run wrote (by default <output_dir>/_amnesia_store)."
             )
         self.manifest = manifest
-        self.states, self._ids, self._rows, self._sums = [], [], [], []
+        self.states, self._ids, self._rows, self._sums, self._purged = [], [], [], [], []
         for rank in range(manifest.num_shards):
             state = ShardState.load(self.store_dir, rank)
             if state is None:
@@ -437,19 +446,25 @@ class StoreReader:
                 )
             ids, rows, sums = read_generation(self.store_dir, rank, state, manifest.k, manifest.dtype)
             self.states.append(state)
+            self._purged.append(set(state.purged))
             self._ids.append(ids)
             self._rows.append(rows)
             self._sums.append(sums)
 
+    def _live(self, shard: int) -> np.ndarray:
+        """Mask of the shard's rows that were not purged (purged rows are zeros on disk)."""
+        return ~np.isin(self._ids[shard], np.asarray(self.states[shard].purged, dtype=np.int64))
+
     def all_ids(self) -> np.ndarray:
-        return np.unique(np.concatenate(self._ids)) if self._ids else np.zeros(0, np.int64)
+        live = [ids[self._live(shard)] for shard, ids in enumerate(self._ids)]
+        return np.unique(np.concatenate(live)) if live else np.zeros(0, np.int64)
 
     def locate(self, dataset_id: int) -> list[tuple[int, int]]:
         """(shard, row) pairs holding this id (one per process that trained on it)."""
         found = []
         for shard, ids in enumerate(self._ids):
             row = int(np.searchsorted(ids, dataset_id))
-            if row < len(ids) and ids[row] == dataset_id:
+            if row < len(ids) and ids[row] == dataset_id and dataset_id not in self._purged[shard]:
                 found.append((shard, row))
         return found
 
@@ -474,39 +489,44 @@ class StoreReader:
 
     def verify(self) -> int:
         """Check every row's checksum; returns the number of rows checked."""
-        for shard, (ids, rows, sums) in enumerate(zip(self._ids, self._rows, self._sums)):
-            if len(ids) and not np.array_equal(_row_sums(np.asarray(rows)), sums):
+        checked = 0
+        for shard, (rows, sums) in enumerate(zip(self._rows, self._sums)):
+            live = self._live(shard)
+            if live.any() and not np.array_equal(_row_sums(np.asarray(rows)[live]), sums[live]):
                 raise StoreError(f"shard {shard} of {self.store_dir} has rows that fail their checksums.")
-        return sum(len(ids) for ids in self._ids)
+            checked += int(live.sum())
+        return checked
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.store_dir.iterdir() if p.is_file())
 
 
-def stage_purge(store_dir: Path, manifest: Manifest, ids: np.ndarray) -> list[ShardState]:
-    """Write, for every shard, a new generation without the rows of `ids` (not yet current)."""
-    staged = []
+def purge_rows(store_dir: Path, manifest: Manifest, ids: np.ndarray) -> None:
+    """Erase the rows of `ids` from every shard: overwrite them with zeros in place and record the
+    ids as purged (idempotent; part of a committed forget's roll forward).
+
+    The log, fully folded since no run is recording, is emptied too: it still holds the rows'
+    per-epoch records.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
     for rank in range(manifest.num_shards):
-        state = ShardState.load(store_dir, rank) or ShardState()
-        old_ids, old_rows, old_sums = read_generation(store_dir, rank, state, manifest.k, manifest.dtype)
-        keep = ~np.isin(old_ids, ids)
-        new = ShardState(state.generation + 1, 0, int(keep.sum()))
-        write_generation(store_dir, rank, new.generation, old_ids[keep], np.asarray(old_rows)[keep], old_sums[keep])
-        staged.append(new)
-    return staged
-
-
-def finish_purge(store_dir: Path, staged: list[ShardState], ids: np.ndarray) -> None:
-    """Make the staged generations current and scrub the purged rows from disk (idempotent)."""
-    for rank, new in enumerate(staged):
+        state = ShardState.load(store_dir, rank)
+        if state is None:
+            continue
+        ids_path, rows_path, _ = generation_paths(store_dir, rank, state.generation)
+        if ids_path.exists() and rows_path.stat().st_size:
+            shard_ids = np.load(ids_path, allow_pickle=False)
+            hit = np.flatnonzero(np.isin(shard_ids, ids))
+            row_bytes = manifest.k * _raw_dtype(manifest.dtype).itemsize
+            with open(rows_path, "r+b") as f:
+                for row in hit:
+                    f.seek(int(row) * row_bytes)
+                    f.write(bytes(row_bytes))
+                f.flush()
+                os.fsync(f.fileno())
+            state.purged = sorted(set(state.purged) | set(shard_ids[hit].tolist()))
         log = log_path(store_dir, rank)
-        if log.exists():
-            os.truncate(log, 0)  # fully folded (no run is recording): it only repeats old rows
-        new.save(store_dir, rank)
-        remove_other_generations(store_dir, rank, new.generation, scrub_ids=ids)
-
-
-def discard_staged(store_dir: Path, staged: list[ShardState]) -> None:
-    for rank, new in enumerate(staged):
-        for path in generation_paths(store_dir, rank, new.generation):
-            path.unlink(missing_ok=True)
+        if log.exists() and not recording_marker(store_dir, rank).exists():
+            os.truncate(log, 0)
+            state.log_consumed = 0
+        state.save(store_dir, rank)

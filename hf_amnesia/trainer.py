@@ -47,7 +47,7 @@ from .journal import (
 )
 from .layout import ParamLayout
 from .recorder import Recorder
-from .store import Manifest, StoreReader, recording_marker, stage_purge
+from .store import Manifest, StoreReader, recording_marker
 
 logger = logging.get_logger(__name__)
 
@@ -351,7 +351,7 @@ class AmnesiacTrainer(Trainer):
         snapshot = [p.detach().clone() for p in params]
         before = weights_fingerprint(params) if save_to is not None else None
         update = forget_update(reader, todo)
-        committed, staged = False, None
+        committed = False
         try:
             apply_update(params, update, scale)
             self._set_forgotten(sorted(done | set(todo.tolist())))
@@ -368,13 +368,12 @@ class AmnesiacTrainer(Trainer):
             if save_to is not None:
                 staging = staging_dir(save_to)
                 if main_process := self.accelerator.is_main_process:
-                    roll_back(store_dir, Path(save_to), None)
+                    roll_back(Path(save_to))
                 self.accelerator.wait_for_everyone()
                 self.save_model(str(staging))
                 self.accelerator.wait_for_everyone()
                 if main_process:
                     purged = np.array(sorted(i for i in done | set(todo.tolist()) if reader.locate(i)), dtype=np.int64)
-                    staged = stage_purge(store_dir, reader.manifest, purged) if purge else None
                     audit = audit_record(
                         ids,
                         report.forgotten,
@@ -388,7 +387,7 @@ class AmnesiacTrainer(Trainer):
                         save_to,
                         purge,
                     )
-                    entry = prepare(store_dir, Path(save_to), staged, purged if purge else np.zeros(0), audit)
+                    entry = prepare(Path(save_to), purged if purge else None, audit)
                     crash_point("forget:staged")
                     commit(store_dir, entry)
                     committed = True
@@ -403,7 +402,7 @@ class AmnesiacTrainer(Trainer):
                         p.copy_(old)
                 self._set_forgotten(sorted(done))
                 if save_to is not None and self.accelerator.is_main_process:
-                    roll_back(store_dir, Path(save_to), staged)
+                    roll_back(Path(save_to))
             raise
         return report
 

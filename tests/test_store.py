@@ -106,10 +106,11 @@ def test_damaged_shard_is_detected(tmp_path):
         StoreReader(tmp_path)
 
 
-def test_purge_keeps_other_rows_checksums(tmp_path):
-    """A row damaged before a purge still fails its checksum after it (purge never re-blesses)."""
+def test_purge_erases_rows_in_place_and_keeps_other_checksums(tmp_path):
+    """Purged rows become zeros on disk and leave the store; a row damaged before the purge still
+    fails its checksum after it (a purge never re-blesses rows)."""
     from hf_amnesia import StoreError
-    from hf_amnesia.store import finish_purge, stage_purge
+    from hf_amnesia.store import purge_rows
 
     _write(tmp_path, "float16", num_ids=10, num_params=1000)
     rows = tmp_path / "shard-00000.g000001.rows"
@@ -117,9 +118,12 @@ def test_purge_keeps_other_rows_checksums(tmp_path):
     data[3 * 10 * 2] ^= 0xFF  # damage row of id 3
     rows.write_bytes(bytes(data))
     manifest = Manifest.load(tmp_path)
-    staged = stage_purge(tmp_path, manifest, np.array([0]))
-    finish_purge(tmp_path, staged, np.array([0]))
+    purge_rows(tmp_path, manifest, np.array([0, 7]))
+    purge_rows(tmp_path, manifest, np.array([0, 7]))  # idempotent
+    raw = rows.read_bytes()
+    assert raw[:20] == bytes(20) and raw[7 * 20 : 8 * 20] == bytes(20)
     reader = StoreReader(tmp_path)
-    assert reader.read(0) is None and reader.read(5) is not None
+    assert reader.read(0) is None and reader.read(7) is None and reader.read(5) is not None
+    assert 0 not in reader.all_ids() and len(reader.all_ids()) == 8
     with pytest.raises(StoreError, match="checksum"):
         reader.read(3)
