@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import DEFAULT_KEEP_FRACTION, DEFAULT_KEEP_SEED, DEFAULT_STORE_DTYPE, AmnesiaConfig
-from .data import with_dataset_ids, without_ids
+from .data import dataset_ids, with_dataset_ids, without_ids
 from .errors import (
     ConfigError,
     ForgetRequestError,
@@ -118,6 +118,16 @@ class AmnesiacTrainer(Trainer):
             world_size=self.accelerator.num_processes,
             tail_tolerance=self.args.tail_tolerance,
         )
+        forgotten = set(self.forgotten_ids())
+        if forgotten and self.train_dataset is not None:
+            again = sorted(forgotten & set(dataset_ids(self.train_dataset, self.args.id_column).tolist()))
+            if again:
+                self._recorder.close()
+                self._recorder = None
+                raise UnsupportedTrainingError(
+                    f"{len(again)} training rows have ids this model has forgotten (e.g. {again[:5]}); training on "
+                    "them again would undo the forget. Remove those rows from train_dataset."
+                )
         if not self._resume_requested:
             self._recorder.shard.begin()  # a resume goes back to its checkpoint's state instead
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):

@@ -244,3 +244,34 @@ def test_stale_model_is_not_saved_over_a_newer_one(tmp_path, trained_bert):
     assert all(torch.equal(a, b) for a, b in zip(before, stale.parameters()))
     assert BertForSequenceClassification.from_pretrained(str(model_dir)).config.hf_amnesia_forgotten_ids == [2, 5, 11]
     assert StoreReader(store).locate(7)  # nothing was purged
+
+
+def test_training_after_a_purge(tmp_path, trained_bert):
+    """A new run refuses forgotten rows, and its compaction drops the purged (zeroed) rows."""
+    from hf_amnesia import UnsupportedTrainingError
+
+    root, _ = trained_bert
+    model_dir, store = _copy_case(root, tmp_path)
+    _run(["-c", FORGET, model_dir, store, tmp_path / "x"])
+    model = BertForSequenceClassification.from_pretrained(str(model_dir))
+    args = AmnesiaConfig(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    data = text_dataset(16)
+    with pytest.raises(UnsupportedTrainingError, match="forgotten"):
+        AmnesiacTrainer(model=model, args=args, train_dataset=data).train()
+    retained = data.select([i for i in range(16) if i not in (2, 5, 11)])
+    retained = retained.add_column("dataset_id", [i for i in range(16) if i not in (2, 5, 11)])
+    AmnesiacTrainer(model=model, args=args, train_dataset=retained).train()
+    reader = StoreReader(store)
+    assert sorted(reader.all_ids().tolist()) == [i for i in range(16) if i not in (2, 5, 11)]
+    assert all(state.purged == [] for state in reader.states)
+    assert sum(state.rows for state in reader.states) == 13  # the zeroed rows are gone
+    assert reader.verify() == 13
