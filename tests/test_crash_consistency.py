@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import text_dataset, tiny_bert
+from tiny import text_dataset, tiny_bert, tiny_config
 from transformers import BertForSequenceClassification
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader
@@ -85,19 +85,7 @@ print(json.dumps({"forgotten": report.forgotten, "already": report.already_forgo
 @pytest.fixture(scope="module")
 def trained_bert(tmp_path_factory):
     root = tmp_path_factory.mktemp("bert")
-    args = AmnesiaConfig(
-        output_dir=str(root / "run"),
-        keep_fraction=0.1,
-        per_device_train_batch_size=4,
-        num_train_epochs=2,
-        learning_rate=5e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-        store_dtype="float32",
-    )
+    args = tiny_config(root / "run", keep_fraction=0.1, num_train_epochs=2, learning_rate=5e-3, store_dtype="float32")
     model = tiny_bert()
     AmnesiacTrainer(model=model, args=args, train_dataset=text_dataset(16)).train()
     model.save_pretrained(str(root / "model"))
@@ -254,16 +242,7 @@ def test_training_after_a_purge(tmp_path, trained_bert):
     model_dir, store = _copy_case(root, tmp_path)
     _run(["-c", FORGET, model_dir, store, tmp_path / "x"])
     model = BertForSequenceClassification.from_pretrained(str(model_dir))
-    args = AmnesiaConfig(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-    )
+    args = tiny_config(tmp_path / "run")
     data = text_dataset(16)
     with pytest.raises(UnsupportedTrainingError, match="forgotten"):
         AmnesiacTrainer(model=model, args=args, train_dataset=data).train()

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny import TinyCNN, image_dataset, text_dataset, tiny_bert
+from tiny import TinyCNN, image_dataset, text_dataset, tiny_bert, tiny_config
 from transformers import BertForSequenceClassification
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, ForgetReport, ForgetRequestError, StoreError, ids_of_label
@@ -23,18 +23,7 @@ def trained_cnn(tmp_path_factory):
     out = tmp_path_factory.mktemp("cnn")
     torch.manual_seed(0)
     model = TinyCNN()
-    args = AmnesiaConfig(
-        output_dir=str(out),
-        keep_fraction=0.5,
-        per_device_train_batch_size=4,
-        num_train_epochs=2,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-    )
+    args = tiny_config(out, keep_fraction=0.5, num_train_epochs=2, learning_rate=1e-2)
     dataset = image_dataset(20, with_ids=True)
     trainer = AmnesiacTrainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
