@@ -35,8 +35,8 @@ class _WithIndexIds(Dataset):
 
 
 class _Subset(Dataset):
-    def __init__(self, base: Dataset, indices: list[int], id_column: str):
-        self.base, self.indices, self.id_column = base, indices, id_column
+    def __init__(self, base: Dataset, indices: list[int]):
+        self.base, self.indices = base, indices
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -91,7 +91,7 @@ def without_ids(dataset, id_column: str, drop: set[int]):
     keep = [i for i, dataset_id in enumerate(ids.tolist()) if dataset_id not in drop]
     if datasets is not None and isinstance(dataset, datasets.Dataset):
         return dataset.select(keep)
-    return _Subset(dataset, keep, id_column)
+    return _Subset(dataset, keep)
 
 
 def ids_of_label(dataset, label, label_column: str = "label", id_column: str = "dataset_id") -> np.ndarray:

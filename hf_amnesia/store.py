@@ -497,9 +497,6 @@ class StoreReader:
             checked += int(live.sum())
         return checked
 
-    def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.store_dir.iterdir() if p.is_file())
-
 
 def purge_rows(store_dir: Path, manifest: Manifest, ids: np.ndarray) -> None:
     """Erase the rows of `ids` from every shard: overwrite them with zeros in place and record the

@@ -32,6 +32,7 @@ from .errors import (
     UnsupportedOptimizerError,
     UnsupportedTrainingError,
 )
+from .evaluation import folder_bytes
 from .faults import crash_point
 from .forget import ForgetReport, apply_update, forget_update, normalize_ids
 from .journal import (
@@ -194,7 +195,7 @@ class AmnesiacTrainer(Trainer):
             elapsed = time.perf_counter() - self._record_started
             spent = self._recorder.record_seconds + self._recorder.capture.seconds
             logs["amnesia_record_time_share"] = round(spent / max(elapsed, 1e-9), 4)
-            logs["amnesia_store_bytes"] = _folder_bytes(Path(self.args.store_dir))
+            logs["amnesia_store_bytes"] = folder_bytes(self.args.store_dir) if Path(self.args.store_dir).exists() else 0
         super().log(logs, start_time)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -535,7 +536,3 @@ def _refuse_unsupported_optimizer(optimizer: torch.optim.Optimizer) -> None:
                 "torch Adam with weight_decay > 0 adds an L2 term to the gradient that cannot be split per "
                 "sample. Use AdamW (decoupled decay) or weight_decay=0."
             )
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*") if p.is_file()) if folder.exists() else 0
