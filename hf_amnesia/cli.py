@@ -58,7 +58,12 @@ def cmd_forget(args) -> int:
         config = AmnesiaConfig(output_dir=tmp, store_dir=args.store, report_to="none", use_cpu=True)
         trainer = AmnesiacTrainer(model=model, args=config)
         report = trainer.forget(
-            ids, scale=args.scale, strict=args.strict, save_to=args.save_to or args.model, purge=not args.no_purge
+            ids,
+            scale=args.scale,
+            repair_steps=0,
+            strict=args.strict,
+            save_to=args.save_to or args.model,
+            purge=not args.no_purge,
         )
     print(
         json.dumps(

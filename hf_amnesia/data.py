@@ -103,3 +103,17 @@ def ids_of_label(dataset, label, label_column: str = "label", id_column: str = "
     ids = dataset_ids(with_ids, id_column)
     labels = np.asarray([int(torch.as_tensor(with_ids[i][label_column])) for i in range(len(with_ids))])
     return ids[labels == label]
+
+
+def labels_of(dataset, columns: tuple[str, ...] = ("labels", "label")) -> np.ndarray | None:
+    """One integer class label per row (from the first of `columns` present), or None if there is none."""
+    if datasets is not None and isinstance(dataset, datasets.Dataset):
+        column = next((c for c in columns if c in dataset.column_names), None)
+        values = None if column is None else np.asarray(dataset[column])
+    else:
+        first = dataset[0] if len(dataset) else {}
+        column = next((c for c in columns if isinstance(first, dict) and c in first), None)
+        values = None if column is None else np.asarray([np.asarray(dataset[i][column]) for i in range(len(dataset))])
+    if values is None or values.ndim != 1 or values.dtype.kind not in "iu":
+        return None
+    return values

@@ -30,6 +30,7 @@ class ForgetReport:
     repair_steps: int = 0
     committed: bool = False  # saved and purged as one transaction (forget(..., save_to=...))
     request: str | None = None  # the audit record's id, when committed
+    calibration: list[tuple[float, float]] = field(default_factory=list)  # scale="auto": (scale, harm) tried
 
 
 def normalize_ids(dataset_ids) -> np.ndarray:

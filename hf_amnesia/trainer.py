@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -18,12 +19,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+from torch.utils.data import DataLoader
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .calibrate import (
+    accuracy_points,
+    forgotten_classes,
+    largest_safe_scale,
+    repair_budget,
+    repair_check_every,
+    retained_sample,
+    scale_ceiling,
+)
 from .config import DEFAULT_KEEP_FRACTION, DEFAULT_KEEP_SEED, DEFAULT_STORE_DTYPE, AmnesiaConfig
-from .data import dataset_ids, with_dataset_ids, without_ids
+from .data import dataset_ids, labels_of, with_dataset_ids, without_ids
 from .errors import (
     ConfigError,
     ForgetRequestError,
@@ -49,6 +60,11 @@ from .journal import (
 from .layout import ParamLayout
 from .recorder import Recorder
 from .store import Manifest, StoreReader, recording_marker
+
+try:  # datasets is a dependency, but the trainer also takes torch datasets
+    import datasets
+except ImportError:  # pragma: no cover
+    datasets = None
 
 logger = logging.get_logger(__name__)
 
@@ -280,8 +296,11 @@ class AmnesiacTrainer(Trainer):
         self,
         dataset_ids,
         *,
-        scale: float = 1.0,
-        repair_steps: int = 0,
+        scale: float | str = "auto",
+        repair_steps: int | str = "auto",
+        holdout=None,
+        whole_class: bool | None = None,
+        max_harm: float = 5.0,
         strict: bool = False,
         save_to: str | os.PathLike | None = None,
         purge: bool = True,
@@ -289,9 +308,18 @@ class AmnesiacTrainer(Trainer):
         """Subtract the stored deltas of `dataset_ids` from the model; optionally repair and commit.
 
         `forget(ids, scale=1.0, repair_steps=0)` is the exact subtraction of what those samples
-        contributed to training. Ids already forgotten by this model are skipped; ids the store
-        does not hold are reported in `unknown` (or raise with `strict=True`, before any change).
-        `repair_steps > 0` then fine-tunes on the retained training rows for that many steps.
+        contributed to training, and needs no data. Ids already forgotten by this model are
+        skipped; ids the store does not hold are reported in `unknown` (or raise with
+        `strict=True`, before any change).
+
+        With the defaults (`scale="auto"`, `repair_steps="auto"`) the scale is the largest whose
+        subtraction costs at most `max_harm` accuracy points on `holdout` (default: the trainer's
+        `eval_dataset`; rows never trained on, not the test data you report), counted on the
+        classes the request keeps; then the model is fine-tuned on the retained training rows
+        until their accuracy is back at the original's level (at most a tenth of the training's
+        steps). A request holding every training row of a label removes that class; this is
+        detected from the labels, or stated with `whole_class=True/False`. An integer
+        `repair_steps` fine-tunes for exactly that many steps.
 
         Without `save_to` only the weights in memory change (e.g. to compare methods on copies).
         With `save_to=DIR` the request is one transaction under the store's lock: the model is
@@ -300,14 +328,21 @@ class AmnesiacTrainer(Trainer):
         """
         began = time.perf_counter()
         ids = normalize_ids(dataset_ids)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
-            raise ForgetRequestError(f"scale must be a finite number, got {scale!r}.")
-        if not isinstance(repair_steps, (int, np.integer)) or isinstance(repair_steps, bool) or repair_steps < 0:
-            raise ForgetRequestError(f"repair_steps must be a non-negative integer, got {repair_steps!r}.")
+        if scale != "auto" and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale)
+        ):
+            raise ForgetRequestError(f'scale must be "auto" or a finite number, got {scale!r}.')
+        if repair_steps != "auto" and (
+            not isinstance(repair_steps, (int, np.integer)) or isinstance(repair_steps, bool) or repair_steps < 0
+        ):
+            raise ForgetRequestError(f'repair_steps must be "auto" or a non-negative integer, got {repair_steps!r}.')
+        if isinstance(max_harm, bool) or not isinstance(max_harm, (int, float)) or not 0 <= max_harm < 100:
+            raise ForgetRequestError(f"max_harm must be a number of accuracy points in [0, 100), got {max_harm!r}.")
         if repair_steps and self.train_dataset is None:
             raise ForgetRequestError(
-                "repair_steps > 0 fine-tunes on the retained training data, but this trainer has no "
-                "train_dataset. Pass train_dataset=... or use repair_steps=0."
+                "repairing fine-tunes on the retained training data, but this trainer has no train_dataset. "
+                "Pass train_dataset=... to the trainer, or call forget(ids, scale=1.0, repair_steps=0) for the "
+                "exact subtraction, which needs no data."
             )
         store_dir = Path(self.args.store_dir)
         if save_to is not None:
@@ -319,18 +354,21 @@ class AmnesiacTrainer(Trainer):
                 )
         if store_dir.exists() and not store_dir.is_dir():
             raise StoreError(f"store_dir {store_dir} is a file, not a store folder; point it at the store folder.")
+        auto = None
+        if scale == "auto" or repair_steps == "auto":
+            auto = self._auto_data(ids, holdout, whole_class, need_holdout=scale == "auto")
         main = self.accelerator.is_main_process
         locked = store_lock(store_dir) if (save_to is not None and main and store_dir.is_dir()) else nullcontext()
         with locked:
             if save_to is not None and main and store_dir.is_dir():
                 recover(store_dir)
             self.accelerator.wait_for_everyone()
-            report = self._forget_locked(ids, float(scale), int(repair_steps), strict, save_to, purge)
+            report = self._forget_locked(ids, scale, repair_steps, strict, save_to, purge, auto, float(max_harm))
             self.accelerator.wait_for_everyone()
         report.seconds = time.perf_counter() - began
         return report
 
-    def _forget_locked(self, ids, scale, repair_steps, strict, save_to, purge) -> ForgetReport:
+    def _forget_locked(self, ids, scale, repair_steps, strict, save_to, purge, auto, max_harm) -> ForgetReport:
         reader = StoreReader(self.args.store_dir)
         store_dir = Path(self.args.store_dir)
         layout = ParamLayout.from_model(self.model)
@@ -363,18 +401,30 @@ class AmnesiacTrainer(Trainer):
         before = weights_fingerprint(params) if save_to is not None else None
         update = forget_update(reader, todo)
         committed = False
+        trace: list[tuple[float, float]] = []
+        if repair_steps == "auto":
+            auto.original_accuracy = self._accuracy(auto.retained_sample)
         try:
+            if scale == "auto":
+                choice = self._choose_scale(params, snapshot, update, auto, max_harm, reader.manifest.keep_fraction)
+                scale, trace = choice.scale, choice.trace
+                for p, old in zip(params, snapshot):
+                    p.data.copy_(old)
+            scale = float(scale)
             apply_update(params, update, scale)
             self._set_forgotten(sorted(done | set(todo.tolist())))
-            if repair_steps:
-                self._repair(repair_steps)
+            if repair_steps == "auto":
+                repair_steps = self._repair_until_restored(auto) if len(todo) else 0
+            elif repair_steps:
+                self._repair(int(repair_steps))
             report = ForgetReport(
                 forgotten=todo.tolist(),
                 already_forgotten=already,
                 unknown=unknown,
                 delta_norm=scale * float(update.norm()),
                 scale=scale,
-                repair_steps=repair_steps,
+                repair_steps=int(repair_steps),
+                calibration=trace,
             )
             if save_to is not None:
                 staging = staging_dir(save_to)
@@ -430,13 +480,157 @@ class AmnesiacTrainer(Trainer):
         retained = without_ids(self.train_dataset, self.args.id_column, set(self.forgotten_ids()))
         finetune(self.model, retained, steps, self.args, data_collator=self.data_collator)
 
+    # -- the automatic scale and repair (hf_amnesia/calibrate.py) --------------------------------
+
+    def _auto_data(self, ids: np.ndarray, holdout, whole_class: bool | None, need_holdout: bool) -> _AutoData:
+        """Check, before anything changes, that the automatic choice has the data it needs."""
+        fix = "or call forget(ids, scale=1.0, repair_steps=0) for the exact subtraction, which needs no data"
+        if self.train_dataset is None:
+            raise ForgetRequestError(
+                "the automatic scale and repair need the retained training rows, but this trainer has no "
+                f"train_dataset. Pass train_dataset=... to the trainer, {fix}."
+            )
+        train_ids = dataset_ids(self.train_dataset, self.args.id_column)
+        train_labels = labels_of(self.train_dataset)
+        if train_labels is None:
+            raise ForgetRequestError(
+                "the automatic scale and repair measure classification accuracy, but the training rows have "
+                f"no `labels` or `label` column of one class per row; {fix}, with your own scale."
+            )
+        requested = np.isin(train_ids, np.union1d(ids, np.asarray(self.forgotten_ids(), dtype=np.int64)))
+        if requested.all():
+            raise ForgetRequestError(f"the request leaves no training row to repair on; {fix}.")
+        classes = forgotten_classes(train_labels, requested)
+        if whole_class is True and not classes:
+            raise ForgetRequestError(
+                "whole_class=True, but the request (with what this model already forgot) holds every "
+                "training row of no label. Request all rows of the class, e.g. ids_of_label(...)."
+            )
+        if whole_class is False:
+            classes = []
+        retained = without_ids(self.train_dataset, self.args.id_column, set(train_ids[requested].tolist()))
+        data = _AutoData(
+            classes=classes,
+            retained=retained,
+            retained_sample=_select(retained, retained_sample(len(retained), self.args.seed)),
+            planned_steps=self._planned_training_steps(),
+        )
+        if need_holdout:
+            holdout = self.eval_dataset if holdout is None else holdout
+            if holdout is None or isinstance(holdout, dict):
+                what = "a dict of eval datasets" if isinstance(holdout, dict) else "no held-out data"
+                raise ForgetRequestError(
+                    f'scale="auto" measures accuracy on held-out rows, but got {what}. Pass holdout=<a split '
+                    "never trained on and not your test split> (or eval_dataset=... to the trainer), "
+                    f"{fix}."
+                )
+            holdout_labels = labels_of(holdout)
+            if holdout_labels is None:
+                raise ForgetRequestError(f"the holdout rows have no `labels` or `label` column; {fix}.")
+            kept = np.flatnonzero(~np.isin(holdout_labels, classes))
+            if len(kept) == 0:
+                raise ForgetRequestError(
+                    f"the holdout has no rows of the classes the request keeps; add such rows, {fix}."
+                )
+            data.holdout = _select(holdout, kept)
+        return data
+
+    def _planned_training_steps(self) -> int:
+        args = self.args
+        if args.max_steps and args.max_steps > 0:
+            return int(args.max_steps)
+        per_step = args.per_device_train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(len(self.train_dataset) / per_step)
+        return math.ceil(steps_per_epoch * args.num_train_epochs)
+
+    @torch.no_grad()
+    def _accuracy(self, dataset) -> float:
+        """Top-1 accuracy (percent) of the model on `dataset`, in eval mode, the same on every process."""
+        model, id_column = self.model, self.args.id_column
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        if datasets is not None and isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="forget")
+        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        predicted, labels = [], []
+        for batch in loader:
+            batch = dict(batch)
+            batch.pop(id_column, None)
+            target = batch.pop("labels", None)
+            target = batch.pop("label", None) if target is None else target
+            out = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            logits = out["logits"] if isinstance(out, dict) or hasattr(out, "keys") else out
+            predicted.append(logits.argmax(-1).cpu().numpy())
+            labels.append(np.asarray(torch.as_tensor(target).cpu()))
+        model.train(was_training)
+        return accuracy_points(np.concatenate(predicted), np.concatenate(labels))
+
+    def _choose_scale(self, params, snapshot, update, auto: _AutoData, max_harm: float, keep_fraction: float):
+        base = self._accuracy(auto.holdout)
+
+        def harm(scale: float) -> float:
+            for p, old in zip(params, snapshot):
+                p.data.copy_(old)
+            apply_update(params, update, scale)
+            return base - self._accuracy(auto.holdout)
+
+        return largest_safe_scale(harm, max_harm, scale_ceiling(keep_fraction))
+
+    def _repair_until_restored(self, auto: _AutoData) -> int:
+        """Fine-tune on the retained rows until their accuracy is back at the original's; returns the steps."""
+        target = auto.original_accuracy - 100.0 / len(auto.retained_sample)  # one row of slack
+
+        def restored() -> bool:
+            return self._accuracy(auto.retained_sample) >= target
+
+        if restored():
+            return 0
+        budget = repair_budget(auto.planned_steps)
+        return finetune(
+            self.model,
+            auto.retained,
+            budget,
+            self.args,
+            data_collator=self.data_collator,
+            stop_when=restored,
+            check_every=repair_check_every(budget),
+        )
+
+
+@dataclasses.dataclass
+class _AutoData:
+    """What the automatic scale and repair measure on (checked before a request changes anything)."""
+
+    classes: list[int]
+    retained: object
+    retained_sample: object
+    planned_steps: int
+    holdout: object = None
+    original_accuracy: float = float("nan")  # on retained_sample, before the subtraction
+
+
+def _select(dataset, indices: np.ndarray):
+    if datasets is not None and isinstance(dataset, datasets.Dataset):
+        return dataset.select(indices)
+    return torch.utils.data.Subset(dataset, indices.tolist())
+
 
 def finetune(
-    model: nn.Module, train_dataset, steps: int, args: TrainingArguments, data_collator=None, trainer_class=None
-) -> None:
+    model: nn.Module,
+    train_dataset,
+    steps: int,
+    args: TrainingArguments,
+    data_collator=None,
+    trainer_class=None,
+    stop_when=None,
+    check_every: int = 1,
+) -> int:
     """Train `model` in place for `steps` optimizer steps at a constant learning rate, unrecorded.
 
-    This is the repair step of `forget` (on the retained rows), and the fine-tune baseline.
+    This is the repair step of `forget` (on the retained rows), and the fine-tune baseline. With
+    `stop_when`, training stops early once it returns True (checked every `check_every` steps).
+    Returns the number of steps taken.
     """
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     with tempfile.TemporaryDirectory() as tmp:
@@ -464,7 +658,19 @@ def finetune(
         )
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+        if stop_when is not None:
+            trainer.add_callback(_StopWhen(stop_when, check_every))
         trainer.train()
+        return int(trainer.state.global_step)
+
+
+class _StopWhen(TrainerCallback):
+    def __init__(self, done, every: int):
+        self.done, self.every = done, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and self.done():
+            control.should_training_stop = True
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

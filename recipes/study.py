@@ -32,10 +32,13 @@ from hf_amnesia.evaluation import (
     relative_distance,
     unlearning_metrics,
 )
-from hf_amnesia.store import num_kept
+from hf_amnesia.forget import forget_update
+from hf_amnesia.layout import ParamLayout
+from hf_amnesia.store import StoreReader, num_kept
 from hf_amnesia.trainer import finetune
 
-SCENARIOS = ("class", "random_10", "random_1")
+SCENARIOS = ("class", "random_10", "random_1", "canary_1")
+SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries
 
 
 @dataclass
@@ -46,7 +49,14 @@ class StudyArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     max_test_samples: int | None = field(default=None, metadata={"help": "Use at most this many test rows."})
     forget_class: int = field(default=3, metadata={"help": "Label forgotten in the `class` scenario."})
-    scenarios: str = field(default=",".join(SCENARIOS), metadata={"help": "Comma-separated scenarios to run."})
+    scenarios: str = field(
+        default=",".join(SCENARIOS),
+        metadata={"help": f"Comma-separated scenarios to run, from {SCENARIOS} and {SEQUENCE}."},
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of the training rows held out (never trained on) for forget's automatic scale."},
+    )
     repair_epochs: float = field(
         default=1.0, metadata={"help": "Length of the +repair step, in epochs of retained data."}
     )
@@ -56,6 +66,10 @@ class StudyArguments:
     extra_scales: str = field(
         default="",
         metadata={"help": "Also run forget at these scales, with and without repair (`hf_amnesia_s{scale}`)."},
+    )
+    extra_harms: str = field(
+        default="",
+        metadata={"help": "Also run forget's automatic choice with these max_harm values (`hf_amnesia_h{value}`)."},
     )
 
 
@@ -123,7 +137,7 @@ class _GradientAscent(AmnesiacTrainer):
 
 
 def plan_forget_sets(
-    train_ids: np.ndarray, labels: np.ndarray, forget_class: int, seed: int, scenarios
+    train_ids: np.ndarray, labels: np.ndarray, forget_class: int, seed: int, scenarios, canaries=None
 ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed + 12345)
     planned = {}
@@ -134,13 +148,42 @@ def plan_forget_sets(
                 raise ValueError(
                     f"no training row has label {forget_class}; pick --forget_class from the labels present."
                 )
+        elif name in ("canary_1", SEQUENCE):
+            chosen = canaries
         elif name.startswith("random_"):
             share = int(name.split("_")[1]) / 100.0
             chosen = rng.choice(train_ids, size=max(1, round(share * len(train_ids))), replace=False)
         else:
-            raise ValueError(f"unknown scenario {name!r}; choose from {SCENARIOS}.")
+            raise ValueError(f"unknown scenario {name!r}; choose from {SCENARIOS} and {SEQUENCE}.")
         planned[name] = np.sort(chosen)
     return planned
+
+
+def plant_canaries(dataset, label_column: str, share: float, seed: int):
+    """Give `share` of the rows (seeded) a random wrong label; returns (dataset, their row indices).
+
+    The model memorises these rows; Retrain never sees them, so forgetting them is a request
+    whose effect the metrics can see (scenario `canary_1`).
+    """
+    labels = np.asarray(dataset[label_column])
+    rng = np.random.default_rng(seed + 777)
+    rows = np.sort(rng.choice(len(labels), size=max(1, round(share * len(labels))), replace=False))
+    classes = np.unique(labels)
+    wrong = labels.copy()
+    for row in rows:
+        wrong[row] = rng.choice(classes[classes != labels[row]])
+    form = dataset.format
+    relabeled = dataset.with_format(None).remove_columns(label_column).add_column(label_column, wrong)
+    return relabeled.with_format(form["type"]), rows
+
+
+def _split_validation(dataset, share: float, seed: int):
+    """(train, validation): `share` of the rows held out, never trained on (forget's automatic scale)."""
+    if share <= 0:
+        return dataset, None
+    order = np.random.default_rng(seed + 4242).permutation(len(dataset))
+    cut = max(1, round(share * len(dataset)))
+    return dataset.select(np.sort(order[cut:])), dataset.select(np.sort(order[:cut]))
 
 
 def run_study(
@@ -162,15 +205,21 @@ def run_study(
     id_column = config.id_column
     if id_column not in train_dataset.column_names:
         train_dataset = train_dataset.add_column(id_column, np.arange(len(train_dataset), dtype=np.int64))
+    train_dataset, validation = _split_validation(train_dataset, study.validation_fraction, config.seed)
+    canaries = None
+    if "canary_1" in scenarios or SEQUENCE in scenarios:
+        train_dataset, rows = plant_canaries(train_dataset, label_column, 0.01, config.seed)
+        canaries = np.asarray(train_dataset[id_column], dtype=np.int64)[rows]
     train_ids = np.asarray(train_dataset[id_column], dtype=np.int64)
     train_labels = np.asarray(train_dataset[label_column])
     test_labels = np.asarray(test_dataset[label_column])
-    planned = plan_forget_sets(train_ids, train_labels, study.forget_class, config.seed, scenarios)
+    planned = plan_forget_sets(train_ids, train_labels, study.forget_class, config.seed, scenarios, canaries)
 
     # 1. Train once, recording per-sample deltas (and, for the baselines, per-batch updates).
     set_seed(config.seed)
     model = make_model()
     theta_init = _flat(model)
+    initial = copy.deepcopy(model)
     trainer = StudyTrainer(model=model, args=config, train_dataset=train_dataset)
     per_batch = _PerBatchRecorder(
         trainer, {k: set(v.tolist()) for k, v in planned.items()}, Path(config.output_dir) / "_per_batch"
@@ -187,39 +236,48 @@ def run_study(
     per_step = config.per_device_train_batch_size * world * config.gradient_accumulation_steps
     log(f"trained with recording in {train_seconds:.1f}s; store {store_bytes / 2**20:.2f} MiB")
 
-    def run_scenario(scenario: str) -> dict:
-        forget_ids = planned[scenario]
+    def retrain(seed: int, retain_set) -> tuple[nn.Module, float]:
+        set_seed(seed)
+        fresh = make_model()
+        args = AmnesiaConfig(
+            **{**_init_fields(config), "seed": seed, "output_dir": os.path.join(config.output_dir, "_retrain")}
+        )
+        began = time.perf_counter()
+        retrainer = AmnesiacTrainer(model=fresh, args=args, train_dataset=retain_set, record=False)
+        retrainer.remove_callback(PrinterCallback)
+        retrainer.train()
+        return fresh, time.perf_counter() - began
+
+    def forgetter(model: nn.Module) -> AmnesiacTrainer:
+        return AmnesiacTrainer(model=model, args=config, train_dataset=train_dataset, eval_dataset=validation)
+
+    def split(forget_ids: np.ndarray, scenario: str):
         in_forget = np.isin(train_ids, forget_ids)
-        forget_set = train_dataset.select(np.flatnonzero(in_forget))
-        retain_set = train_dataset.select(np.flatnonzero(~in_forget))
         test_set = (
             test_dataset.select(np.flatnonzero(test_labels != study.forget_class))
             if scenario == "class"
             else test_dataset
         )
+        return (
+            train_dataset.select(np.flatnonzero(in_forget)),
+            train_dataset.select(np.flatnonzero(~in_forget)),
+            test_set,
+        )
+
+    def run_scenario(scenario: str) -> dict:
+        forget_ids = planned[scenario]
+        forget_set, retain_set, test_set = split(forget_ids, scenario)
         repair_steps = max(1, math.ceil(study.repair_epochs * len(retain_set) / per_step))
 
         def evaluate(candidate: nn.Module) -> dict[str, float]:
             return unlearning_metrics(candidate, forget_set, retain_set, test_set, label_column, seed=config.seed)
 
-        def retrain(seed: int) -> tuple[nn.Module, float]:
-            set_seed(seed)
-            fresh = make_model()
-            args = AmnesiaConfig(
-                **{**_init_fields(config), "seed": seed, "output_dir": os.path.join(config.output_dir, "_retrain")}
-            )
-            began = time.perf_counter()
-            retrainer = AmnesiacTrainer(model=fresh, args=args, train_dataset=retain_set, record=False)
-            retrainer.remove_callback(PrinterCallback)
-            retrainer.train()
-            return fresh, time.perf_counter() - began
-
         rows: dict[str, dict] = {}
-        gold, gold_seconds = retrain(config.seed)
+        gold, gold_seconds = retrain(config.seed, retain_set)
         theta_gold = _flat(gold)
         rows["retrain"] = {**evaluate(gold), "seconds": gold_seconds, "storage_bytes": 0}
         if wanted("retrain_other_seed"):
-            other, other_seconds = retrain(config.seed + 1)
+            other, other_seconds = retrain(config.seed + 1, retain_set)
             rows["retrain_other_seed"] = {
                 **evaluate(other),
                 "seconds": other_seconds,
@@ -231,26 +289,46 @@ def run_study(
 
         def amnesia(**kwargs):
             candidate = copy.deepcopy(original)
-            forgetter = AmnesiacTrainer(model=candidate, args=config, train_dataset=train_dataset)
             began = time.perf_counter()
-            forgetter.forget(forget_ids, **kwargs)
-            return candidate, time.perf_counter() - began
+            report = forgetter(candidate).forget(forget_ids, **kwargs)
+            return candidate, time.perf_counter() - began, report
 
         variants = [
             ("hf_amnesia", {}),
             ("hf_amnesia_exact", {"scale": 1.0, "repair_steps": 0}),
             ("hf_amnesia_exact+repair", {"scale": 1.0, "repair_steps": repair_steps}),
+            ("hf_amnesia_auto_no_repair", {"repair_steps": 0}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [
-                (f"hf_amnesia_s{scale:g}", {"scale": scale}),
+                (f"hf_amnesia_s{scale:g}", {"scale": scale, "repair_steps": 0}),
                 (f"hf_amnesia_s{scale:g}+repair", {"scale": scale, "repair_steps": repair_steps}),
             ]
+        for harm in [float(x) for x in study.extra_harms.split(",") if x.strip()]:
+            variants.append((f"hf_amnesia_h{harm:g}", {"max_harm": harm}))
         for name, kwargs in variants:
-            if not (wanted(name) or name.startswith("hf_amnesia_s")):
+            if not (wanted(name) or name.startswith(("hf_amnesia_s", "hf_amnesia_h"))):
                 continue
-            candidate, seconds = amnesia(**kwargs)
-            rows[name] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": store_bytes, "_model": candidate}
+            candidate, seconds, report = amnesia(**kwargs)
+            rows[name] = {
+                **evaluate(candidate),
+                "seconds": seconds,
+                "storage_bytes": store_bytes,
+                "scale": report.scale,
+                "repair_steps": report.repair_steps,
+                "_model": candidate,
+            }
+        if wanted("hf_amnesia_norm"):
+            candidate = copy.deepcopy(original)
+            began = time.perf_counter()
+            steps = _norm_rule_forget(forgetter(candidate), forget_ids, initial, len(train_ids))
+            rows["hf_amnesia_norm"] = {
+                **evaluate(candidate),
+                "seconds": time.perf_counter() - began,
+                "storage_bytes": store_bytes,
+                "repair_steps": steps,
+                "_model": candidate,
+            }
 
         updates = per_batch.updates(scenario, num_params)
         keep = num_kept(config.keep_fraction or 0.01, num_params)
@@ -307,23 +385,70 @@ def run_study(
             row["avg_gap"] = avg_gap(row, rows["retrain"])
             row["dist_original"] = relative_distance(theta, theta_orig, theta_orig, theta_init)
             row["dist_retrain"] = relative_distance(theta, theta_gold, theta_orig, theta_init)
-            row["repair_steps"] = repair_steps if name.endswith("+repair") or name == "finetune" else 0
+            if "repair_steps" not in row:
+                row["repair_steps"] = repair_steps if name.endswith("+repair") or name == "finetune" else 0
         gaps = ", ".join(f"{m} {r['avg_gap']:.2f}" for m, r in rows.items() if m.startswith("hf_amnesia"))
         log(f"{scenario}: |F|={len(forget_ids)}, retrain {gold_seconds:.1f}s; Avg. Gap: {gaps}")
         return rows
 
-    results = {scenario: run_scenario(scenario) for scenario in scenarios}
+    def run_sequence() -> dict:
+        """Five requests one after another on one model, each a fifth of the canaries, with the defaults."""
+        candidate = copy.deepcopy(original)
+        serving = forgetter(candidate)
+        rows: dict[str, dict] = {}
+        for step, request in enumerate(np.array_split(planned[SEQUENCE], 5), start=1):
+            began = time.perf_counter()
+            report = serving.forget(request)
+            seconds = time.perf_counter() - began
+            forget_set, retain_set, test_set = split(np.concatenate(np.array_split(planned[SEQUENCE], 5)[:step]), "")
+            gold, _ = retrain(config.seed, retain_set)
+            measured = {}
+            for name, model_k in (("retrain", gold), ("original", original), ("hf_amnesia", candidate)):
+                measured[name] = unlearning_metrics(
+                    model_k, forget_set, retain_set, test_set, label_column, seed=config.seed
+                )
+            for name, values in measured.items():
+                rows[f"{name}@{step}"] = {**values, "avg_gap": avg_gap(values, measured["retrain"])}
+            rows[f"hf_amnesia@{step}"].update(seconds=seconds, scale=report.scale, repair_steps=report.repair_steps)
+            log(f"{SEQUENCE}: request {step}: Avg. Gap {rows[f'hf_amnesia@{step}']['avg_gap']:.2f}")
+        return rows
+
+    results = {scenario: run_sequence() if scenario == SEQUENCE else run_scenario(scenario) for scenario in scenarios}
     meta = {
         "train_seconds": train_seconds,
         "num_params": num_params,
         "world_size": world,
         "num_train": len(train_dataset),
+        "num_validation": 0 if validation is None else len(validation),
         "num_test": len(test_dataset),
         "seed": config.seed,
         "keep_fraction": config.keep_fraction or 0.01,
         "store_bytes": store_bytes,
     }
     return results, meta
+
+
+def _norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial: nn.Module, num_train: int) -> int:
+    """The per-tensor closed form `s_l = (|F| / N) * ||theta_T,l - theta_0,l|| / ||u_l||`, then the automatic repair.
+
+    A candidate rule for comparison: it needs the initial weights, which the store does not keep.
+    """
+    auto = trainer._auto_data(forget_ids, None, None, need_holdout=False)
+    auto.original_accuracy = trainer._accuracy(auto.retained_sample)
+    update = forget_update(StoreReader(trainer.args.store_dir), forget_ids)
+    layout = ParamLayout.from_model(trainer.model)
+    starts = dict(initial.named_parameters())
+    offset = 0
+    with torch.no_grad():
+        for name, param in zip(layout.names, layout.params_of(trainer.model)):
+            piece = update[offset : offset + param.numel()].view(param.shape).to(param.dtype)
+            offset += param.numel()
+            norm = float(piece.norm())
+            if norm > 0:
+                change = float((param - starts[name]).norm())
+                param.sub_(len(forget_ids) / num_train * change / norm * piece)
+    trainer._set_forgotten(sorted(set(trainer.forgotten_ids()) | set(forget_ids.tolist())))
+    return trainer._repair_until_restored(auto)
 
 
 def _init_fields(config: AmnesiaConfig) -> dict:

@@ -74,7 +74,7 @@ BAD_IDS = {
 def test_malformed_ids(guard, case):
     ids, match = BAD_IDS[case]
     with pytest.raises(ForgetRequestError, match=match):
-        guard.forget(ids)
+        guard.forget(ids, scale=1.0, repair_steps=0)
 
 
 def test_unknown_and_never_trained_ids_are_reported(guard):
@@ -83,7 +83,7 @@ def test_unknown_and_never_trained_ids_are_reported(guard):
     assert len(trained_ids) == 12  # max_steps=3 x batch 4: rows never trained on are not in the store
     untrained = sorted(set(range(40)) - trained_ids)[:2]
     with pytest.raises(ForgetRequestError, match="not in the store"):
-        guard.forget(untrained + [10_000], strict=True)
+        guard.forget(untrained + [10_000], strict=True, scale=1.0, repair_steps=0)
 
 
 def test_duplicates_collapse(trained):
@@ -91,7 +91,7 @@ def test_duplicates_collapse(trained):
     trainer._set_forgotten([])
     theta = [p.detach().clone() for p in trainer.model.parameters()]
     one = sorted(StoreReader(trainer.args.store_dir).all_ids().tolist())[0]
-    report = trainer.forget([one, one, one])
+    report = trainer.forget([one, one, one], scale=1.0, repair_steps=0)
     assert report.forgotten == [one]
     with torch.no_grad():
         for p, t in zip(trainer.model.parameters(), theta):
@@ -108,12 +108,12 @@ def test_bad_scale(guard, scale):
 @pytest.mark.parametrize("steps", [-1, 1.5, "3", True])
 def test_bad_repair_steps(guard, steps):
     with pytest.raises(ForgetRequestError, match="repair_steps"):
-        guard.forget([0], repair_steps=steps)
+        guard.forget([0], repair_steps=steps, scale=1.0)
 
 
 def test_save_to_inside_the_store(guard):
     with pytest.raises(ForgetRequestError, match="outside the store"):
-        guard.forget([0], save_to=str(Path(guard.args.store_dir) / "model"))
+        guard.forget([0], save_to=str(Path(guard.args.store_dir) / "model"), scale=1.0, repair_steps=0)
 
 
 def test_corrupted_row_is_caught_before_subtracting(tmp_path, trained):
@@ -130,7 +130,7 @@ def test_corrupted_row_is_caught_before_subtracting(tmp_path, trained):
     weights = [p.detach().clone() for p in trained.model.parameters()]
     ids = np.load(next(store.glob("shard-00000.g*.ids.npy")))
     with pytest.raises(StoreError, match="checksum"):
-        trainer.forget(ids.tolist())
+        trainer.forget(ids.tolist(), scale=1.0, repair_steps=0)
     assert all(torch.equal(a, b) for a, b in zip(weights, trained.model.parameters()))
 
 
@@ -144,7 +144,7 @@ def test_missing_shard_is_caught(tmp_path, trained):
     trainer = AmnesiacTrainer(model=trained.model, args=_args(tmp_path, store_dir=str(store)))
     weights = [p.detach().clone() for p in trained.model.parameters()]
     with pytest.raises(StoreError, match="missing"):
-        trainer.forget([0])
+        trainer.forget([0], scale=1.0, repair_steps=0)
     assert all(torch.equal(a, b) for a, b in zip(weights, trained.model.parameters()))
 
 
@@ -158,7 +158,9 @@ def test_store_dir_that_is_a_file(tmp_path):
         trainer.train()
     assert blocker.read_text() == "not a folder"
     with pytest.raises(StoreError, match="is a file"):
-        AmnesiacTrainer(model=TinyCNN(), args=_args(tmp_path, store_dir=str(blocker))).forget([0])
+        AmnesiacTrainer(model=TinyCNN(), args=_args(tmp_path, store_dir=str(blocker))).forget(
+            [0], scale=1.0, repair_steps=0
+        )
 
 
 class _DiskFull(TrainerCallback):

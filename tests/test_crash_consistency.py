@@ -77,7 +77,7 @@ from transformers import BertForSequenceClassification
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer
 model = BertForSequenceClassification.from_pretrained(sys.argv[1])
 trainer = AmnesiacTrainer(model=model, args=AmnesiaConfig(output_dir=sys.argv[3], store_dir=sys.argv[2], report_to=[], use_cpu=True))
-report = trainer.forget([2, 5, 11], save_to=sys.argv[1])
+report = trainer.forget([2, 5, 11], save_to=sys.argv[1], scale=1.0, repair_steps=0)
 print(json.dumps({"forgotten": report.forgotten, "already": report.already_forgotten, "unknown": report.unknown}))
 """
 
@@ -210,7 +210,7 @@ def test_forget_without_save_to_purges_nothing(tmp_path, trained_bert):
         model=model,
         args=AmnesiaConfig(output_dir=str(tmp_path / "o"), store_dir=str(store), report_to=[], use_cpu=True),
     )
-    report = trainer.forget([2, 5])
+    report = trainer.forget([2, 5], scale=1.0, repair_steps=0)
     assert report.forgotten == [2, 5] and not report.committed
     assert StoreReader(store).locate(2) and read_audit(store) == []
 
@@ -228,7 +228,7 @@ def test_stale_model_is_not_saved_over_a_newer_one(tmp_path, trained_bert):
     )
     before = [p.detach().clone() for p in stale.parameters()]
     with pytest.raises(ForgetRequestError, match="newer"):
-        trainer.forget([7], save_to=str(model_dir))
+        trainer.forget([7], save_to=str(model_dir), scale=1.0, repair_steps=0)
     assert all(torch.equal(a, b) for a, b in zip(before, stale.parameters()))
     assert BertForSequenceClassification.from_pretrained(str(model_dir)).config.hf_amnesia_forgotten_ids == [2, 5, 11]
     assert StoreReader(store).locate(7)  # nothing was purged

@@ -55,7 +55,7 @@ def test_id_types_give_the_same_change(trained_cnn, make_ids):
     assert report.delta_norm > 0 and report.seconds >= 0
     change = _flat(trainer.model) - theta
     _fresh(trainer, theta)
-    trainer.forget([100, 107, 114])
+    trainer.forget([100, 107, 114], scale=1.0, repair_steps=0)
     assert torch.equal(_flat(trainer.model) - theta, change)
 
 
@@ -65,7 +65,7 @@ def test_datasets_column_and_class_helper(trained_cnn):
     class_ids = ids_of_label(dataset, 1, label_column="labels")
     expected = [int(i) for i, y in zip(dataset["dataset_id"], dataset["labels"]) if int(y) == 1]
     assert sorted(class_ids.tolist()) == expected and expected
-    report = trainer.forget(dataset.filter(lambda r: int(r["labels"]) == 1)["dataset_id"])
+    report = trainer.forget(dataset.filter(lambda r: int(r["labels"]) == 1)["dataset_id"], scale=1.0, repair_steps=0)
     assert report.forgotten == expected
 
 
@@ -73,19 +73,19 @@ def test_unknown_ids_are_reported_and_strict_changes_nothing(trained_cnn):
     trainer, dataset, theta = trained_cnn
     _fresh(trainer, theta)
     with pytest.raises(ForgetRequestError, match="not in the store"):
-        trainer.forget([100, 5], strict=True)
+        trainer.forget([100, 5], strict=True, scale=1.0, repair_steps=0)
     assert torch.equal(_flat(trainer.model), theta)
     assert trainer.forgotten_ids() == []
-    report = trainer.forget([100, 5])
+    report = trainer.forget([100, 5], scale=1.0, repair_steps=0)
     assert report.forgotten == [100] and report.unknown == [5]
 
 
 def test_forgetting_twice_subtracts_once(trained_cnn):
     trainer, dataset, theta = trained_cnn
     _fresh(trainer, theta)
-    trainer.forget([121])
+    trainer.forget([121], scale=1.0, repair_steps=0)
     once = _flat(trainer.model)
-    report = trainer.forget([121, 121])
+    report = trainer.forget([121, 121], scale=1.0, repair_steps=0)
     assert report.already_forgotten == [121] and report.forgotten == []
     assert torch.equal(_flat(trainer.model), once)
 
@@ -95,14 +95,14 @@ def test_malformed_ids_raise_and_change_nothing(trained_cnn, bad):
     trainer, dataset, theta = trained_cnn
     _fresh(trainer, theta)
     with pytest.raises(ForgetRequestError):
-        trainer.forget(bad)
+        trainer.forget(bad, scale=1.0, repair_steps=0)
     assert torch.equal(_flat(trainer.model), theta)
 
 
 def test_empty_request_changes_nothing(trained_cnn):
     trainer, dataset, theta = trained_cnn
     _fresh(trainer, theta)
-    report = trainer.forget([])
+    report = trainer.forget([], scale=1.0, repair_steps=0)
     assert report.forgotten == [] and report.delta_norm == 0
     assert torch.equal(_flat(trainer.model), theta)
 
@@ -115,7 +115,7 @@ def test_repair_needs_training_data(trained_cnn, tmp_path):
     )
     _fresh(late, theta)
     with pytest.raises(ForgetRequestError, match="train_dataset"):
-        late.forget([100], repair_steps=3)
+        late.forget([100], repair_steps=3, scale=1.0)
     assert torch.equal(_flat(trainer.model), theta)
 
 
@@ -135,14 +135,14 @@ def test_wrong_store_is_refused(trained_cnn, tmp_path):
     )
     before = _flat(other.model)
     with pytest.raises(StoreError, match="another model"):
-        other.forget([100])
+        other.forget([100], scale=1.0, repair_steps=0)
     assert torch.equal(_flat(other.model), before)
     missing = AmnesiacTrainer(
         model=TinyCNN(),
         args=AmnesiaConfig(output_dir=str(tmp_path), store_dir=str(tmp_path / "nowhere"), report_to=[], use_cpu=True),
     )
     with pytest.raises(StoreError, match="no hf_amnesia store"):
-        missing.forget([100])
+        missing.forget([100], scale=1.0, repair_steps=0)
 
 
 NEW_PROCESS = """

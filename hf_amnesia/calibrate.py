@@ -1,0 +1,101 @@
+"""How much of a request to subtract, and when the repair is done, without Retrain (no transformers).
+
+The stored deltas of a request are exact per-sample shares of training, but partial (only the
+kept entries) and first-order (each was computed along the original trajectory, and the
+shares of one batch cancel each other). Subtracting them at scale 1 forgets too little at small
+keep fractions and breaks the model at large ones, so `forget(ids)` chooses the scale from data
+the user has (docs/method.md, "Choosing the scale"; measurements in docs/results.md):
+
+- **scale**: the largest `s` whose subtraction costs at most `max_harm` accuracy points on
+  held-out rows of the classes the request keeps. Harm grows with `s`, so a bisection on
+  `log s` finds it in a few evaluations of the held-out split.
+- **repair**: fine-tune on the retained rows until accuracy on a fixed sample of them is back at
+  the original model's level, for at most a tenth of the training's steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+REPAIR_SHARE = 0.1  # the repair runs for at most this share of the training's optimizer steps
+RETAINED_SAMPLE = 1024  # retained rows whose accuracy decides when the repair is done
+
+
+@dataclass
+class ScaleChoice:
+    """The scale `forget` chose, and every (scale, harm in accuracy points) it measured."""
+
+    scale: float
+    trace: list[tuple[float, float]] = field(default_factory=list)
+
+
+def scale_ceiling(keep_fraction: float) -> float:
+    """Largest scale the search tries: 4 / sqrt(p) (4 at p = 1, 40 at p = 1 %).
+
+    The kept entries of a request hold about p of its change; scaling them by 1 / sqrt(p) gives
+    them the norm of the whole change, and the factor 4 leaves room above that.
+    """
+    return 4.0 / math.sqrt(keep_fraction)
+
+
+def largest_safe_scale(
+    harm: Callable[[float], float], max_harm: float, ceiling: float, octaves: int = 10, steps: int = 7
+) -> ScaleChoice:
+    """The largest scale in [ceiling / 2**octaves, ceiling] with `harm(scale) <= max_harm`.
+
+    Bisection on log2(scale), assuming harm grows with the scale: `steps + 2` evaluations at
+    most, resolution `octaves / 2**steps` octaves. Returns scale 0 when even the smallest scale
+    does more harm than allowed.
+    """
+    trace: list[tuple[float, float]] = []
+
+    def safe(log_scale: float) -> bool:
+        value = float(harm(2.0**log_scale))
+        trace.append((2.0**log_scale, value))
+        return value <= max_harm
+
+    high = math.log2(ceiling)
+    if safe(high):
+        return ScaleChoice(ceiling, trace)
+    low = high - octaves
+    if not safe(low):
+        return ScaleChoice(0.0, trace)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if safe(middle):
+            low = middle
+        else:
+            high = middle
+    return ScaleChoice(2.0**low, trace)
+
+
+def forgotten_classes(labels: np.ndarray, requested: np.ndarray) -> list[int]:
+    """Labels whose every training row is in the request (`requested` is a boolean row mask)."""
+    labels = np.asarray(labels)
+    return sorted(int(c) for c in np.unique(labels[requested]) if requested[labels == c].all())
+
+
+def accuracy_points(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return float(100.0 * np.mean(np.asarray(predicted) == np.asarray(labels))) if len(labels) else float("nan")
+
+
+def repair_budget(planned_training_steps: int) -> int:
+    """Most optimizer steps an automatic repair may take: a tenth of training, at least 1."""
+    return max(1, math.ceil(REPAIR_SHARE * planned_training_steps))
+
+
+def repair_check_every(budget: int) -> int:
+    """How often (in steps) the automatic repair checks whether it is done: ~10 checks per budget."""
+    return max(1, budget // 10)
+
+
+def retained_sample(num_rows: int, seed: int, size: int = RETAINED_SAMPLE) -> np.ndarray:
+    """Fixed (seeded) row indices of the retained data on which repair progress is measured."""
+    if num_rows <= size:
+        return np.arange(num_rows)
+    return np.sort(np.random.default_rng(seed).choice(num_rows, size=size, replace=False))

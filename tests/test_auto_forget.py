@@ -1,0 +1,152 @@
+"""forget()'s automatic scale and repair: the search, its data, determinism and its refusals."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny import TinyCNN, image_dataset, tiny_config
+
+from hf_amnesia import AmnesiacTrainer, ForgetRequestError
+from hf_amnesia.calibrate import (
+    forgotten_classes,
+    largest_safe_scale,
+    repair_budget,
+    retained_sample,
+    scale_ceiling,
+)
+
+# -- the search (pure) --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("boundary", [0.05, 0.7, 3.0, 17.0])
+def test_bisection_finds_the_largest_safe_scale(boundary):
+    calls = []
+
+    def harm(scale):  # grows with the scale; crosses max_harm = 5 at `boundary`
+        calls.append(scale)
+        return 5.0 * scale / boundary
+
+    choice = largest_safe_scale(harm, 5.0, ceiling=40.0, octaves=10, steps=7)
+    assert choice.scale <= boundary * (1 + 1e-12)  # never above the boundary
+    assert choice.scale >= boundary * 2 ** (-10 / 2**7) * (1 - 1e-12)  # within the resolution below it
+    assert len(calls) == 9 and [s for s, _ in choice.trace] == calls
+    assert all(h <= 5.0 for s, h in choice.trace if s <= choice.scale)
+
+
+def test_bisection_edges():
+    assert largest_safe_scale(lambda s: 0.0, 5.0, ceiling=40.0).scale == 40.0  # harmless: the ceiling
+    none = largest_safe_scale(lambda s: 100.0, 5.0, ceiling=40.0)
+    assert none.scale == 0.0 and len(none.trace) == 2  # harmful even at ceiling / 2**10: subtract nothing
+
+
+def test_rules_of_thumb():
+    assert scale_ceiling(1.0) == 4.0 and math.isclose(scale_ceiling(0.01), 40.0)
+    assert repair_budget(600) == 60 and repair_budget(3) == 1
+    assert forgotten_classes(np.array([0, 1, 1, 2, 2]), np.array([True, True, False, True, True])) == [0, 2]
+    assert forgotten_classes(np.array([0, 1]), np.array([False, False])) == []
+    a, b = retained_sample(5000, seed=3), retained_sample(5000, seed=3)
+    assert np.array_equal(a, b) and len(a) == 1024 and len(np.unique(a)) == 1024
+    assert np.array_equal(retained_sample(10, seed=0), np.arange(10))
+
+
+# -- forget(ids) with its defaults ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto")
+    torch.manual_seed(0)
+    data = image_dataset(96, classes=3, seed=0, with_ids=True)
+    train, holdout = data.select(range(72)), data.select(range(72, 96))
+    model = TinyCNN()
+    args = tiny_config(out, keep_fraction=0.2, num_train_epochs=3, learning_rate=1e-2, per_device_train_batch_size=8)
+    trainer = AmnesiacTrainer(model=model, args=args, train_dataset=train, eval_dataset=holdout)
+    trainer.train()
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    return trainer, train, holdout, theta
+
+
+def _reset(trainer, theta):
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta.clone(), trainer.model.parameters())
+    trainer._set_forgotten([])
+
+
+def _weights(trainer):
+    return torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach().clone()
+
+
+def test_auto_keeps_its_promise_and_is_deterministic(trained):
+    trainer, train, holdout, theta = trained
+    ids = [int(i) for i in train["dataset_id"][:6]]
+    _reset(trainer, theta)
+    first = trainer.forget(ids)
+    after = _weights(trainer)
+    assert first.forgotten == sorted(ids) and first.calibration
+    assert 0 < first.scale <= scale_ceiling(0.2)
+    chosen = [h for s, h in first.calibration if s == first.scale]
+    assert chosen and chosen[0] <= 5.0  # the chosen scale cost at most max_harm points on the holdout
+    planned = math.ceil(72 / 8) * 3
+    assert 0 <= first.repair_steps <= repair_budget(planned)
+    _reset(trainer, theta)
+    second = trainer.forget(ids)
+    assert second.scale == first.scale and second.repair_steps == first.repair_steps
+    assert torch.equal(_weights(trainer), after)
+
+
+def test_auto_reads_only_the_holdout_and_training_rows(trained, monkeypatch):
+    trainer, train, holdout, theta = trained
+    _reset(trainer, theta)
+    test_split = image_dataset(30, classes=3, seed=99)  # a test split the user reports TA on
+    test_rows = {tuple(np.round(np.asarray(x).ravel(), 5)) for x in test_split["pixel_values"]}
+    allowed = {tuple(np.round(np.asarray(x).ravel(), 5)) for x in train["pixel_values"]} | {
+        tuple(np.round(np.asarray(x).ravel(), 5)) for x in holdout["pixel_values"]
+    }
+    seen = []
+    measure = AmnesiacTrainer._accuracy
+
+    def spy(self, dataset):
+        seen.extend(tuple(np.round(np.asarray(dataset[i]["pixel_values"]).ravel(), 5)) for i in range(len(dataset)))
+        return measure(self, dataset)
+
+    monkeypatch.setattr(AmnesiacTrainer, "_accuracy", spy)
+    trainer.forget([int(train["dataset_id"][0])], holdout=holdout)
+    assert seen and set(seen) <= allowed and not set(seen) & test_rows
+
+
+def test_whole_class_is_detected_and_held_out_harm_counts_only_kept_classes(trained):
+    trainer, train, holdout, theta = trained
+    _reset(trainer, theta)
+    labels = np.asarray(train["labels"])
+    class_ids = np.asarray(train["dataset_id"])[labels == 1]
+    auto = trainer._auto_data(class_ids, None, None, need_holdout=True)
+    assert auto.classes == [1]
+    assert 1 not in set(np.asarray(auto.holdout["labels"]).tolist())
+    assert len(auto.retained) == int((labels != 1).sum())
+    assert trainer._auto_data(class_ids, None, False, need_holdout=True).classes == []
+    assert trainer._auto_data(class_ids[:-1], None, None, need_holdout=True).classes == []
+
+
+def test_auto_refuses_without_its_data_and_changes_nothing(trained, tmp_path):
+    trainer, train, holdout, theta = trained
+    _reset(trainer, theta)
+    no_holdout = AmnesiacTrainer(model=trainer.model, args=trainer.args, train_dataset=train)
+    with pytest.raises(ForgetRequestError, match="holdout"):
+        no_holdout.forget([int(train["dataset_id"][0])])
+    no_train = AmnesiacTrainer(model=trainer.model, args=trainer.args, eval_dataset=holdout)
+    with pytest.raises(ForgetRequestError, match="train_dataset"):
+        no_train.forget([int(train["dataset_id"][0])])
+    unlabeled = train.remove_columns("labels")
+    with pytest.raises(ForgetRequestError, match="labels"):
+        AmnesiacTrainer(model=trainer.model, args=trainer.args, train_dataset=unlabeled).forget([100], holdout=holdout)
+    with pytest.raises(ForgetRequestError, match="whole_class=True"):
+        trainer.forget([int(train["dataset_id"][0])], whole_class=True)
+    with pytest.raises(ForgetRequestError, match="max_harm"):
+        trainer.forget([int(train["dataset_id"][0])], max_harm=-1)
+    with pytest.raises(ForgetRequestError, match="no training row"):
+        trainer.forget(train["dataset_id"])
+    assert torch.equal(_weights(trainer), theta) and trainer.forgotten_ids() == []
+    # the exact subtraction needs none of that data
+    report = no_holdout.forget([int(train["dataset_id"][0])], scale=1.0, repair_steps=0)
+    assert report.scale == 1.0 and report.repair_steps == 0 and report.calibration == []
