@@ -21,6 +21,8 @@ METHODS = {
     "hf_amnesia",
     "hf_amnesia_exact",
     "hf_amnesia_exact+repair",
+    "hf_amnesia_auto_no_repair",
+    "hf_amnesia_norm",
     "per_batch",
     "per_batch+repair",
     "per_batch_subset",
@@ -101,16 +103,17 @@ def make_cifar_parquet(folder, n_train=48, n_test=24):
     return folder
 
 
-def _check_outputs(out, scenarios=("class", "random_10", "random_1")):
+def _check_outputs(out, scenarios=("class", "random_10", "random_1", "canary_1")):
     results = json.loads((out / "results.json").read_text())
     assert list(results) == list(scenarios)
-    for scenario in scenarios:
+    for scenario in [s for s in scenarios if s != "sequence_5"]:
         assert set(results[scenario]) == METHODS
         for method, row in results[scenario].items():
             assert METRICS <= set(row), (scenario, method)
             assert all(np.isfinite(row[m]) for m in METRICS)
         assert results[scenario]["retrain"]["avg_gap"] == 0
         assert results[scenario]["hf_amnesia"]["storage_bytes"] > 0
+        assert results[scenario]["hf_amnesia"]["scale"] > 0  # chosen on the validation split
     assert results["class"]["retrain"]["ua"] == 100.0  # Retrain never saw the class
     assert (out / "results.md").read_text().count("|") > 100
     assert (out / "results.png").stat().st_size > 1000
@@ -131,8 +134,31 @@ def test_mnist_recipe_from_idx_files(tmp_path):
 
     data = make_mnist_idx(tmp_path / "idx")
     out = tmp_path / "out"
-    mnist.main(["--dataset_name", str(data), "--output_dir", str(out), "--scenarios", "class", *TINY])
-    _check_outputs(out, scenarios=("class",))
+    mnist.main(
+        ["--dataset_name", str(data), "--output_dir", str(out), "--scenarios", "class,sequence_5", "--model", "mlp"]
+        + TINY
+    )
+    results = _check_outputs(out, scenarios=("class", "sequence_5"))
+    _check_sequence(results)
+
+
+def _check_sequence(results):
+    rows = results["sequence_5"]
+    for step in range(1, 6):
+        assert rows[f"retrain@{step}"]["avg_gap"] == 0
+        assert np.isfinite(rows[f"hf_amnesia@{step}"]["avg_gap"]) and rows[f"hf_amnesia@{step}"]["scale"] >= 0
+
+
+def test_canaries_get_a_wrong_label():
+    from datasets import Dataset
+    from study import plant_canaries
+
+    data = Dataset.from_dict({"x": list(range(400)), "labels": [i % 4 for i in range(400)]}).with_format("torch")
+    planted, rows = plant_canaries(data, "labels", 0.01, seed=0)
+    before, after = np.asarray(data["labels"]), np.asarray(planted["labels"])
+    assert len(rows) == 4 and (before[rows] != after[rows]).all()
+    assert np.array_equal(np.delete(before, rows), np.delete(after, rows))
+    assert planted.format["type"] == "torch" and set(after.tolist()) <= {0, 1, 2, 3}
 
 
 def test_mnist_idx_reader_round_trips(tmp_path):
@@ -176,7 +202,7 @@ def test_quickstart_runs_shortened(tmp_path):
     import quickstart
 
     results = quickstart.main(["--output_dir", str(tmp_path), "--num_train_epochs", "2", "--max_train_samples", "300"])
-    assert set(results) == {"class", "random_10", "random_1"}
+    assert set(results) == {"class", "random_10", "random_1", "canary_1"}
     assert (tmp_path / "results.json").exists()
 
 
