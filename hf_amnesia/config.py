@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .errors import ConfigError, UnsupportedTrainingError
-from .store import STORE_DTYPES
+from .store import KEEP_LAYOUTS, STORE_DTYPES
 
 DEFAULT_KEEP_FRACTION = 0.01
 DEFAULT_STORE_DTYPE = "float16"
 DEFAULT_KEEP_SEED = 0
+DEFAULT_KEEP_LAYOUT = "entries"
 STORE_FOLDER = "_amnesia_store"
 
 
@@ -46,6 +47,14 @@ class AmnesiaConfig(TrainingArguments):
         default="dataset_id",
         metadata={"help": "Column holding each row's integer dataset id; without it, the row index is used."},
     )
+    keep_layout: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Which entries each sample keeps: one of {list(KEEP_LAYOUTS)}: random single `entries`, or "
+            f"whole `rows` (output units) of each weight, cheaper to compute (default {DEFAULT_KEEP_LAYOUT}; an "
+            "existing store's value wins)."
+        },
+    )
     keep_seed: int | None = field(
         default=None,
         metadata={"help": f"Seed of the kept positions (default {DEFAULT_KEEP_SEED})."},
@@ -69,6 +78,8 @@ class AmnesiaConfig(TrainingArguments):
             raise ConfigError(f"keep_fraction must satisfy 0 < keep_fraction <= 1, got {self.keep_fraction}.")
         if self.store_dtype is not None and self.store_dtype not in STORE_DTYPES:
             raise ConfigError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {self.store_dtype!r}.")
+        if self.keep_layout is not None and self.keep_layout not in KEEP_LAYOUTS:
+            raise ConfigError(f"keep_layout must be one of {list(KEEP_LAYOUTS)}, got {self.keep_layout!r}.")
         if self.keep_seed is not None and not (0 <= int(self.keep_seed) < 2**32):
             raise ConfigError(f"keep_seed must be an integer in [0, 2**32), got {self.keep_seed}.")
         if not (0.0 < self.tail_tolerance < 1.0):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import ForgetRequestError
-from .store import StoreReader, kept_positions
+from .store import StoreReader, manifest_positions
 
 
 @dataclass
@@ -80,12 +80,15 @@ def _iterate(values: Iterable):
 def forget_update(reader: StoreReader, ids: np.ndarray) -> torch.Tensor:
     """The dense float64 change `sum_i Q * Delta_i` over `ids` (all must be in the store)."""
     manifest = reader.manifest
-    num_params, k = manifest.num_params, manifest.k
-    update = torch.zeros(num_params, dtype=torch.float64)
-    for dataset_id in ids:
-        row = reader.read(int(dataset_id))
-        positions = torch.from_numpy(kept_positions(manifest.seed, int(dataset_id), num_params, k))
-        update.index_add_(0, positions, row.to(torch.float64))
+    chunk = max(1, 2**22 // manifest.k)  # positions of ~4M entries at a time
+    update = torch.zeros(manifest.num_params, dtype=torch.float64)
+    ids = np.asarray(ids, dtype=np.int64)
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        positions = torch.from_numpy(manifest_positions(manifest, part)).reshape(-1)
+        rows = torch.stack([reader.read(int(dataset_id)) for dataset_id in part]) if len(part) else None
+        if rows is not None:
+            update.index_add_(0, positions, rows.reshape(-1).to(torch.float64))
     decay = torch.tensor(manifest.decay or [1.0] * len(manifest.layout.numels), dtype=torch.float64)
     return update * decay.repeat_interleave(torch.tensor(manifest.layout.numels))
 

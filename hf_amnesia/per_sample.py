@@ -42,17 +42,25 @@ class PerSampleCapture:
     are `positions` [B, K]; after the backward pass `end()` returns the [B, K] float32 values.
     """
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], sparse: bool | str = True):
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], sparse: bool | str = True, row_plan=None):
         # sparse: True uses the sparse rules where they are cheaper than the dense samplers,
         # "always" wherever a rule exists (the tests compare them with the dense oracle), False never.
+        # row_plan: the store's (rows, columns, kept rows) per tensor when samples keep whole rows.
         self.model = model
         self.sparse = sparse
         self.seconds = 0.0  # time spent in the backward hooks
         self.slot = {}  # id(param) -> (offset, numel)
-        offset = 0
-        for p in params:
+        self.row_slot = {}  # id(param) -> (first column in K, kept rows, columns), `rows` layout
+        offset = column = 0
+        for i, p in enumerate(params):
             self.slot[id(p)] = (offset, p.numel())
             offset += p.numel()
+            if row_plan is not None:
+                _, cols, kept = row_plan[i]
+                self.row_slot[id(p)] = (column, kept, cols)
+                column += kept * cols
+        self._row_rules: set[int] = set()  # params whose kept rows a sparse row rule computes
+        self._rows: dict[int, torch.Tensor] = {}  # id(param) -> [B, kept rows] row indices
         self.num_params = offset
         self.armed = False
         self.batch_size = 0
@@ -77,9 +85,11 @@ class PerSampleCapture:
             if isinstance(module, nn.Embedding):
                 self._handles.append(module.register_forward_pre_hook(self._expand_broadcast_input))
             rule = sparse_grads.rule_for(module) if self.sparse else None
+            if rule is not None and self.row_slot and sparse_grads.rows_rule_for(module) is not None:
+                self._row_rules.update(id(p) for _, p in own if p.dim() >= 2 and id(p) in self.row_slot)
             if rule is not None:
                 fallback = None if self.sparse == "always" else samplers.get(type(module))
-                compute = self._sparse_sampler(rule, own, fallback)
+                compute = self._sparse_sampler(module, rule, own, fallback)
             elif type(module) in samplers:
                 compute = samplers[type(module)]
             else:
@@ -92,7 +102,7 @@ class PerSampleCapture:
                 "register them as attributes of a submodule so their per-sample gradients can be hooked."
             )
 
-    def _sparse_sampler(self, rule, own: list[tuple[str, nn.Parameter]], dense=None):
+    def _sparse_sampler(self, module: nn.Module, rule, own: list[tuple[str, nn.Parameter]], dense=None):
         """Adds the kept entries straight into `values` and returns no dense gradients.
 
         Gathering costs (kept entries) x (positions per sample); when that exceeds the dense
@@ -100,7 +110,14 @@ class PerSampleCapture:
         sequence, the dense Opacus sampler is cheaper and is used for that call instead.
         """
 
+        rows_rule = sparse_grads.rows_rule_for(module)
+
         def compute(layer, saved, backprops):
+            for name, param in own:
+                if id(param) in self._rows:  # whole rows: [B, kept rows, columns] in one batched product
+                    column, kept, cols = self.row_slot[id(param)]
+                    block = rows_rule(layer, saved, backprops, name, self._rows[id(param)])
+                    self.values[:, column : column + kept * cols] += block.reshape(self.batch_size, -1).float()
             positions = backprops[0].numel() // sparse_grads.output_units(layer)
             selected = [(name, param, self._select[id(param)]) for name, param in own if id(param) in self._select]
             gathered = sum(len(sel[0]) for _, _, sel in selected) * positions
@@ -232,7 +249,12 @@ class PerSampleCapture:
         self.batch_size, k = positions.shape
         self.values = torch.zeros(self.batch_size, k, dtype=torch.float32, device=positions.device)
         self._select.clear()
+        self._rows.clear()
         for key, (offset, numel) in self.slot.items():
+            if key in self._row_rules:  # the tensor's kept positions are whole rows, in order
+                column, kept, cols = self.row_slot[key]
+                self._rows[key] = (positions[:, column : column + kept * cols : cols] - offset) // cols
+                continue
             inside = (positions >= offset) & (positions < offset + numel)
             rows, cols = inside.nonzero(as_tuple=True)
             self._select[key] = (rows, cols, positions[rows, cols] - offset)

@@ -21,7 +21,7 @@ from torch import nn
 from .attribution import MomentumLedger, adam_step_weights
 from .errors import UnsupportedOptimizerError
 from .per_sample import PerSampleCapture
-from .store import Manifest, ShardWriter, num_kept, positions_for
+from .store import Manifest, ShardWriter, manifest_positions, row_plan
 
 
 class Recorder:
@@ -38,7 +38,7 @@ class Recorder:
         self.manifest = manifest
         self.layout = manifest.layout
         self.params = self.layout.params_of(model)
-        self.k = num_kept(manifest.keep_fraction, self.layout.num_params)
+        self.k = manifest.k
         self.rank, self.world_size = rank, world_size
         beta1s = {float(g["betas"][0]) for g in optimizer.param_groups}
         if len(beta1s) != 1:
@@ -48,7 +48,8 @@ class Recorder:
         device = self.params[0].device
         self.ledger = MomentumLedger(self.layout.num_params, beta1s.pop(), tail_tolerance, device)
         self.decay = torch.tensor(manifest.decay or [1.0] * len(self.params), dtype=torch.float64)
-        self.capture = PerSampleCapture(model, self.params)
+        plan = row_plan(manifest.keep_fraction, self.layout.shapes) if manifest.keep_layout == "rows" else None
+        self.capture = PerSampleCapture(model, self.params, row_plan=plan)
         self.shard = ShardWriter(Path(store_dir), rank, self.k, manifest.dtype)
         self.optimizer = optimizer
         self._hook = optimizer.register_step_post_hook(self._after_step)
@@ -73,7 +74,7 @@ class Recorder:
         device = self.params[0].device
         if self.k == self.layout.num_params:  # everything kept: a broadcast view, no [n, M] copy
             return torch.arange(self.k, device=device).expand(len(ids), self.k)
-        return torch.from_numpy(positions_for(self.manifest.seed, ids, self.layout.num_params, self.k)).to(device)
+        return torch.from_numpy(manifest_positions(self.manifest, ids)).to(device)
 
     def end_microbatch(self, loss_scale: float = 1.0) -> None:
         values = self.capture.end()

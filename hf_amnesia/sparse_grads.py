@@ -104,6 +104,56 @@ def group_norm(layer: nn.GroupNorm, inputs, g, name, rows, local):
     return (g[rows, local, :] * normed[rows, local, :]).sum(-1)
 
 
+# -- whole rows: the `rows` layout ------------------------------------------------------------------
+# A rows rule returns [B, r, columns]: for each sample b, the full rows idx[b] (dimension 0 of the
+# weight) of its gradient, as one batched product of the selected output gradients with the inputs.
+
+
+def linear_rows(layer: nn.Linear, inputs, g, name, idx):
+    a = _tokens(inputs[0].to(g.dtype), layer.in_features)
+    g = _tokens(g, layer.out_features)
+    picked = torch.gather(g, 2, idx[:, None, :].expand(-1, g.shape[1], -1))  # [B, T, r]
+    return torch.einsum("btr,bti->bri", picked, a)
+
+
+def hf_conv1d_rows(layer, inputs, g, name, idx):
+    n_in, n_out = layer.weight.shape  # rows are input features
+    a = _tokens(inputs[0].to(g.dtype), n_in)
+    g = _tokens(g, n_out)
+    picked = torch.gather(a, 2, idx[:, None, :].expand(-1, a.shape[1], -1))  # [B, T, r]
+    return torch.einsum("btr,bto->bro", picked, g)
+
+
+def conv_rows(layer, inputs, g, name, idx):
+    x = inputs[0].to(g.dtype)
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(-2)
+        kernel, stride = (1, *layer.kernel_size), (1, *layer.stride)
+        padding, dilation = (0, *layer.padding), (1, *layer.dilation)
+    else:
+        kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, cin*k, L]
+    g = g.reshape(g.shape[0], layer.out_channels, -1)  # [B, cout, L]
+    picked = torch.gather(g, 1, idx[:, :, None].expand(-1, -1, g.shape[-1]))  # [B, r, L]
+    return torch.bmm(picked, patches.transpose(1, 2))
+
+
+def embedding_rows(layer: nn.Embedding, inputs, g, name, idx):
+    ids = inputs[0].reshape(inputs[0].shape[0], -1)  # [B, T]
+    g = _tokens(g, layer.embedding_dim)
+    hits = (ids[:, :, None] == idx[:, None, :]).to(g.dtype)  # [B, T, r]
+    out = torch.einsum("btr,btd->brd", hits, g)
+    if layer.padding_idx is not None:
+        out = out.masked_fill((idx == layer.padding_idx)[:, :, None], 0.0)
+    return out
+
+
+def rows_rule_for(layer: nn.Module):
+    """The whole-row rule for this layer's 2-D+ weight, or None (its rows then go entry by entry)."""
+    rule = rule_for(layer)
+    return {linear: linear_rows, conv: conv_rows, embedding: embedding_rows, hf_conv1d: hf_conv1d_rows}.get(rule)
+
+
 def output_units(layer: nn.Module) -> int:
     """Size of the layer's output feature dimension: the backprops hold positions x this per sample."""
     if isinstance(layer, nn.Linear):

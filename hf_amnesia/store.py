@@ -39,9 +39,61 @@ MANIFEST_NAME = "manifest.json"
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+KEEP_LAYOUTS = ("entries", "rows")
+
+
 def num_kept(keep_fraction: float, num_params: int) -> int:
-    """K = ceil(keep_fraction * M), at least 1 and at most M."""
+    """K = ceil(keep_fraction * M), at least 1 and at most M (the `entries` layout)."""
     return min(num_params, max(1, math.ceil(keep_fraction * num_params - 1e-9)))
+
+
+def row_plan(keep_fraction: float, shapes) -> list[tuple[int, int, int]]:
+    """(rows, columns, kept rows) of each tensor in the `rows` layout.
+
+    A tensor's rows are its slices along dimension 0 (a weight's output units; a 1-D tensor's
+    entries). Each sample keeps round(keep_fraction * rows) of them, at least one, whole.
+    """
+    plan = []
+    for shape in shapes:
+        numel = math.prod(shape)
+        rows = int(shape[0]) if len(shape) else 1
+        plan.append((rows, numel // rows, min(rows, max(1, round(keep_fraction * rows)))))
+    return plan
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread uint64 from any uint64."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def row_positions(seed: int, ids: np.ndarray, shapes, keep_fraction: float) -> np.ndarray:
+    """[len(ids), K] kept positions in the `rows` layout: whole rows, fixed by (seed, dataset id).
+
+    Each tensor keeps the rows with the smallest hash of (seed, id, tensor, row): one
+    vectorised pass over the batch, no per-sample generator.
+    """
+    ids = np.asarray(ids, dtype=np.uint64)
+    plan = row_plan(keep_fraction, shapes)
+    out = np.empty((len(ids), sum(r * c for _, c, r in plan)), dtype=np.int64)
+    mask = 2**64 - 1
+    base = _mix(_mix(ids ^ np.uint64(((int(seed) & 0xFFFFFFFF) * 0x9E3779B97F4A7C15) & mask)))
+    column = offset = 0
+    for tensor, (rows, cols, kept) in enumerate(plan):
+        if kept == rows:
+            chosen = np.broadcast_to(np.arange(rows), (len(ids), rows))
+        else:
+            salt = np.uint64(((tensor * 0x100000001B3 + 0x414D) * 0xD6E8FEB86659FD93) & mask)
+            keys = _mix(
+                base[:, None] ^ salt ^ (np.arange(rows, dtype=np.uint64)[None, :] * np.uint64(0xA24BAED4963EE407))
+            )
+            chosen = np.sort(np.argpartition(keys, kept - 1, axis=1)[:, :kept], axis=1)
+        block = offset + chosen[:, :, None] * cols + np.arange(cols)[None, None, :]
+        out[:, column : column + kept * cols] = block.reshape(len(ids), -1)
+        column += kept * cols
+        offset += rows * cols
+    return out
 
 
 def kept_positions(seed: int, dataset_id: int, num_params: int, k: int) -> np.ndarray:
@@ -53,11 +105,19 @@ def kept_positions(seed: int, dataset_id: int, num_params: int, k: int) -> np.nd
 
 
 def positions_for(seed: int, ids: np.ndarray, num_params: int, k: int) -> np.ndarray:
-    """[len(ids), K] kept positions of several ids."""
+    """[len(ids), K] kept positions of several ids (the `entries` layout)."""
     out = np.empty((len(ids), k), dtype=np.int64)
     for row, dataset_id in enumerate(ids):
         out[row] = kept_positions(seed, int(dataset_id), num_params, k)
     return out
+
+
+def manifest_positions(manifest: Manifest, ids) -> np.ndarray:
+    """[len(ids), K] kept positions of several ids in the store's layout."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if manifest.keep_layout == "rows":
+        return row_positions(manifest.seed, ids, manifest.layout.shapes, manifest.keep_fraction)
+    return positions_for(manifest.seed, ids, manifest.num_params, manifest.k)
 
 
 def _encode(values: torch.Tensor, dtype: str) -> np.ndarray:
@@ -113,6 +173,7 @@ class Manifest:
     seed: int
     num_shards: int = 1
     decay: list[float] = field(default_factory=list)  # Q per tensor, in layout order
+    keep_layout: str = "entries"  # which entries a sample keeps: random `entries`, or whole `rows`
     format_version: int = FORMAT_VERSION
     library_version: str = __version__
 
@@ -122,6 +183,8 @@ class Manifest:
 
     @property
     def k(self) -> int:
+        if self.keep_layout == "rows":
+            return sum(r * c for _, c, r in row_plan(self.keep_fraction, self.layout.shapes))
         return num_kept(self.keep_fraction, self.num_params)
 
     def to_json(self) -> dict:
@@ -131,6 +194,7 @@ class Manifest:
             "layout_fingerprint": self.layout.fingerprint(),
             "num_params": self.num_params,
             "keep_fraction": self.keep_fraction,
+            "keep_layout": self.keep_layout,
             "k": self.k,
             "dtype": self.dtype,
             "seed": self.seed,
@@ -157,6 +221,7 @@ class Manifest:
             seed=int(data["seed"]),
             num_shards=int(data["num_shards"]),
             decay=[float(q) for q in data["decay"]],
+            keep_layout=data.get("keep_layout", "entries"),
             format_version=int(data["format_version"]),
             library_version=data["library_version"],
         )

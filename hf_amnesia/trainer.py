@@ -33,7 +33,13 @@ from .calibrate import (
     retained_sample,
     scale_ceiling,
 )
-from .config import DEFAULT_KEEP_FRACTION, DEFAULT_KEEP_SEED, DEFAULT_STORE_DTYPE, AmnesiaConfig
+from .config import (
+    DEFAULT_KEEP_FRACTION,
+    DEFAULT_KEEP_LAYOUT,
+    DEFAULT_KEEP_SEED,
+    DEFAULT_STORE_DTYPE,
+    AmnesiaConfig,
+)
 from .data import dataset_ids, labels_of, with_dataset_ids, without_ids
 from .errors import (
     ConfigError,
@@ -259,6 +265,7 @@ class AmnesiacTrainer(Trainer):
                 ("keep_fraction", args.keep_fraction, existing.keep_fraction),
                 ("store_dtype", args.store_dtype, existing.dtype),
                 ("keep_seed", args.keep_seed, existing.seed),
+                ("keep_layout", args.keep_layout, existing.keep_layout),
             ):
                 if mine is not None and mine != theirs:
                     raise ConfigError(
@@ -272,6 +279,7 @@ class AmnesiacTrainer(Trainer):
                 keep_fraction=float(args.keep_fraction or DEFAULT_KEEP_FRACTION),
                 dtype=args.store_dtype or DEFAULT_STORE_DTYPE,
                 seed=int(args.keep_seed if args.keep_seed is not None else DEFAULT_KEEP_SEED),
+                keep_layout=args.keep_layout or DEFAULT_KEEP_LAYOUT,
             )
         manifest.num_shards = max(manifest.num_shards, self.accelerator.num_processes)
         if self.accelerator.is_main_process:

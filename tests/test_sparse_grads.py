@@ -9,7 +9,7 @@ from torch import nn
 
 from hf_amnesia.layout import ParamLayout
 from hf_amnesia.per_sample import PerSampleCapture
-from hf_amnesia.store import positions_for
+from hf_amnesia.store import positions_for, row_plan, row_positions
 
 REL_TOL = 1e-5
 
@@ -77,9 +77,9 @@ def _batch(name):
     return SeqModel(), {"x": torch.randn(6, 3, 7), "labels": torch.randint(0, 5, (6,))}
 
 
-def _capture(model, batch, positions, sparse):
+def _capture(model, batch, positions, sparse, plan=None):
     params = ParamLayout.from_model(model).params_of(model)
-    capture = PerSampleCapture(model, params, sparse=sparse)
+    capture = PerSampleCapture(model, params, sparse=sparse, row_plan=plan)
     model.zero_grad()
     capture.begin(positions)
     out = model(**batch)
@@ -145,3 +145,41 @@ def test_dense_fallback_when_gathering_costs_more():
     auto = _capture(model, batch, positions, sparse=True)
     dense = _capture(model, batch, positions, sparse=False)
     assert ((auto - dense).norm() / dense.norm()) <= REL_TOL
+
+
+@pytest.mark.parametrize("keep_fraction", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("name", ["cnn", "bert", "gpt2", "seq", "strided"])
+def test_rows_layout_equals_dense_oracle(name, keep_fraction, monkeypatch):
+    """Whole kept rows from one batched product per layer, against the dense oracle at the same positions."""
+    torch.manual_seed(0)
+    model, batch = _batch(name)
+    model.train()
+    shapes = ParamLayout.from_model(model).shapes
+    plan = row_plan(keep_fraction, shapes)
+    positions = torch.from_numpy(row_positions(3, torch.arange(6).numpy(), shapes, keep_fraction))
+    dense = _capture(model, batch, positions, sparse=False)
+    calls = []
+    import hf_amnesia.sparse_grads as sg
+
+    for rule in ("linear_rows", "conv_rows", "embedding_rows", "hf_conv1d_rows"):
+        original = getattr(sg, rule)
+        monkeypatch.setattr(sg, rule, lambda *a, _f=original, _n=rule: calls.append(_n) or _f(*a))
+    rows = _capture(model, batch, positions, sparse=True, plan=plan)
+    err = (rows - dense).norm(dim=1) / dense.norm(dim=1).clamp_min(1e-30)
+    assert err.max() <= REL_TOL, err.max()
+    assert calls  # the row rules did the work
+
+
+def test_row_positions_are_whole_distinct_rows_fixed_by_id():
+    shapes = ((10, 4), (10,), (3, 2, 5), (7, 1))
+    a = row_positions(5, [11, 12, 11], shapes, 0.3)
+    assert a.shape == (3, 3 * 4 + 3 + 1 * 10 + 2 * 1)
+    assert (a[0] == a[2]).all() and not (a[0] == a[1]).all()  # fixed by the id, different across ids
+    for row in a:
+        assert (row[1:] > row[:-1]).all() and row.max() < 40 + 10 + 30 + 7  # sorted and distinct, in range
+    w = a[:, :12].reshape(3, 3, 4)  # first tensor: whole rows of 4 contiguous entries
+    assert ((w - w[:, :, :1]) == torch.arange(4).numpy()).all() and (w[:, :, 0] % 4 == 0).all()
+    # every row equally likely: 2,000 ids pick each of the 10 rows of the first tensor ~600 times
+    picks = row_positions(0, range(2000), shapes, 0.3)[:, :12:4] // 4
+    counts = torch.bincount(torch.from_numpy(picks.reshape(-1)), minlength=10)
+    assert counts.min() > 500 and counts.max() < 700
