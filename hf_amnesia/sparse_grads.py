@@ -125,17 +125,22 @@ def hf_conv1d_rows(layer, inputs, g, name, idx):
 
 
 def conv_rows(layer, inputs, g, name, idx):
+    """The kept output channels' kernels of every sample as one grouped weight-gradient
+    convolution (a group per sample): no unfold of the activations."""
     x = inputs[0].to(g.dtype)
-    if isinstance(layer, nn.Conv1d):
-        x = x.unsqueeze(-2)
-        kernel, stride = (1, *layer.kernel_size), (1, *layer.stride)
-        padding, dilation = (0, *layer.padding), (1, *layer.dilation)
-    else:
-        kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, cin*k, L]
-    g = g.reshape(g.shape[0], layer.out_channels, -1)  # [B, cout, L]
-    picked = torch.gather(g, 1, idx[:, :, None].expand(-1, -1, g.shape[-1]))  # [B, r, L]
-    return torch.bmm(picked, patches.transpose(1, 2))
+    batch, kept = idx.shape
+    picked = torch.gather(g, 1, idx.reshape(batch, kept, *[1] * (g.dim() - 2)).expand(-1, -1, *g.shape[2:]))
+    weight_grad = torch.nn.grad.conv1d_weight if isinstance(layer, nn.Conv1d) else torch.nn.grad.conv2d_weight
+    grads = weight_grad(
+        x.reshape(1, -1, *x.shape[2:]),
+        (batch * kept, *layer.weight.shape[1:]),
+        picked.reshape(1, -1, *picked.shape[2:]),
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=batch,
+    )
+    return grads.reshape(batch, kept, -1)
 
 
 def embedding_rows(layer: nn.Embedding, inputs, g, name, idx):
