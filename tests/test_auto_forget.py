@@ -142,8 +142,18 @@ def test_auto_refuses_without_its_data_and_changes_nothing(trained, tmp_path):
         AmnesiacTrainer(model=trainer.model, args=trainer.args, train_dataset=unlabeled).forget([100], holdout=holdout)
     with pytest.raises(ForgetRequestError, match="whole_class=True"):
         trainer.forget([int(train["dataset_id"][0])], whole_class=True)
-    with pytest.raises(ForgetRequestError, match="max_harm"):
-        trainer.forget([int(train["dataset_id"][0])], max_harm=-1)
+    for bad in (-1, 100, "5", True):
+        with pytest.raises(ForgetRequestError, match="max_harm"):
+            trainer.forget([int(train["dataset_id"][0])], max_harm=bad)
+    with pytest.raises(ForgetRequestError, match="scale must be"):
+        trainer.forget([int(train["dataset_id"][0])], scale="Auto")
+    with pytest.raises(ForgetRequestError, match="repair_steps must be"):
+        trainer.forget([int(train["dataset_id"][0])], repair_steps="later")
+    labels = np.asarray(train["labels"])
+    class_ids = np.asarray(train["dataset_id"])[labels == 1]
+    only_that_class = holdout.filter(lambda r: int(r["labels"]) == 1)
+    with pytest.raises(ForgetRequestError, match="no rows of the classes the request keeps"):
+        trainer.forget(class_ids, holdout=only_that_class)
     with pytest.raises(ForgetRequestError, match="no training row"):
         trainer.forget(train["dataset_id"])
     assert torch.equal(_weights(trainer), theta) and trainer.forgotten_ids() == []
