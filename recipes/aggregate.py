@@ -2,7 +2,8 @@
 
     python recipes/aggregate.py outputs/mnist_s0 outputs/mnist_s1 --out outputs/mnist_mean
 
-Writes aggregate.json (scenario -> method -> metric -> {mean, std, n}) and aggregate.md.
+Writes aggregate.json (scenario -> method -> metric -> {mean, std, n}), aggregate.md (every
+metric) and gaps.md (Avg. Gap to Retrain, method x scenario).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ METRICS = [
     "storage_bytes",
     "dist_original",
     "dist_retrain",
+    "scale",
+    "repair_steps",
 ]
 
 
@@ -61,6 +64,20 @@ def to_markdown(agg: dict, metrics=("ua", "ra", "ta", "mia", "avg_gap", "seconds
     return "\n".join(lines)
 
 
+def gap_table(agg: dict) -> str:
+    """Avg. Gap to Retrain, method x scenario (mean ± std over the runs)."""
+    scenarios = [s for s in agg if not s.startswith("sequence")]
+    methods = list(dict.fromkeys(m for s in scenarios for m in agg[s]))
+    lines = ["| method | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    for method in methods:
+        cells = []
+        for scenario in scenarios:
+            v = agg[scenario].get(method, {}).get("avg_gap")
+            cells.append("" if v is None else f"{v['mean']:.2f} ± {v['std']:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="output_dir of each run (holding results.json)")
@@ -77,7 +94,10 @@ def main(argv=None):
     table = to_markdown(agg)
     with open(os.path.join(args.out, "aggregate.md"), "w") as f:
         f.write(table + "\n")
-    print(table)
+    gaps = gap_table(agg)
+    with open(os.path.join(args.out, "gaps.md"), "w") as f:
+        f.write(gaps + "\n")
+    print(gaps)
 
 
 if __name__ == "__main__":
