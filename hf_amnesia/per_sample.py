@@ -121,7 +121,8 @@ class PerSampleCapture:
             positions = backprops[0].numel() // sparse_grads.output_units(layer)
             selected = [(name, param, self._select[id(param)]) for name, param in own if id(param) in self._select]
             gathered = sum(len(sel[0]) for _, _, sel in selected) * positions
-            if dense is not None and gathered > backprops.shape[0] * sum(p.numel() for _, p in own):
+            row_served = any(id(param) in self._rows for _, param in own)  # the dense sampler would redo them
+            if not row_served and dense is not None and gathered > backprops.shape[0] * sum(p.numel() for _, p in own):
                 return dense(layer, saved, backprops)
             for name, _, (rows, cols, local) in selected:
                 if len(rows):

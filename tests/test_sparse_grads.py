@@ -104,12 +104,17 @@ def test_sparse_equals_dense_oracle(name, keep_fraction):
     assert err.max() <= REL_TOL, err.max()
 
 
+@pytest.mark.parametrize("layout", ["entries", "rows"])
 @pytest.mark.parametrize("name", ["cnn", "bert", "gpt2", "seq"])
-def test_covered_layers_never_build_the_dense_tensor(name, monkeypatch):
+def test_covered_layers_never_build_the_dense_tensor(name, layout, monkeypatch):
     def refuse(layer, activations, backprops):
         raise AssertionError(f"dense per-sample gradient built for {type(layer).__name__}")
 
-    covered = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm]
+    covered = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding]
+    if layout == "entries":
+        # (in the rows layout a norm layer keeps at least one whole entry per sample, and on these
+        # tiny tensors its dense sampler is cheaper than gathering, so the cost rule may pick it)
+        covered += [nn.LayerNorm, nn.GroupNorm]
     for kind in covered:
         monkeypatch.setitem(GradSampleModule.GRAD_SAMPLERS, kind, refuse)
     model, batch = _batch(name)
@@ -124,9 +129,15 @@ def test_covered_layers_never_build_the_dense_tensor(name, monkeypatch):
             "_functorch_sampler",
             lambda self, module, own: _fail_if(isinstance(module, Conv1D)) or (lambda *a: {}),
         )
+    shapes = ParamLayout.from_model(model).shapes
     num_params = ParamLayout.from_model(model).num_params
-    positions = torch.from_numpy(positions_for(3, torch.arange(6).numpy(), num_params, max(1, num_params // 1000)))
-    values = _capture(model, batch, positions, sparse=True)  # p = 0.001: every rule is cheaper than dense
+    if layout == "rows":
+        positions = torch.from_numpy(row_positions(3, torch.arange(6).numpy(), shapes, 0.05))
+        values = _capture(model, batch, positions, sparse=True, plan=row_plan(0.05, shapes))
+    else:
+        k = max(1, num_params // 1000)  # p = 0.001: every rule is cheaper than dense
+        positions = torch.from_numpy(positions_for(3, torch.arange(6).numpy(), num_params, k))
+        values = _capture(model, batch, positions, sparse=True)
     assert values.abs().sum() > 0
 
 
