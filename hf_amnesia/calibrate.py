@@ -8,7 +8,9 @@ the user has (docs/method.md, "Choosing the scale"; measurements in docs/results
 
 - **scale**: the largest `s` whose subtraction costs at most `max_harm` accuracy points on
   held-out rows of the classes the request keeps. Harm grows with `s`, so a bisection on
-  `log s` finds it in a few evaluations of the held-out split.
+  `log s` finds it in a few evaluations of the held-out split. When the request removes whole
+  classes and that scale still leaves them recognisable (accuracy on their rows above 1 %), the
+  smallest scale that does not is taken instead: Retrain cannot predict a class it never saw.
 - **repair**: fine-tune on the retained rows until accuracy on a fixed sample of them is back at
   the original model's level, for at most a tenth of the training's steps.
 """
@@ -23,6 +25,7 @@ import numpy as np
 
 REPAIR_SHARE = 0.1  # the repair runs for at most this share of the training's optimizer steps
 RETAINED_SAMPLE = 1024  # retained rows whose accuracy decides when the repair is done
+CLASS_ACCURACY_TARGET = 1.0  # a removed class counts as forgotten at <= 1 % accuracy on its rows
 
 
 @dataclass
@@ -71,6 +74,35 @@ def largest_safe_scale(
         else:
             high = middle
     return ScaleChoice(2.0**low, trace)
+
+
+def smallest_scale_reaching(
+    accuracy: Callable[[float], float], target: float, low: float, high: float, steps: int = 7
+) -> ScaleChoice:
+    """The smallest scale in [low, high] with `accuracy(scale) <= target` (accuracy falls as the
+    scale grows): `low` if it already does, `high` if nothing does; else bisection on log2(scale).
+    The trace holds (scale, accuracy) pairs."""
+    trace: list[tuple[float, float]] = []
+
+    def reached(log_scale: float) -> bool:
+        value = float(accuracy(2.0**log_scale))
+        trace.append((2.0**log_scale, value))
+        return value <= target
+
+    if low <= 0:
+        low = high / 2**10
+    lo, hi = math.log2(low), math.log2(high)
+    if reached(lo):
+        return ScaleChoice(2.0**lo, trace)
+    if not reached(hi):
+        return ScaleChoice(2.0**hi, trace)
+    for _ in range(steps):
+        middle = (lo + hi) / 2
+        if reached(middle):
+            hi = middle
+        else:
+            lo = middle
+    return ScaleChoice(2.0**hi, trace)
 
 
 def forgotten_classes(labels: np.ndarray, requested: np.ndarray) -> list[int]:

@@ -174,6 +174,7 @@ class Manifest:
     num_shards: int = 1
     decay: list[float] = field(default_factory=list)  # Q per tensor, in layout order
     keep_layout: str = "entries"  # which entries a sample keeps: random `entries`, or whole `rows`
+    final_weights: str | None = None  # fingerprint of the weights when the last recorded run finished
     format_version: int = FORMAT_VERSION
     library_version: str = __version__
 
@@ -195,6 +196,7 @@ class Manifest:
             "num_params": self.num_params,
             "keep_fraction": self.keep_fraction,
             "keep_layout": self.keep_layout,
+            "final_weights": self.final_weights,
             "k": self.k,
             "dtype": self.dtype,
             "seed": self.seed,
@@ -222,6 +224,7 @@ class Manifest:
             num_shards=int(data["num_shards"]),
             decay=[float(q) for q in data["decay"]],
             keep_layout=data.get("keep_layout", "entries"),
+            final_weights=data.get("final_weights"),
             format_version=int(data["format_version"]),
             library_version=data["library_version"],
         )

@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .calibrate import (
+    CLASS_ACCURACY_TARGET,
     accuracy_points,
     forgotten_classes,
     largest_safe_scale,
@@ -32,6 +33,7 @@ from .calibrate import (
     repair_check_every,
     retained_sample,
     scale_ceiling,
+    smallest_scale_reaching,
 )
 from .config import (
     DEFAULT_KEEP_FRACTION,
@@ -207,6 +209,7 @@ class AmnesiacTrainer(Trainer):
         if self.accelerator.is_main_process:
             manifest = self._recorder.manifest
             manifest.decay = self._recorder.decay.tolist()
+            manifest.final_weights = weights_fingerprint(manifest.layout.params_of(self.model))
             manifest.save(Path(self.args.store_dir))
         self.accelerator.wait_for_everyone()
         self._recorder.compact()
@@ -272,6 +275,17 @@ class AmnesiacTrainer(Trainer):
                         f"{name}={mine!r} conflicts with the existing store at {store_dir}, which fixes "
                         f"{name}={theirs!r}. Leave {name} unset to use the store's value, or use a new store_dir."
                     )
+            if (
+                existing.final_weights is not None
+                and not self._resume_requested
+                and existing.final_weights != weights_fingerprint(layout.params_of(self.model))
+            ):
+                raise StoreError(
+                    f"the store at {store_dir} holds the records of a training run that ended with other weights "
+                    "than this model's: recording another run into it would mix the two runs' deltas. Use a new "
+                    "store_dir (or output_dir) for a new run, or delete that store; to train the recorded model "
+                    "further, load the weights it ended with."
+                )
             manifest = existing
         else:
             manifest = Manifest(
@@ -462,6 +476,11 @@ class AmnesiacTrainer(Trainer):
                     committed = True
                     crash_point("forget:committed")
                     roll_forward(store_dir, entry, crash_at=crash_point)
+                    # The saved model is now the store's model: training it further may record into
+                    # the store. (Were this lost in a crash, such training is refused, never mixed.)
+                    manifest = Manifest.load(store_dir)
+                    manifest.final_weights = weights_fingerprint(params)
+                    manifest.save(store_dir)
                     report.request = audit["request"]
                 report.committed = True
         except BaseException:
@@ -523,6 +542,9 @@ class AmnesiacTrainer(Trainer):
             retained_sample=_select(retained, retained_sample(len(retained), self.args.seed)),
             planned_steps=self._planned_training_steps(),
         )
+        if classes:  # the removed classes' training rows: a class request must stop predicting them
+            rows = np.flatnonzero(np.isin(train_labels, classes))
+            data.class_rows = _select(self.train_dataset, rows[retained_sample(len(rows), self.args.seed)])
         if need_holdout:
             holdout = self.eval_dataset if holdout is None else holdout
             if holdout is None or isinstance(holdout, dict):
@@ -583,7 +605,23 @@ class AmnesiacTrainer(Trainer):
             apply_update(params, update, scale)
             return base - self._accuracy(auto.holdout)
 
-        return largest_safe_scale(harm, max_harm, scale_ceiling(keep_fraction))
+        ceiling = scale_ceiling(keep_fraction)
+        choice = largest_safe_scale(harm, max_harm, ceiling)
+        if auto.class_rows is None:
+            return choice
+
+        def class_accuracy(scale: float) -> float:
+            for p, old in zip(params, snapshot):
+                p.data.copy_(old)
+            apply_update(params, update, scale)
+            return self._accuracy(auto.class_rows)
+
+        # A removed class must be forgotten (Retrain cannot predict it): if the harmless scale
+        # leaves it recognisable, take the smallest scale that does not, and let the repair mend.
+        reached = smallest_scale_reaching(class_accuracy, CLASS_ACCURACY_TARGET, choice.scale, ceiling)
+        choice.trace.extend(reached.trace)
+        choice.scale = max(choice.scale, reached.scale)
+        return choice
 
     def _repair_until_restored(self, auto: _AutoData) -> int:
         """Fine-tune on the retained rows until their accuracy is back at the original's; returns the steps."""
@@ -616,6 +654,7 @@ class _AutoData:
     planned_steps: int
     holdout: object = None
     original_accuracy: float = float("nan")  # on retained_sample, before the subtraction
+    class_rows: object = None  # a sample of the removed classes' training rows
 
 
 def _select(dataset, indices: np.ndarray):

@@ -129,8 +129,8 @@ def test_manifest_wins_and_conflicts_are_errors(tmp_path):
         train_dataset=image_dataset(8),
     )
     first.train()
-    # Unset fields take the store's values.
-    again = AmnesiacTrainer(model=TinyCNN(), args=_args(tmp_path), train_dataset=image_dataset(8))
+    # Unset fields take the store's values (the recorded model trains further into its store).
+    again = AmnesiacTrainer(model=first.model, args=_args(tmp_path), train_dataset=image_dataset(8))
     again.train()
     manifest = StoreReader(tmp_path / "_amnesia_store").manifest
     assert (manifest.keep_fraction, manifest.dtype, manifest.seed) == (0.2, "bfloat16", 5)

@@ -51,3 +51,20 @@ def test_keep_layout_is_fixed_by_the_store(tmp_path):
     with pytest.raises(ConfigError, match="keep_layout must be one of"):
         tiny_config(tmp_path, keep_layout="blocks")
     assert np.isfinite(StoreReader(tmp_path / "_amnesia_store").manifest.k)
+
+
+def test_a_new_run_into_a_finished_store_is_refused(tmp_path):
+    from hf_amnesia import StoreError
+
+    trainer, reader = _train(tmp_path, keep_fraction=0.3, max_steps=2)
+    before = {int(i): reader.read(int(i)).clone() for i in reader.all_ids()}
+    torch.manual_seed(1)  # another model (other initial weights) into the same store
+    other = AmnesiacTrainer(
+        model=TinyCNN(),
+        args=tiny_config(tmp_path, store_dtype="float32", max_steps=2),
+        train_dataset=image_dataset(24, with_ids=True),
+    )
+    with pytest.raises(StoreError, match="new store_dir"):
+        other.train()
+    after = StoreReader(trainer.args.store_dir)
+    assert all(torch.equal(after.read(i), row) for i, row in before.items())  # nothing was mixed in
