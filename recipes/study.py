@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
@@ -216,6 +218,11 @@ def run_study(
     planned = plan_forget_sets(train_ids, train_labels, study.forget_class, config.seed, scenarios, canaries)
 
     # 1. Train once, recording per-sample deltas (and, for the baselines, per-batch updates).
+    # The study always trains from scratch: a store left in its output folder by an earlier run goes.
+    if Path(config.store_dir).exists() and PartialState().is_main_process:
+        log(f"removing the store of an earlier run at {config.store_dir}")
+        shutil.rmtree(config.store_dir)
+    PartialState().wait_for_everyone()
     set_seed(config.seed)
     model = make_model()
     theta_init = _flat(model)
