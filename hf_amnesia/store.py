@@ -173,7 +173,9 @@ class Manifest:
     seed: int
     num_shards: int = 1
     decay: list[float] = field(default_factory=list)  # Q per tensor, in layout order
-    keep_layout: str = "entries"  # which entries a sample keeps: random `entries`, or whole `rows` (new stores: see config)
+    keep_layout: str = (
+        "entries"  # which entries a sample keeps: random `entries`, or whole `rows` (new stores: see config)
+    )
     final_weights: str | None = None  # fingerprint of the weights when the last recorded run finished
     format_version: int = FORMAT_VERSION
     library_version: str = __version__

@@ -530,8 +530,8 @@ class AmnesiacTrainer(Trainer):
         classes = forgotten_classes(train_labels, requested)
         if whole_class is True and not classes:
             raise ForgetRequestError(
-                "whole_class=True, but the request (with what this model already forgot) holds every "
-                "training row of no label. Request all rows of the class, e.g. ids_of_label(...)."
+                "whole_class=True, but the request (with what this model already forgot) does not hold every "
+                "training row of any label. Request all rows of the class, e.g. ids_of_label(...)."
             )
         if whole_class is False:
             classes = []
@@ -590,7 +590,10 @@ class AmnesiacTrainer(Trainer):
             target = batch.pop("labels", None)
             target = batch.pop("label", None) if target is None else target
             out = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            logits = out["logits"] if isinstance(out, dict) or hasattr(out, "keys") else out
+            if isinstance(out, dict) or hasattr(out, "keys"):
+                logits = out["logits"]
+            else:
+                logits = out[0] if isinstance(out, (tuple, list)) else out
             predicted.append(logits.argmax(-1).cpu().numpy())
             labels.append(np.asarray(torch.as_tensor(target).cpu()))
         model.train(was_training)
