@@ -86,9 +86,8 @@ def forget_update(reader: StoreReader, ids: np.ndarray) -> torch.Tensor:
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
         positions = torch.from_numpy(manifest_positions(manifest, part)).reshape(-1)
-        rows = torch.stack([reader.read(int(dataset_id)) for dataset_id in part]) if len(part) else None
-        if rows is not None:
-            update.index_add_(0, positions, rows.reshape(-1).to(torch.float64))
+        rows = torch.stack([reader.read(int(dataset_id)) for dataset_id in part])
+        update.index_add_(0, positions, rows.reshape(-1).to(torch.float64))
     decay = torch.tensor(manifest.decay or [1.0] * len(manifest.layout.numels), dtype=torch.float64)
     return update * decay.repeat_interleave(torch.tensor(manifest.layout.numels))
 
