@@ -45,6 +45,28 @@ def scale_ceiling(keep_fraction: float) -> float:
     return 4.0 / math.sqrt(keep_fraction)
 
 
+def _probe(measure: Callable[[float], float], trace: list[tuple[float, float]]) -> Callable[[float], float]:
+    """`measure` taken at 2**log_scale, every (scale, value) appended to `trace`."""
+
+    def at(log_scale: float) -> float:
+        value = float(measure(2.0**log_scale))
+        trace.append((2.0**log_scale, value))
+        return value
+
+    return at
+
+
+def _bisect(below: Callable[[float], bool], low: float, high: float, steps: int) -> tuple[float, float]:
+    """Narrow [low, high] (log2 scales) around where `below` turns from True (at low) to False."""
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if below(middle):
+            low = middle
+        else:
+            high = middle
+    return low, high
+
+
 def largest_safe_scale(
     harm: Callable[[float], float], max_harm: float, ceiling: float, octaves: int = 10, steps: int = 7
 ) -> ScaleChoice:
@@ -55,24 +77,14 @@ def largest_safe_scale(
     does more harm than allowed.
     """
     trace: list[tuple[float, float]] = []
-
-    def safe(log_scale: float) -> bool:
-        value = float(harm(2.0**log_scale))
-        trace.append((2.0**log_scale, value))
-        return value <= max_harm
-
+    harm_at = _probe(harm, trace)
     high = math.log2(ceiling)
-    if safe(high):
+    if harm_at(high) <= max_harm:
         return ScaleChoice(ceiling, trace)
     low = high - octaves
-    if not safe(low):
+    if harm_at(low) > max_harm:
         return ScaleChoice(0.0, trace)
-    for _ in range(steps):
-        middle = (low + high) / 2
-        if safe(middle):
-            low = middle
-        else:
-            high = middle
+    low, _ = _bisect(lambda s: harm_at(s) <= max_harm, low, high, steps)
     return ScaleChoice(2.0**low, trace)
 
 
@@ -83,26 +95,14 @@ def smallest_scale_reaching(
     scale grows): `low` if it already does, `high` if nothing does; else bisection on log2(scale).
     The trace holds (scale, accuracy) pairs."""
     trace: list[tuple[float, float]] = []
-
-    def reached(log_scale: float) -> bool:
-        value = float(accuracy(2.0**log_scale))
-        trace.append((2.0**log_scale, value))
-        return value <= target
-
-    if low <= 0:
-        low = high / 2**10
-    lo, hi = math.log2(low), math.log2(high)
-    if reached(lo):
-        return ScaleChoice(2.0**lo, trace)
-    if not reached(hi):
-        return ScaleChoice(2.0**hi, trace)
-    for _ in range(steps):
-        middle = (lo + hi) / 2
-        if reached(middle):
-            hi = middle
-        else:
-            lo = middle
-    return ScaleChoice(2.0**hi, trace)
+    accuracy_at = _probe(accuracy, trace)
+    low, high = math.log2(low if low > 0 else high / 2**10), math.log2(high)
+    if accuracy_at(low) <= target:
+        return ScaleChoice(2.0**low, trace)
+    if accuracy_at(high) > target:
+        return ScaleChoice(2.0**high, trace)
+    _, high = _bisect(lambda s: accuracy_at(s) > target, low, high, steps)
+    return ScaleChoice(2.0**high, trace)
 
 
 def forgotten_classes(labels: np.ndarray, requested: np.ndarray) -> list[int]:

@@ -88,10 +88,15 @@ def dataset_ids(dataset, id_column: str) -> np.ndarray:
 def without_ids(dataset, id_column: str, drop: set[int]):
     """The rows whose id is not in `drop` (the retained data of a forget request)."""
     ids = dataset_ids(dataset, id_column)
-    keep = [i for i, dataset_id in enumerate(ids.tolist()) if dataset_id not in drop]
+    return select_rows(dataset, [i for i, dataset_id in enumerate(ids.tolist()) if dataset_id not in drop])
+
+
+def select_rows(dataset, indices):
+    """The rows at `indices` (a `datasets.Dataset` stays one)."""
+    indices = [int(i) for i in indices]
     if datasets is not None and isinstance(dataset, datasets.Dataset):
-        return dataset.select(keep)
-    return _Subset(dataset, keep)
+        return dataset.select(indices)
+    return _Subset(dataset, indices)
 
 
 def ids_of_label(dataset, label, label_column: str = "label", id_column: str = "dataset_id") -> np.ndarray:

@@ -42,7 +42,7 @@ from .config import (
     DEFAULT_STORE_DTYPE,
     AmnesiaConfig,
 )
-from .data import dataset_ids, labels_of, with_dataset_ids, without_ids
+from .data import dataset_ids, labels_of, select_rows, with_dataset_ids, without_ids
 from .errors import (
     ConfigError,
     ForgetRequestError,
@@ -430,8 +430,7 @@ class AmnesiacTrainer(Trainer):
             if scale == "auto":
                 choice = self._choose_scale(params, snapshot, update, auto, max_harm, reader.manifest.keep_fraction)
                 scale, trace = choice.scale, choice.trace
-                for p, old in zip(params, snapshot):
-                    p.data.copy_(old)
+                _restore(params, snapshot)
             scale = float(scale)
             apply_update(params, update, scale)
             self._set_forgotten(sorted(done | set(todo.tolist())))
@@ -485,9 +484,7 @@ class AmnesiacTrainer(Trainer):
                 report.committed = True
         except BaseException:
             if not committed:
-                with torch.no_grad():
-                    for p, old in zip(params, snapshot):
-                        p.copy_(old)
+                _restore(params, snapshot)
                 self._set_forgotten(sorted(done))
                 if save_to is not None and self.accelerator.is_main_process:
                     roll_back(Path(save_to))
@@ -539,12 +536,12 @@ class AmnesiacTrainer(Trainer):
         data = _AutoData(
             classes=classes,
             retained=retained,
-            retained_sample=_select(retained, retained_sample(len(retained), self.args.seed)),
+            retained_sample=select_rows(retained, retained_sample(len(retained), self.args.seed)),
             planned_steps=self._planned_training_steps(),
         )
         if classes:  # the removed classes' training rows: a class request must stop predicting them
             rows = np.flatnonzero(np.isin(train_labels, classes))
-            data.class_rows = _select(self.train_dataset, rows[retained_sample(len(rows), self.args.seed)])
+            data.class_rows = select_rows(self.train_dataset, rows[retained_sample(len(rows), self.args.seed)])
         if need_holdout:
             holdout = self.eval_dataset if holdout is None else holdout
             if holdout is None or isinstance(holdout, dict):
@@ -562,7 +559,7 @@ class AmnesiacTrainer(Trainer):
                 raise ForgetRequestError(
                     f"the holdout has no rows of the classes the request keeps; add such rows, {fix}."
                 )
-            data.holdout = _select(holdout, kept)
+            data.holdout = select_rows(holdout, kept)
         return data
 
     def _planned_training_steps(self) -> int:
@@ -600,13 +597,16 @@ class AmnesiacTrainer(Trainer):
         return accuracy_points(np.concatenate(predicted), np.concatenate(labels))
 
     def _choose_scale(self, params, snapshot, update, auto: _AutoData, max_harm: float, keep_fraction: float):
+        """Try scales on the live weights (each try starts from `snapshot`); leaves the last one tried."""
         base = self._accuracy(auto.holdout)
 
-        def harm(scale: float) -> float:
-            for p, old in zip(params, snapshot):
-                p.data.copy_(old)
+        def accuracy_at(scale: float, rows) -> float:
+            _restore(params, snapshot)
             apply_update(params, update, scale)
-            return base - self._accuracy(auto.holdout)
+            return self._accuracy(rows)
+
+        def harm(scale: float) -> float:
+            return base - accuracy_at(scale, auto.holdout)
 
         ceiling = scale_ceiling(keep_fraction)
         choice = largest_safe_scale(harm, max_harm, ceiling)
@@ -614,10 +614,7 @@ class AmnesiacTrainer(Trainer):
             return choice
 
         def class_accuracy(scale: float) -> float:
-            for p, old in zip(params, snapshot):
-                p.data.copy_(old)
-            apply_update(params, update, scale)
-            return self._accuracy(auto.class_rows)
+            return accuracy_at(scale, auto.class_rows)
 
         # A removed class must be forgotten (Retrain cannot predict it): if the harmless scale
         # leaves it recognisable, take the smallest scale that does not, and let the repair mend.
@@ -660,10 +657,10 @@ class _AutoData:
     class_rows: object = None  # a sample of the removed classes' training rows
 
 
-def _select(dataset, indices: np.ndarray):
-    if datasets is not None and isinstance(dataset, datasets.Dataset):
-        return dataset.select(indices)
-    return torch.utils.data.Subset(dataset, indices.tolist())
+@torch.no_grad()
+def _restore(params: list[torch.Tensor], snapshot: list[torch.Tensor]) -> None:
+    for param, old in zip(params, snapshot):
+        param.copy_(old)
 
 
 def finetune(
