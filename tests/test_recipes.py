@@ -204,6 +204,11 @@ def test_quickstart_runs_shortened(tmp_path):
     results = quickstart.main(["--output_dir", str(tmp_path), "--num_train_epochs", "2", "--max_train_samples", "300"])
     assert set(results) == {"class", "random_10", "random_1", "canary_1"}
     assert (tmp_path / "results.json").exists()
+    # a rerun into the same folder starts from a fresh store (the old run's deltas are not mixed in)
+    again = quickstart.main(
+        ["--output_dir", str(tmp_path), "--num_train_epochs", "1", "--max_train_samples", "200", "--scenarios", "class"]
+    )
+    assert again["class"]["retrain"]["avg_gap"] == 0
 
 
 @pytest.mark.slow
