@@ -85,7 +85,7 @@ class MomentumLedger:
             if positions.stride(0) != 0 and self.ledger.numel() < 2**31:
                 positions = positions.to(torch.int32)  # half the memory of the open tails' positions
             self.open.append(OpenStep(t, ids, positions, contrib.float(), start))
-        self.ledger.add_(x_t.to(torch.float64), alpha=self.beta1 ** (t - self.base))
+        self.ledger.add_(x_t, alpha=self.beta1 ** (t - self.base))
         while self.open and self.beta1 ** (t + 1 - self.open[0].step) < self.tail_tolerance:
             yield self._close(self.open.popleft())
         if self.beta1 ** (t - self.base) < REBASE_WEIGHT:
@@ -97,9 +97,9 @@ class MomentumLedger:
 
     def _close(self, item: OpenStep) -> tuple[np.ndarray, torch.Tensor]:
         start = item.start[item.positions] if item.start.dim() == 1 else item.start
-        tail = (self.ledger[item.positions] - start) * self.beta1 ** (self.base - item.step)
-        delta = -(1.0 - self.beta1) * tail * item.contrib.to(torch.float64)
-        return item.ids, delta.float()
+        tail = self.ledger[item.positions] - start  # float64: the difference cancels digits
+        coef = -(1.0 - self.beta1) * self.beta1 ** (self.base - item.step)
+        return item.ids, tail.float().mul_(coef).mul_(item.contrib)
 
     def _rebase(self, new_base: int) -> None:
         factor = self.beta1 ** (self.base - new_base)
@@ -164,14 +164,16 @@ def adam_step_weights(
     new_decay = decay.clone()
     for j, (param, state, group) in enumerate(zip(params, states, hyper)):
         if "exp_avg_sq" not in state:
-            pieces.append(torch.zeros(param.numel(), dtype=torch.float64, device=decay.device))
+            pieces.append(torch.zeros(param.numel(), dtype=torch.float32, device=decay.device))
             continue
         t = float(state["step"])
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         a_t = lr / (1.0 - beta1**t)
-        v_hat = state["exp_avg_sq"].detach().to(torch.float64).reshape(-1) / (1.0 - beta2**t)
-        d_t = 1.0 / (v_hat.sqrt() + group["eps"])
+        # In the optimizer's own precision (at least float32): D_t is what the step used.
+        v = state["exp_avg_sq"].detach().reshape(-1)
+        v = v.to(device=decay.device, dtype=torch.promote_types(v.dtype, torch.float32))
+        d_t = (v / (1.0 - beta2**t)).sqrt_().add_(group["eps"]).reciprocal_()
         new_decay[j] = decay[j] * (1.0 - lr * group["weight_decay"])
-        pieces.append((a_t / new_decay[j]) * d_t.to(decay.device))
+        pieces.append(d_t.mul_(a_t / float(new_decay[j])))
     return torch.cat(pieces), new_decay

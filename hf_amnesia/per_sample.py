@@ -256,6 +256,13 @@ class PerSampleCapture:
                 column, kept, cols = self.row_slot[key]
                 self._rows[key] = (positions[:, column : column + kept * cols : cols] - offset) // cols
                 continue
+            if key in self.row_slot:  # a fixed range of columns in every sample
+                column, kept, cols = self.row_slot[key]
+                width = kept * cols
+                rows = torch.arange(self.batch_size, device=positions.device).repeat_interleave(width)
+                cols = torch.arange(column, column + width, device=positions.device).repeat(self.batch_size)
+                self._select[key] = (rows, cols, (positions[:, column : column + width] - offset).reshape(-1))
+                continue
             inside = (positions >= offset) & (positions < offset + numel)
             rows, cols = inside.nonzero(as_tuple=True)
             self._select[key] = (rows, cols, positions[rows, cols] - offset)

@@ -125,22 +125,27 @@ def hf_conv1d_rows(layer, inputs, g, name, idx):
 
 
 def conv_rows(layer, inputs, g, name, idx):
-    """The kept output channels' kernels of every sample as one grouped weight-gradient
-    convolution (a group per sample): no unfold of the activations."""
+    """The kept output channels' kernels of every sample as one depthwise correlation.
+
+    Entry (b, o, c, i) of the weight gradient is sum_p g[b, o, p] x_pad[b, c, p * stride + i * dilation]:
+    a convolution of the input (samples as channels, input channels as the batch) with the
+    sample's own output gradient as kernel, dilated by the layer's stride and strided by its
+    dilation. No unfold of the activations, no per-sample loop.
+    """
     x = inputs[0].to(g.dtype)
     batch, kept = idx.shape
     picked = torch.gather(g, 1, idx.reshape(batch, kept, *[1] * (g.dim() - 2)).expand(-1, -1, *g.shape[2:]))
-    weight_grad = torch.nn.grad.conv1d_weight if isinstance(layer, nn.Conv1d) else torch.nn.grad.conv2d_weight
-    grads = weight_grad(
-        x.reshape(1, -1, *x.shape[2:]),
-        (batch * kept, *layer.weight.shape[1:]),
-        picked.reshape(1, -1, *picked.shape[2:]),
-        stride=layer.stride,
+    conv_fn = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+    grads = conv_fn(
+        x.transpose(0, 1),  # [C_in, B, *spatial]
+        picked.reshape(batch * kept, 1, *picked.shape[2:]),  # sample b's kept output gradients
         padding=layer.padding,
-        dilation=layer.dilation,
+        stride=layer.dilation,
+        dilation=layer.stride,
         groups=batch,
-    )
-    return grads.reshape(batch, kept, -1)
+    )  # [C_in, B * kept, *window]; the window can exceed the kernel when the stride leaves a remainder
+    grads = grads[(..., *[slice(0, k) for k in layer.kernel_size])]
+    return grads.reshape(grads.shape[0], batch, kept, -1).permute(1, 2, 0, 3).reshape(batch, kept, -1)
 
 
 def embedding_rows(layer: nn.Embedding, inputs, g, name, idx):
