@@ -160,20 +160,25 @@ def adam_step_weights(
     tensor and is returned updated to `Q_t`. A parameter without state this step (no gradient)
     gets x = 0 and no decay, as the optimizer skipped it.
     """
-    pieces = []
+    # In the optimizer's own precision (at least float32): D_t is what the step used.
+    wide = any("exp_avg_sq" in s and s["exp_avg_sq"].dtype == torch.float64 for s in states)
+    out = torch.empty(
+        sum(p.numel() for p in params), dtype=torch.float64 if wide else torch.float32, device=decay.device
+    )
     new_decay = decay.clone()
+    offset = 0
     for j, (param, state, group) in enumerate(zip(params, states, hyper)):
+        piece = out[offset : offset + param.numel()]
+        offset += param.numel()
         if "exp_avg_sq" not in state:
-            pieces.append(torch.zeros(param.numel(), dtype=torch.float32, device=decay.device))
+            piece.zero_()
             continue
         t = float(state["step"])
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         a_t = lr / (1.0 - beta1**t)
-        # In the optimizer's own precision (at least float32): D_t is what the step used.
-        v = state["exp_avg_sq"].detach().reshape(-1)
-        v = v.to(device=decay.device, dtype=torch.promote_types(v.dtype, torch.float32))
-        d_t = (v / (1.0 - beta2**t)).sqrt_().add_(group["eps"]).reciprocal_()
         new_decay[j] = decay[j] * (1.0 - lr * group["weight_decay"])
-        pieces.append(d_t.mul_(a_t / float(new_decay[j])))
-    return torch.cat(pieces), new_decay
+        v = state["exp_avg_sq"].detach().reshape(-1).to(device=decay.device)
+        torch.div(v, 1.0 - beta2**t, out=piece)
+        piece.sqrt_().add_(group["eps"]).reciprocal_().mul_(a_t / float(new_decay[j]))
+    return out, new_decay

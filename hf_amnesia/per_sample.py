@@ -61,6 +61,7 @@ class PerSampleCapture:
                 column += kept * cols
         self._row_rules: set[int] = set()  # params whose kept rows a sparse row rule computes
         self._rows: dict[int, torch.Tensor] = {}  # id(param) -> [B, kept rows] row indices
+        self._columns: dict[int, tuple] = {}  # id(param) -> (batch size, rows, columns), see _fixed_columns
         self.num_params = offset
         self.armed = False
         self.batch_size = 0
@@ -254,13 +255,12 @@ class PerSampleCapture:
         for key, (offset, numel) in self.slot.items():
             if key in self._row_rules:  # the tensor's kept positions are whole rows, in order
                 column, kept, cols = self.row_slot[key]
-                self._rows[key] = (positions[:, column : column + kept * cols : cols] - offset) // cols
+                self._rows[key] = ((positions[:, column : column + kept * cols : cols] - offset) // cols).long()
                 continue
             if key in self.row_slot:  # a fixed range of columns in every sample
                 column, kept, cols = self.row_slot[key]
                 width = kept * cols
-                rows = torch.arange(self.batch_size, device=positions.device).repeat_interleave(width)
-                cols = torch.arange(column, column + width, device=positions.device).repeat(self.batch_size)
+                rows, cols = self._fixed_columns(key, column, width, positions.device)
                 self._select[key] = (rows, cols, (positions[:, column : column + width] - offset).reshape(-1))
                 continue
             inside = (positions >= offset) & (positions < offset + numel)
@@ -268,6 +268,15 @@ class PerSampleCapture:
             self._select[key] = (rows, cols, positions[rows, cols] - offset)
         self._masks.clear()
         self.armed = True
+
+    def _fixed_columns(self, key, column, width, device):
+        """(sample, column) index pairs of a fixed column range, reused while the batch size holds."""
+        cached = self._columns.get(key)
+        if cached is None or cached[0] != self.batch_size:
+            rows = torch.arange(self.batch_size, device=device).repeat_interleave(width)
+            cols = torch.arange(column, column + width, device=device).repeat(self.batch_size)
+            cached = self._columns[key] = (self.batch_size, rows, cols)
+        return cached[1], cached[2]
 
     def end(self) -> torch.Tensor:
         self.armed = False

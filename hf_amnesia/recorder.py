@@ -74,7 +74,8 @@ class Recorder:
         device = self.params[0].device
         if self.k == self.layout.num_params:  # everything kept: a broadcast view, no [n, M] copy
             return torch.arange(self.k, device=device).expand(len(ids), self.k)
-        return torch.from_numpy(manifest_positions(self.manifest, ids)).to(device)
+        small = self.layout.num_params < 2**31  # int32 positions: half the bytes to build, keep and gather
+        return torch.from_numpy(manifest_positions(self.manifest, ids, np.int32 if small else np.int64)).to(device)
 
     def end_microbatch(self, loss_scale: float = 1.0) -> None:
         values = self.capture.end()

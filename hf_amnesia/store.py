@@ -68,15 +68,16 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def row_positions(seed: int, ids: np.ndarray, shapes, keep_fraction: float) -> np.ndarray:
+def row_positions(seed: int, ids: np.ndarray, shapes, keep_fraction: float, dtype=np.int64) -> np.ndarray:
     """[len(ids), K] kept positions in the `rows` layout: whole rows, fixed by (seed, dataset id).
 
     Each tensor keeps the rows with the smallest hash of (seed, id, tensor, row): one
-    vectorised pass over the batch, no per-sample generator.
+    vectorised pass over the batch, no per-sample generator. `dtype` may be np.int32 when the
+    model has fewer than 2**31 trainable entries.
     """
     ids = np.asarray(ids, dtype=np.uint64)
     plan = row_plan(keep_fraction, shapes)
-    out = np.empty((len(ids), sum(r * c for _, c, r in plan)), dtype=np.int64)
+    out = np.empty((len(ids), sum(r * c for _, c, r in plan)), dtype=dtype)
     mask = 2**64 - 1
     base = _mix(_mix(ids ^ np.uint64(((int(seed) & 0xFFFFFFFF) * 0x9E3779B97F4A7C15) & mask)))
     column = offset = 0
@@ -89,7 +90,7 @@ def row_positions(seed: int, ids: np.ndarray, shapes, keep_fraction: float) -> n
                 base[:, None] ^ salt ^ (np.arange(rows, dtype=np.uint64)[None, :] * np.uint64(0xA24BAED4963EE407))
             )
             chosen = np.sort(np.argpartition(keys, kept - 1, axis=1)[:, :kept], axis=1)
-        block = offset + chosen[:, :, None] * cols + np.arange(cols)[None, None, :]
+        block = offset + chosen[:, :, None].astype(dtype) * cols + np.arange(cols, dtype=dtype)[None, None, :]
         out[:, column : column + kept * cols] = block.reshape(len(ids), -1)
         column += kept * cols
         offset += rows * cols
@@ -112,12 +113,12 @@ def positions_for(seed: int, ids: np.ndarray, num_params: int, k: int) -> np.nda
     return out
 
 
-def manifest_positions(manifest: Manifest, ids) -> np.ndarray:
+def manifest_positions(manifest: Manifest, ids, dtype=np.int64) -> np.ndarray:
     """[len(ids), K] kept positions of several ids in the store's layout."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if manifest.keep_layout == "rows":
-        return row_positions(manifest.seed, ids, manifest.layout.shapes, manifest.keep_fraction)
-    return positions_for(manifest.seed, ids, manifest.num_params, manifest.k)
+        return row_positions(manifest.seed, ids, manifest.layout.shapes, manifest.keep_fraction, dtype)
+    return positions_for(manifest.seed, ids, manifest.num_params, manifest.k).astype(dtype, copy=False)
 
 
 def _encode(values: torch.Tensor, dtype: str) -> np.ndarray:
