@@ -322,7 +322,7 @@ class AmnesiacTrainer(Trainer):
         repair_steps: int | str = "auto",
         holdout=None,
         whole_class: bool | None = None,
-        max_harm: float = 10.0,
+        max_harm: float = 40.0,
         strict: bool = False,
         save_to: str | os.PathLike | None = None,
         purge: bool = True,
