@@ -99,6 +99,7 @@ class AmnesiacTrainer(Trainer):
         self._record = record
         self._recorder: Recorder | None = None
         self._resume_requested = False
+        self._trained = False  # a recorded run finished on this trainer
         train_dataset = with_dataset_ids(train_dataset, args.id_column)
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or args.fsdp or args.deepspeed:
@@ -190,11 +191,19 @@ class AmnesiacTrainer(Trainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from.")
+        if self._record and self._trained:
+            raise UnsupportedTrainingError(
+                "train() already ran on this AmnesiacTrainer: its optimizer still holds that run's Adam "
+                "momentum, which would keep moving the weights without being attributed to any sample. "
+                "Continue training with a new AmnesiacTrainer on this model and store (its optimizer "
+                "starts fresh; the store accepts a run that starts from the weights the last one ended with)."
+            )
         self._resume_requested = resume_from_checkpoint not in (None, False)
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
             if self._recorder is not None:
                 self._finish_recording()
+                self._trained = True
         finally:
             if self._recorder is not None:
                 self._recorder.close()

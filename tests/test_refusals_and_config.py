@@ -17,6 +17,7 @@ from hf_amnesia import (
     UnsupportedOptimizerError,
     UnsupportedTrainingError,
 )
+from hf_amnesia.journal import weights_fingerprint
 
 
 def _args(tmp_path, **kw):
@@ -166,3 +167,20 @@ def test_duplicated_or_non_integer_id_column_is_refused(tmp_path):
 def test_config_fields_keep_their_names():
     names = {f.name for f in dataclasses.fields(AmnesiaConfig)}
     assert {"keep_fraction", "store_dir", "store_dtype", "id_column", "keep_seed"} <= names
+
+
+def test_second_train_on_the_same_trainer_is_refused_and_a_new_trainer_continues(tmp_path):
+    """The first run's Adam momentum would move the weights unattributed: refused before any step."""
+    torch.manual_seed(0)
+    model, data = TinyCNN(), image_dataset(16)
+    args = _args(tmp_path, num_train_epochs=1)
+    trainer = AmnesiacTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(UnsupportedTrainingError, match="new AmnesiacTrainer"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    AmnesiacTrainer(model=model, args=args, train_dataset=data).train()  # continues into the same store
+    manifest = StoreReader(args.store_dir).manifest
+    assert manifest.final_weights == weights_fingerprint(manifest.layout.params_of(model))
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
