@@ -12,7 +12,9 @@ the user has (docs/method.md, "Choosing the scale"; measurements in docs/results
   classes and that scale still leaves them recognisable (accuracy on their rows above 1 %), the
   smallest scale that does not is taken instead: Retrain cannot predict a class it never saw.
 - **repair**: fine-tune on the retained rows until accuracy on a fixed sample of them is back at
-  the original model's level, for at most a tenth of the training's steps.
+  the original model's level, for at most a tenth of the training's steps. If it is not back by
+  then, the subtraction was more than the repair can mend: start again from the original
+  weights with half the harm budget (at most `HARM_RETRIES` times).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 REPAIR_SHARE = 0.1  # the repair runs for at most this share of the training's optimizer steps
 RETAINED_SAMPLE = 1024  # retained rows whose accuracy decides when the repair is done
 CLASS_ACCURACY_TARGET = 1.0  # a removed class counts as forgotten at <= 1 % accuracy on its rows
+HARM_RETRIES = 3  # halvings of max_harm tried when the repair cannot mend a subtraction within its budget
 
 
 @dataclass

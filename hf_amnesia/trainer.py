@@ -26,6 +26,7 @@ from transformers.utils import logging
 
 from .calibrate import (
     CLASS_ACCURACY_TARGET,
+    HARM_RETRIES,
     accuracy_points,
     forgotten_classes,
     largest_safe_scale,
@@ -436,17 +437,36 @@ class AmnesiacTrainer(Trainer):
         if repair_steps == "auto":
             auto.original_accuracy = self._accuracy(auto.retained_sample)
         try:
-            if scale == "auto":
-                choice = self._choose_scale(params, snapshot, update, auto, max_harm, reader.manifest.keep_fraction)
-                scale, trace = choice.scale, choice.trace
+            # With both choices automatic, a subtraction the bounded repair cannot mend is undone and
+            # tried again with half the harm budget (at most HARM_RETRIES times).
+            both_auto = scale == "auto" and repair_steps == "auto" and len(todo) > 0
+            limits = [max_harm / 2**k for k in range(HARM_RETRIES + 1)] if both_auto else [max_harm]
+            requested_scale, requested_repair = scale, repair_steps
+            for attempt, limit in enumerate(limits):
                 _restore(params, snapshot)
-            scale = float(scale)
-            apply_update(params, update, scale)
-            self._set_forgotten(sorted(done | set(todo.tolist())))
-            if repair_steps == "auto":
-                repair_steps = self._repair_until_restored(auto) if len(todo) else 0
-            elif repair_steps:
-                self._repair(int(repair_steps))
+                scale = requested_scale
+                if scale == "auto":
+                    choice = self._choose_scale(params, snapshot, update, auto, limit, reader.manifest.keep_fraction)
+                    scale = choice.scale
+                    trace.extend(choice.trace)
+                    _restore(params, snapshot)
+                scale = float(scale)
+                apply_update(params, update, scale)
+                self._set_forgotten(sorted(done | set(todo.tolist())))
+                repair_steps, restored = requested_repair, True
+                if repair_steps == "auto":
+                    repair_steps, restored = self._repair_until_restored(auto) if len(todo) else (0, True)
+                elif repair_steps:
+                    self._repair(int(repair_steps))
+                if restored or attempt == len(limits) - 1:
+                    break
+                logger.warning(
+                    "forget: the repair did not bring retained accuracy back within its budget at scale %.3g "
+                    "(max_harm %.3g); trying again from the original weights with max_harm %.3g.",
+                    scale,
+                    limit,
+                    limits[attempt + 1],
+                )
             report = ForgetReport(
                 forgotten=todo.tolist(),
                 already_forgotten=already,
@@ -632,17 +652,19 @@ class AmnesiacTrainer(Trainer):
         choice.scale = max(choice.scale, reached.scale)
         return choice
 
-    def _repair_until_restored(self, auto: _AutoData) -> int:
-        """Fine-tune on the retained rows until their accuracy is back at the original's; returns the steps."""
+    def _repair_until_restored(self, auto: _AutoData) -> tuple[int, bool]:
+        """Fine-tune on the retained rows until their accuracy is back at the original's.
+
+        Returns (steps taken, whether the accuracy is back)."""
         target = auto.original_accuracy - 100.0 / len(auto.retained_sample)  # one row of slack
 
         def restored() -> bool:
             return self._accuracy(auto.retained_sample) >= target
 
         if restored():
-            return 0
+            return 0, True
         budget = repair_budget(auto.planned_steps)
-        return finetune(
+        steps = finetune(
             self.model,
             auto.retained,
             budget,
@@ -651,6 +673,7 @@ class AmnesiacTrainer(Trainer):
             stop_when=restored,
             check_every=repair_check_every(budget),
         )
+        return steps, steps < budget or restored()
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ from hf_amnesia.evaluation import (
     folder_bytes,
     markdown_table,
     plot_results,
+    predict_proba,
     relative_distance,
     unlearning_metrics,
 )
@@ -337,6 +338,21 @@ def run_study(
                 "_model": candidate,
             }
 
+        if wanted("hf_amnesia_unseen"):
+            candidate = copy.deepcopy(original)
+            began = time.perf_counter()
+            scale, steps = _unseen_rule_forget(
+                forgetter(candidate), forget_ids, forget_set, validation, label_column, config
+            )
+            rows["hf_amnesia_unseen"] = {
+                **evaluate(candidate),
+                "seconds": time.perf_counter() - began,
+                "storage_bytes": store_bytes,
+                "scale": scale,
+                "repair_steps": steps,
+                "_model": candidate,
+            }
+
         updates = per_batch.updates(scenario, num_params)
         keep = num_kept(config.keep_fraction or 0.01, num_params)
         for name, subset in [("per_batch", False), ("per_batch_subset", True)]:
@@ -455,7 +471,69 @@ def _norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial:
                 change = float((param - starts[name]).norm())
                 param.sub_(len(forget_ids) / num_train * change / norm * piece)
     trainer._set_forgotten(sorted(set(trainer.forgotten_ids()) | set(forget_ids.tolist())))
-    return trainer._repair_until_restored(auto)
+    return trainer._repair_until_restored(auto)[0]
+
+
+def _mean_loss(model: nn.Module, dataset, label_column: str) -> float:
+    probs, labels = predict_proba(model, dataset, label_column=label_column)
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+
+def _unseen_rule_forget(
+    trainer: AmnesiacTrainer, forget_ids: np.ndarray, forget_set, holdout, label_column: str, config
+) -> tuple[float, int]:
+    """The automatic scale; then, unless a whole class goes, a repair that keeps the forget rows
+    looking unseen: the retained rows' loss plus relu(target - loss on a batch of forget rows),
+    target = the original's mean loss on held-out rows (Retrain never saw the forget rows, so
+    they should fit no better than held-out ones). A candidate rule for comparison; returns
+    (scale, repair steps)."""
+    from torch.utils.data import DataLoader
+
+    from hf_amnesia.calibrate import repair_budget, repair_check_every
+
+    auto = trainer._auto_data(forget_ids, None, None, need_holdout=False)
+    auto.original_accuracy = trainer._accuracy(auto.retained_sample)
+    model = trainer.model
+    target = _mean_loss(model, holdout, label_column)
+    report = trainer.forget(forget_ids, repair_steps=0)
+    if auto.classes:
+        return report.scale, trainer._repair_until_restored(auto)[0]
+    id_column = config.id_column
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(forget_set, batch_size=config.per_device_train_batch_size, shuffle=True, generator=generator)
+
+    def forget_batches():
+        while True:
+            yield from loader
+
+    batches = forget_batches()
+
+    class KeepingUnseen(AmnesiacTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+            batch = {k: v.to(loss.device) for k, v in next(batches).items() if k != id_column}
+            forget_loss = model(**batch)["loss"]
+            return loss + torch.relu(target - forget_loss)
+
+    goal = auto.original_accuracy - 100.0 / len(auto.retained_sample)
+
+    def restored() -> bool:
+        return trainer._accuracy(auto.retained_sample) >= goal
+
+    if restored():
+        return report.scale, 0
+    budget = repair_budget(auto.planned_steps)
+    steps = finetune(
+        model,
+        auto.retained,
+        budget,
+        config,
+        data_collator=trainer.data_collator,
+        trainer_class=KeepingUnseen,
+        stop_when=restored,
+        check_every=repair_check_every(budget),
+    )
+    return report.scale, steps
 
 
 def _init_fields(config: AmnesiaConfig) -> dict:

@@ -9,6 +9,7 @@ from tiny import TinyCNN, image_dataset, tiny_config
 
 from hf_amnesia import AmnesiacTrainer, ForgetRequestError
 from hf_amnesia.calibrate import (
+    HARM_RETRIES,
     forgotten_classes,
     largest_safe_scale,
     repair_budget,
@@ -93,6 +94,42 @@ def test_auto_keeps_its_promise_and_is_deterministic(trained):
     second = trainer.forget(ids)
     assert second.scale == first.scale and second.repair_steps == first.repair_steps
     assert torch.equal(_weights(trainer), after)
+
+
+def test_a_subtraction_the_repair_cannot_mend_is_retried_with_half_the_harm(trained, monkeypatch):
+    """When the bounded repair does not bring retained accuracy back, forget starts again from the
+    original weights with max_harm halved, and ends exactly where that request alone would."""
+    trainer, train, holdout, theta = trained
+    ids = [int(i) for i in train["dataset_id"][:6]]
+    _reset(trainer, theta)
+    alone = trainer.forget(ids, max_harm=10.0)
+    expected = _weights(trainer)
+    _reset(trainer, theta)
+    limits, outcomes = [], []
+    choose, repair = AmnesiacTrainer._choose_scale, AmnesiacTrainer._repair_until_restored
+
+    def spy_choose(self, params, snapshot, update, auto, max_harm, keep_fraction):
+        limits.append(max_harm)
+        return choose(self, params, snapshot, update, auto, max_harm, keep_fraction)
+
+    def failing_first_repair(self, auto):  # the first attempt's repair reports failure
+        steps, restored = repair(self, auto)
+        outcomes.append(restored)
+        return steps, restored and len(outcomes) > 1
+
+    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", spy_choose)
+    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", failing_first_repair)
+    report = trainer.forget(ids, max_harm=20.0)
+    assert limits == [20.0, 10.0]
+    assert report.scale == alone.scale and report.repair_steps == alone.repair_steps
+    assert torch.equal(_weights(trainer), expected)
+    # never more than HARM_RETRIES halvings, and the last attempt is kept
+    _reset(trainer, theta)
+    limits.clear()
+    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", lambda self, auto: (repair(self, auto)[0], False))
+    trainer.forget(ids, max_harm=40.0)
+    assert limits == [40.0 / 2**k for k in range(HARM_RETRIES + 1)]
+    assert sorted(trainer.forgotten_ids()) == sorted(ids)
 
 
 def test_auto_reads_only_the_holdout_and_training_rows(trained, monkeypatch):
