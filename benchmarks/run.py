@@ -5,7 +5,8 @@
 
 Prints tables, then as its last line one JSON object with: overhead_cnn, overhead_bert (the
 default `rows` layout), overhead_cnn_entries, overhead_bert_entries (`keep_layout="entries"`),
-opacus_dense_cnn, peak_mem_ratio_cnn, store_overhead_pct, forget_1_ms, forget_6000_s,
+overhead_cnn_tails_filling, overhead_cnn_tails_full (a 220-step run: while the open momentum
+tails fill, and once they are full), opacus_dense_cnn, peak_mem_ratio_cnn, store_overhead_pct, forget_1_ms, forget_6000_s,
 rte_speedup (Retrain without one id / forget of that id), rte_speedup_6000, forget_default_s
 (see docs/performance.md).
 """
@@ -105,8 +106,8 @@ def _args(out, batch, steps, record_kw=None, **kw):
     )
 
 
-def step_time(make_model, data, batch, steps, record, keep_fraction=0.01, keep_layout="rows"):
-    """Median seconds per optimizer step (first 3 steps dropped)."""
+def step_times(make_model, data, batch, steps, record, keep_fraction=0.01, keep_layout="rows"):
+    """Seconds of every optimizer step of one training run."""
     with tempfile.TemporaryDirectory() as out:
         timer = StepTimer()
         trainer = AmnesiacTrainer(
@@ -117,7 +118,25 @@ def step_time(make_model, data, batch, steps, record, keep_fraction=0.01, keep_l
             record=record,
         )
         trainer.train()
-        return statistics.median(timer.times[3:])
+        return timer.times
+
+
+def step_time(make_model, data, batch, steps, record, keep_fraction=0.01, keep_layout="rows"):
+    """Median seconds per optimizer step (first 3 steps dropped)."""
+    return statistics.median(step_times(make_model, data, batch, steps, record, keep_fraction, keep_layout)[3:])
+
+
+def overhead_by_phase(steps=220, batch=64):
+    """Recording / plain median step time of the CNN in the phases of a longer run: while the open
+    momentum tails fill (each step keeps B*K*16 bytes for W = 153 steps at beta1 0.9) and once
+    they are full (closed tails free as much as new ones take). One run each, side by side."""
+    data = images(batch * steps)
+    plain = step_times(cnn, data, batch, steps, record=False)
+    recording = step_times(cnn, data, batch, steps, record=True)
+    phases = {"first_30": (3, 30), "filling": (30, 150), "full": (170, steps)}
+    return {
+        name: statistics.median(recording[lo:hi]) / statistics.median(plain[lo:hi]) for name, (lo, hi) in phases.items()
+    }
 
 
 def overhead(make_model, data, batch, steps, keep_fraction=0.01, rounds=2, layouts=("entries",)):
@@ -282,6 +301,13 @@ def main(argv=None):
     print(
         f"CNN (455k params, batch 64, p=0.01): plain {plain * 1e3:.1f} ms/step, recording "
         + ", ".join(f"{layout} {amnesiac[layout] * 1e3:.1f} ms/step ({ratio[layout]:.2f}x)" for layout in layouts)
+    )
+    phases = overhead_by_phase()
+    result["overhead_cnn_tails_filling"], result["overhead_cnn_tails_full"] = phases["filling"], phases["full"]
+    print(
+        "CNN, one 220-step run each: recording / plain "
+        + ", ".join(f"{name} {value:.2f}x" for name, value in phases.items())
+        + " (steps 3-30, 30-150 while the open tails fill, 170-220 once they are full)"
     )
     ratio, plain, amnesiac = overhead(bert, texts(32 * 10), 32, 10, layouts=layouts)
     result["overhead_bert"], result["overhead_bert_entries"] = ratio["rows"], ratio["entries"]

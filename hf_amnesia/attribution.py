@@ -105,7 +105,7 @@ class MomentumLedger:
         factor = self.beta1 ** (self.base - new_base)
         for item in self.open:
             now = self.ledger if item.start.dim() == 1 else self.ledger[item.positions]
-            item.start = (item.start - now) * factor
+            item.start.sub_(now).mul_(factor)  # in place: no new memory for every open tail at once
         self.ledger.zero_()
         self.base = new_base
 
@@ -138,7 +138,7 @@ class MomentumLedger:
                     ids=state[f"open.{k}.ids"].numpy().copy(),
                     positions=state[f"open.{k}.positions"].to(device),
                     contrib=state[f"open.{k}.contrib"].to(device),
-                    start=state[f"open.{k}.start"].to(device),
+                    start=state[f"open.{k}.start"].to(device).clone(),  # re-based in place later
                 )
             )
 
