@@ -23,6 +23,7 @@ METHODS = {
     "hf_amnesia_exact+repair",
     "hf_amnesia_auto_no_repair",
     "hf_amnesia_norm",
+    "hf_amnesia_unseen",
     "per_batch",
     "per_batch+repair",
     "per_batch_subset",
