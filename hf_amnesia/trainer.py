@@ -458,7 +458,15 @@ class AmnesiacTrainer(Trainer):
                     repair_steps, restored = self._repair_until_restored(auto) if len(todo) else (0, True)
                 elif repair_steps:
                     self._repair(int(repair_steps))
-                if restored or attempt == len(limits) - 1:
+                if restored:
+                    break
+                if attempt == len(limits) - 1:
+                    logger.warning(
+                        "forget: the repair did not bring retained accuracy back within its budget; the model "
+                        "keeps the last attempt (scale %.3g). Check it on held-out data, or call forget again on "
+                        "the original weights with a smaller max_harm or a fixed repair_steps.",
+                        scale,
+                    )
                     break
                 logger.warning(
                     "forget: the repair did not bring retained accuracy back within its budget at scale %.3g "
