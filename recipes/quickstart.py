@@ -84,6 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
         state.print("|---|" + "---|" * len(results))
         for method in methods:
             state.print(f"| {method} | " + " | ".join(f"{results[s][method]['avg_gap']:.2f}" for s in results) + " |")
+        state.print("\nWhat the Gap averages (UA, RA, TA, MIA in %), hf_amnesia vs Retrain:")
+        for scenario, rows in results.items():
+            ours, gold = rows["hf_amnesia"], rows["retrain"]
+            state.print(
+                f"  {scenario}: "
+                + ", ".join(f"{m.upper()} {ours[m]:.1f} vs {gold[m]:.1f}" for m in ("ua", "ra", "ta", "mia"))
+            )
         state.print(f"\nFull table: {os.path.join(config.output_dir, 'results.md')}")
     return results
 
