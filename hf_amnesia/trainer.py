@@ -442,6 +442,7 @@ class AmnesiacTrainer(Trainer):
             both_auto = scale == "auto" and repair_steps == "auto" and len(todo) > 0
             limits = [max_harm / 2**k for k in range(HARM_RETRIES + 1)] if both_auto else [max_harm]
             requested_scale, requested_repair = scale, repair_steps
+            failed = None  # (scale, repair steps, weights) of the last attempt whose repair failed
             for attempt, limit in enumerate(limits):
                 _restore(params, snapshot)
                 scale = requested_scale
@@ -451,6 +452,15 @@ class AmnesiacTrainer(Trainer):
                     trace.extend(choice.trace)
                     _restore(params, snapshot)
                 scale = float(scale)
+                if failed is not None and scale >= failed[0]:  # a smaller budget gave no smaller scale
+                    scale, repair_steps = failed[0], failed[1]  # (e.g. the class fallback): keep that attempt
+                    _restore(params, failed[2])
+                    logger.warning(
+                        "forget: a smaller max_harm gives no smaller scale; the model keeps the attempt at scale "
+                        "%.3g, whose repair did not bring retained accuracy back. Check it on held-out data.",
+                        scale,
+                    )
+                    break
                 apply_update(params, update, scale)
                 self._set_forgotten(sorted(done | set(todo.tolist())))
                 repair_steps, restored = requested_repair, True
@@ -468,6 +478,7 @@ class AmnesiacTrainer(Trainer):
                         scale,
                     )
                     break
+                failed = (scale, repair_steps, [p.detach().clone() for p in params])
                 logger.warning(
                     "forget: the repair did not bring retained accuracy back within its budget at scale %.3g "
                     "(max_harm %.3g); trying again from the original weights with max_harm %.3g.",

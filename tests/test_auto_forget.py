@@ -10,6 +10,7 @@ from tiny import TinyCNN, image_dataset, tiny_config
 from hf_amnesia import AmnesiacTrainer, ForgetRequestError
 from hf_amnesia.calibrate import (
     HARM_RETRIES,
+    ScaleChoice,
     forgotten_classes,
     largest_safe_scale,
     repair_budget,
@@ -130,6 +131,36 @@ def test_a_subtraction_the_repair_cannot_mend_is_retried_with_half_the_harm(trai
     trainer.forget(ids, max_harm=40.0)
     assert limits == [40.0 / 2**k for k in range(HARM_RETRIES + 1)]
     assert sorted(trainer.forgotten_ids()) == sorted(ids)
+
+
+def test_a_retry_that_cannot_lower_the_scale_keeps_the_failed_attempt(trained, monkeypatch):
+    """When halving max_harm gives no smaller scale (as the class fallback can), forget does not
+    repeat the same attempt: it keeps the one it made, after a single retry of the choice."""
+    trainer, train, holdout, theta = trained
+    ids = [int(i) for i in train["dataset_id"][:6]]
+    limits, repairs = [], []
+    repair = AmnesiacTrainer._repair_until_restored
+
+    def fixed_choice(self, params, snapshot, update, auto, max_harm, keep_fraction):
+        limits.append(max_harm)
+        return ScaleChoice(scale=1.5, trace=[(1.5, 0.0)])
+
+    def failing_repair(self, auto):
+        repairs.append(1)
+        return repair(self, auto)[0], False
+
+    _reset(trainer, theta)
+    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", fixed_choice)
+    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", failing_repair)
+    report = trainer.forget(ids)
+    after = _weights(trainer)
+    assert limits == [40.0, 20.0] and len(repairs) == 1
+    assert report.scale == 1.5
+    # the same single attempt, made directly
+    _reset(trainer, theta)
+    direct = trainer.forget(ids, scale=1.5, repair_steps="auto")
+    assert direct.repair_steps == report.repair_steps
+    assert torch.equal(_weights(trainer), after)
 
 
 def test_auto_reads_only_the_holdout_and_training_rows(trained, monkeypatch):
