@@ -452,11 +452,13 @@ class AmnesiacTrainer(Trainer):
                     trace.extend(choice.trace)
                     _restore(params, snapshot)
                 scale = float(scale)
-                if failed is not None and scale >= failed[0]:  # a smaller budget gave no smaller scale
-                    scale, repair_steps = failed[0], failed[1]  # (e.g. the class fallback): keep that attempt
+                if failed is not None and scale >= failed[0]:  # no smaller scale (e.g. the ceiling, or a
+                    if attempt < len(limits) - 1:  # class's fallback scale): no need to repeat that attempt
+                        continue
+                    scale, repair_steps = failed[0], failed[1]
                     _restore(params, failed[2])
                     logger.warning(
-                        "forget: a smaller max_harm gives no smaller scale; the model keeps the attempt at scale "
+                        "forget: no smaller max_harm gave a smaller scale; the model keeps the attempt at scale "
                         "%.3g, whose repair did not bring retained accuracy back. Check it on held-out data.",
                         scale,
                     )

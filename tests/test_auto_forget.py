@@ -134,8 +134,9 @@ def test_a_subtraction_the_repair_cannot_mend_is_retried_with_half_the_harm(trai
 
 
 def test_a_retry_that_cannot_lower_the_scale_keeps_the_failed_attempt(trained, monkeypatch):
-    """When halving max_harm gives no smaller scale (as the class fallback can), forget does not
-    repeat the same attempt: it keeps the one it made, after a single retry of the choice."""
+    """When halving max_harm gives no smaller scale (the ceiling, or a class's fallback scale),
+    forget does not repeat the same attempt: it keeps trying smaller budgets, then keeps the one
+    attempt it made."""
     trainer, train, holdout, theta = trained
     ids = [int(i) for i in train["dataset_id"][:6]]
     limits, repairs = [], []
@@ -154,7 +155,7 @@ def test_a_retry_that_cannot_lower_the_scale_keeps_the_failed_attempt(trained, m
     monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", failing_repair)
     report = trainer.forget(ids)
     after = _weights(trainer)
-    assert limits == [40.0, 20.0] and len(repairs) == 1
+    assert limits == [40.0 / 2**k for k in range(HARM_RETRIES + 1)] and len(repairs) == 1
     assert report.scale == 1.5
     # the same single attempt, made directly
     _reset(trainer, theta)
