@@ -258,10 +258,10 @@ class PerSampleCapture:
                 self._rows[key] = ((positions[:, column : column + kept * cols : cols] - offset) // cols).long()
                 continue
             if key in self.row_slot:  # a fixed range of columns in every sample
-                column, kept, cols = self.row_slot[key]
-                width = kept * cols
-                rows, cols = self._fixed_columns(key, column, width, positions.device)
-                self._select[key] = (rows, cols, (positions[:, column : column + width] - offset).reshape(-1))
+                column, kept, row_length = self.row_slot[key]
+                width = kept * row_length
+                samples, columns = self._fixed_columns(key, column, width, positions.device)
+                self._select[key] = (samples, columns, (positions[:, column : column + width] - offset).reshape(-1))
                 continue
             inside = (positions >= offset) & (positions < offset + numel)
             rows, cols = inside.nonzero(as_tuple=True)

@@ -105,9 +105,9 @@ def kept_positions(seed: int, dataset_id: int, num_params: int, k: int) -> np.nd
     return np.sort(rng.choice(num_params, size=k, replace=False, shuffle=False)).astype(np.int64)
 
 
-def positions_for(seed: int, ids: np.ndarray, num_params: int, k: int) -> np.ndarray:
+def positions_for(seed: int, ids: np.ndarray, num_params: int, k: int, dtype=np.int64) -> np.ndarray:
     """[len(ids), K] kept positions of several ids (the `entries` layout)."""
-    out = np.empty((len(ids), k), dtype=np.int64)
+    out = np.empty((len(ids), k), dtype=dtype)
     for row, dataset_id in enumerate(ids):
         out[row] = kept_positions(seed, int(dataset_id), num_params, k)
     return out
@@ -118,7 +118,7 @@ def manifest_positions(manifest: Manifest, ids, dtype=np.int64) -> np.ndarray:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if manifest.keep_layout == "rows":
         return row_positions(manifest.seed, ids, manifest.layout.shapes, manifest.keep_fraction, dtype)
-    return positions_for(manifest.seed, ids, manifest.num_params, manifest.k).astype(dtype, copy=False)
+    return positions_for(manifest.seed, ids, manifest.num_params, manifest.k, dtype)
 
 
 def _encode(values: torch.Tensor, dtype: str) -> np.ndarray:
