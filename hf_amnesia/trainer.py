@@ -673,10 +673,9 @@ class AmnesiacTrainer(Trainer):
         choice.scale = max(choice.scale, reached.scale)
         return choice
 
-    def _repair_until_restored(self, auto: _AutoData) -> tuple[int, bool]:
-        """Fine-tune on the retained rows until their accuracy is back at the original's.
-
-        Returns (steps taken, whether the accuracy is back)."""
+    def _repair_until_restored(self, auto: _AutoData, trainer_class=None) -> tuple[int, bool]:
+        """Fine-tune on the retained rows until their accuracy is back at the original's
+        (`trainer_class` may change the fine-tune's loss). Returns (steps taken, whether it is back)."""
         target = auto.original_accuracy - 100.0 / len(auto.retained_sample)  # one row of slack
 
         def restored() -> bool:
@@ -691,6 +690,7 @@ class AmnesiacTrainer(Trainer):
             budget,
             self.args,
             data_collator=self.data_collator,
+            trainer_class=trainer_class,
             stop_when=restored,
             check_every=repair_check_every(budget),
         )

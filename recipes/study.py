@@ -489,8 +489,6 @@ def _unseen_rule_forget(
     (scale, repair steps)."""
     from torch.utils.data import DataLoader
 
-    from hf_amnesia.calibrate import repair_budget, repair_check_every
-
     auto = trainer._auto_data(forget_ids, None, None, need_holdout=False)
     auto.original_accuracy = trainer._accuracy(auto.retained_sample)
     model = trainer.model
@@ -515,25 +513,7 @@ def _unseen_rule_forget(
             forget_loss = model(**batch)["loss"]
             return loss + torch.relu(target - forget_loss)
 
-    goal = auto.original_accuracy - 100.0 / len(auto.retained_sample)
-
-    def restored() -> bool:
-        return trainer._accuracy(auto.retained_sample) >= goal
-
-    if restored():
-        return report.scale, 0
-    budget = repair_budget(auto.planned_steps)
-    steps = finetune(
-        model,
-        auto.retained,
-        budget,
-        config,
-        data_collator=trainer.data_collator,
-        trainer_class=KeepingUnseen,
-        stop_when=restored,
-        check_every=repair_check_every(budget),
-    )
-    return report.scale, steps
+    return report.scale, trainer._repair_until_restored(auto, trainer_class=KeepingUnseen)[0]
 
 
 def _init_fields(config: AmnesiaConfig) -> dict:
