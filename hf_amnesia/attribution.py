@@ -81,7 +81,7 @@ class MomentumLedger:
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Account optimizer step `t` (1-based, consecutive) and yield the deltas that closed."""
         if len(ids):
-            start = self.ledger.clone() if positions.numel() >= self.ledger.numel() else self.ledger[positions]
+            start = self.ledger.clone() if positions.numel() >= self.ledger.numel() else _gather(self.ledger, positions)
             if positions.stride(0) != 0 and self.ledger.numel() < 2**31:
                 positions = positions.to(torch.int32)  # half the memory of the open tails' positions
             self.open.append(OpenStep(t, ids, positions, contrib.float(), start))
@@ -96,15 +96,15 @@ class MomentumLedger:
             yield self._close(self.open.popleft())
 
     def _close(self, item: OpenStep) -> tuple[np.ndarray, torch.Tensor]:
-        start = item.start[item.positions] if item.start.dim() == 1 else item.start
-        tail = self.ledger[item.positions] - start  # float64: the difference cancels digits
+        start = _gather(item.start, item.positions) if item.start.dim() == 1 else item.start
+        tail = _gather(self.ledger, item.positions) - start  # float64: the difference cancels digits
         coef = -(1.0 - self.beta1) * self.beta1 ** (self.base - item.step)
         return item.ids, tail.float().mul_(coef).mul_(item.contrib)
 
     def _rebase(self, new_base: int) -> None:
         factor = self.beta1 ** (self.base - new_base)
         for item in self.open:
-            now = self.ledger if item.start.dim() == 1 else self.ledger[item.positions]
+            now = self.ledger if item.start.dim() == 1 else _gather(self.ledger, item.positions)
             item.start.sub_(now).mul_(factor)  # in place: no new memory for every open tail at once
         self.ledger.zero_()
         self.base = new_base
@@ -147,6 +147,14 @@ class MomentumLedger:
         return sum(i.positions.numel() * 8 + i.contrib.numel() * 4 + i.start.numel() * 8 for i in self.open)
 
 
+def _gather(vector: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`vector[positions]` for [n, K] positions, through `index_select` on the flat positions: the
+    same values, several times faster than advanced indexing with int32 positions on the CPU."""
+    if positions.stride(0) == 0:  # a broadcast view: every sample keeps the same positions
+        return vector.index_select(0, positions[0]).expand(positions.shape).contiguous()
+    return vector.index_select(0, positions.reshape(-1)).view(positions.shape)
+
+
 def adam_step_weights(
     params: list[torch.Tensor],
     states: list[dict],
@@ -165,7 +173,7 @@ def adam_step_weights(
     out = torch.empty(
         sum(p.numel() for p in params), dtype=torch.float64 if wide else torch.float32, device=decay.device
     )
-    new_decay = decay.clone()
+    new_decay = decay.tolist()  # Python floats: no tensor op per parameter for a scalar
     offset = 0
     for j, (param, state, group) in enumerate(zip(params, states, hyper)):
         piece = out[offset : offset + param.numel()]
@@ -176,9 +184,11 @@ def adam_step_weights(
         t = float(state["step"])
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
-        a_t = lr / (1.0 - beta1**t)
-        new_decay[j] = decay[j] * (1.0 - lr * group["weight_decay"])
+        new_decay[j] *= 1.0 - lr * group["weight_decay"]
+        # D_t = 1 / (sqrt(v_t) / sqrt(1 - b2^t) + eps), in the order PyTorch's Adam computes it
         v = state["exp_avg_sq"].detach().reshape(-1).to(device=decay.device)
-        torch.div(v, 1.0 - beta2**t, out=piece)
-        piece.sqrt_().add_(group["eps"]).reciprocal_().mul_(a_t / float(new_decay[j]))
-    return out, new_decay
+        torch.sqrt(v, out=piece)
+        piece.div_(math.sqrt(1.0 - beta2**t)).add_(group["eps"]).reciprocal_().mul_(
+            lr / (1.0 - beta1**t) / new_decay[j]
+        )
+    return out, torch.tensor(new_decay, dtype=decay.dtype, device=decay.device)

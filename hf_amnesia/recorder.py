@@ -107,13 +107,16 @@ class Recorder:
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         hyper = [group_of[id(p)] for p in self.params]
         x_t, self.decay = adam_step_weights(self.params, states, hyper, self.decay)
-        if pending:
+        if len(pending) == 1:  # one microbatch: its own buffers become the open tail, no copy
+            ids, positions, contrib = pending[0]
+            contrib.mul_(coef / self.world_size)
+        elif pending:
             ids = np.concatenate([ids for ids, _, _ in pending])
             if self.k == self.layout.num_params:
                 positions = self._positions_of(ids)  # a broadcast view
             else:
                 positions = torch.cat([pos for _, pos, _ in pending])
-            contrib = torch.cat([vals for _, _, vals in pending]) * (coef / self.world_size)
+            contrib = torch.cat([vals for _, _, vals in pending]).mul_(coef / self.world_size)
         else:
             ids = np.zeros(0, dtype=np.int64)
             positions = contrib = None

@@ -19,6 +19,7 @@ Kept positions are a deterministic function of (seed, dataset id) and are never 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -72,29 +73,41 @@ def row_positions(seed: int, ids: np.ndarray, shapes, keep_fraction: float, dtyp
     """[len(ids), K] kept positions in the `rows` layout: whole rows, fixed by (seed, dataset id).
 
     Each tensor keeps the rows with the smallest hash of (seed, id, tensor, row): one
-    vectorised pass over the batch, no per-sample generator. `dtype` may be np.int32 when the
-    model has fewer than 2**31 trainable entries.
+    vectorised pass over the batch and every tensor's rows, no per-sample generator. `dtype`
+    may be np.int32 when the model has fewer than 2**31 trainable entries.
     """
     ids = np.asarray(ids, dtype=np.uint64)
-    plan = row_plan(keep_fraction, shapes)
+    plan, row_salts = _row_salts(tuple(tuple(int(d) for d in shape) for shape in shapes), float(keep_fraction))
     out = np.empty((len(ids), sum(r * c for _, c, r in plan)), dtype=dtype)
-    mask = 2**64 - 1
-    base = _mix(_mix(ids ^ np.uint64(((int(seed) & 0xFFFFFFFF) * 0x9E3779B97F4A7C15) & mask)))
-    column = offset = 0
-    for tensor, (rows, cols, kept) in enumerate(plan):
+    base = _mix(_mix(ids ^ np.uint64(((int(seed) & 0xFFFFFFFF) * 0x9E3779B97F4A7C15) & (2**64 - 1))))
+    keys = _mix(base[:, None] ^ row_salts[None, :])  # [n, all rows]: every tensor's row hashes at once
+    column = offset = first = 0
+    for rows, cols, kept in plan:
+        own = keys[:, first : first + rows]
+        first += rows
         if kept == rows:
             chosen = np.broadcast_to(np.arange(rows), (len(ids), rows))
+        elif kept == 1:
+            chosen = own.argmin(axis=1)[:, None]
         else:
-            salt = np.uint64(((tensor * 0x100000001B3 + 0x414D) * 0xD6E8FEB86659FD93) & mask)
-            keys = _mix(
-                base[:, None] ^ salt ^ (np.arange(rows, dtype=np.uint64)[None, :] * np.uint64(0xA24BAED4963EE407))
-            )
-            chosen = np.sort(np.argpartition(keys, kept - 1, axis=1)[:, :kept], axis=1)
-        block = offset + chosen[:, :, None].astype(dtype) * cols + np.arange(cols, dtype=dtype)[None, None, :]
-        out[:, column : column + kept * cols] = block.reshape(len(ids), -1)
+            chosen = np.sort(np.argpartition(own, kept - 1, axis=1)[:, :kept], axis=1)
+        block = out[:, column : column + kept * cols].reshape(len(ids), kept, cols)  # a view: written in place
+        np.add((offset + chosen * cols).astype(dtype)[:, :, None], np.arange(cols, dtype=dtype), out=block)
         column += kept * cols
         offset += rows * cols
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _row_salts(shapes: tuple[tuple[int, ...], ...], keep_fraction: float):
+    """The row plan and, for every row of every tensor, the salt its hash mixes with the id's."""
+    mask = 2**64 - 1
+    salts = []
+    for tensor, shape in enumerate(shapes):
+        salt = np.uint64(((tensor * 0x100000001B3 + 0x414D) * 0xD6E8FEB86659FD93) & mask)
+        rows = int(shape[0]) if len(shape) else 1
+        salts.append(salt ^ (np.arange(rows, dtype=np.uint64) * np.uint64(0xA24BAED4963EE407)))
+    return row_plan(keep_fraction, shapes), np.concatenate(salts)
 
 
 def kept_positions(seed: int, dataset_id: int, num_params: int, k: int) -> np.ndarray:
