@@ -1,6 +1,7 @@
 """The sparse path (kept entries only) equals the dense Opacus oracle, and never builds the
 dense per-sample tensor for the layers it covers."""
 
+import numpy as np
 import pytest
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -179,6 +180,18 @@ def test_rows_layout_equals_dense_oracle(name, keep_fraction, monkeypatch):
     err = (rows - dense).norm(dim=1) / dense.norm(dim=1).clamp_min(1e-30)
     assert err.max() <= REL_TOL, err.max()
     assert calls  # the row rules did the work
+
+
+def test_row_positions_never_change_across_versions():
+    # Stores keep no positions: forget recomputes them from (seed, id), so a store written by an
+    # earlier version is read right only while these values hold. Pinned from version 0.1's output.
+    got = row_positions(7, [0, 1, 12345], [(8, 3), (8,), (5, 2, 2), (3,)], 0.25)
+    assert got.tolist() == [
+        [18, 19, 20, 21, 22, 23, 26, 28, 32, 33, 34, 35, 52],
+        [12, 13, 14, 18, 19, 20, 24, 25, 44, 45, 46, 47, 53],
+        [3, 4, 5, 9, 10, 11, 26, 28, 44, 45, 46, 47, 52],
+    ]
+    assert (row_positions(7, [12345], [(8, 3), (8,), (5, 2, 2), (3,)], 0.25, np.int32) == got[2]).all()
 
 
 def test_row_positions_are_whole_distinct_rows_fixed_by_id():
