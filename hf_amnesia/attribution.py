@@ -160,19 +160,21 @@ def adam_step_weights(
     states: list[dict],
     hyper: list[dict],
     decay: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`x_t = a_t D_t / Q_t` for every trainable entry, right after an optimizer step.
 
     `states[j]` is the optimizer state of parameter j (`step`, `exp_avg_sq`), `hyper[j]` its
     param group (`lr`, `betas`, `eps`, `weight_decay`). `decay` holds `Q_{t-1}` per parameter
     tensor and is returned updated to `Q_t`. A parameter without state this step (no gradient)
-    gets x = 0 and no decay, as the optimizer skipped it.
+    gets x = 0 and no decay, as the optimizer skipped it. `out`, when given and of the right
+    size and type, receives `x_t` (a buffer reused every step: no fresh memory to fault in).
     """
     # In the optimizer's own precision (at least float32): D_t is what the step used.
     wide = any("exp_avg_sq" in s and s["exp_avg_sq"].dtype == torch.float64 for s in states)
-    out = torch.empty(
-        sum(p.numel() for p in params), dtype=torch.float64 if wide else torch.float32, device=decay.device
-    )
+    dtype, size = (torch.float64 if wide else torch.float32), sum(p.numel() for p in params)
+    if out is None or out.dtype != dtype or out.numel() != size or out.device != decay.device:
+        out = torch.empty(size, dtype=dtype, device=decay.device)
     new_decay = decay.tolist()  # Python floats: no tensor op per parameter for a scalar
     offset = 0
     for j, (param, state, group) in enumerate(zip(params, states, hyper)):

@@ -57,6 +57,7 @@ class Recorder:
         self._ids: np.ndarray | None = None
         self._positions: torch.Tensor | None = None
         self.clip_coef = 1.0
+        self._x_t: torch.Tensor | None = None
         self.steps = 0
         self._last_counts = self._step_counts()
         self.record_seconds = 0.0
@@ -106,7 +107,8 @@ class Recorder:
         # Look groups up at every step: `load_state_dict` (Accelerate, resuming) replaces the dicts.
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         hyper = [group_of[id(p)] for p in self.params]
-        x_t, self.decay = adam_step_weights(self.params, states, hyper, self.decay)
+        x_t, self.decay = adam_step_weights(self.params, states, hyper, self.decay, out=self._x_t)
+        self._x_t = x_t  # the ledger reads it at once: the next step reuses the buffer
         if len(pending) == 1:  # one microbatch: its own buffers become the open tail, no copy
             ids, positions, contrib = pending[0]
             contrib.mul_(coef / self.world_size)
