@@ -43,7 +43,8 @@ from hf_amnesia.trainer import finetune
 SCENARIOS = ("class", "random_10", "random_1", "canary_1")
 SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries
 # Candidate rules run only when named in --methods (not in `all`): each costs another repair.
-RESEARCH_METHODS = ("hf_amnesia_unseen", "hf_amnesia_quantile")
+RESEARCH_METHODS = ("hf_amnesia_unseen", "hf_amnesia_quantile", "hf_amnesia_quantile_live")
+LIVE_REFRESH = 8  # steps between two measurements of the held-out losses (hf_amnesia_quantile_live)
 
 
 @dataclass
@@ -340,7 +341,11 @@ def run_study(
                 "_model": candidate,
             }
 
-        for name, match in (("hf_amnesia_unseen", "mean"), ("hf_amnesia_quantile", "quantiles")):
+        for name, match in (
+            ("hf_amnesia_unseen", "mean"),
+            ("hf_amnesia_quantile", "quantiles"),
+            ("hf_amnesia_quantile_live", "live quantiles"),
+        ):
             if not wanted(name):
                 continue
             candidate = copy.deepcopy(original)
@@ -492,7 +497,9 @@ def _unseen_rule_forget(
     - match="mean": relu(target - their mean loss), target = the original's mean held-out loss;
     - match="quantiles": the mean of relu(h_q - loss) over the batch, each row's h_q being the
       original's held-out loss at that row's quantile within the batch (1-D quantile matching:
-      only rows fitting better than their held-out counterpart are pushed, and only up to it).
+      only rows fitting better than their held-out counterpart are pushed, and only up to it);
+    - match="live quantiles": the same with the held-out losses of the model being repaired,
+      measured again every LIVE_REFRESH steps.
     Candidate rules for comparison; returns (scale, repair steps)."""
     from torch.utils.data import DataLoader
 
@@ -513,7 +520,14 @@ def _unseen_rule_forget(
 
     batches = forget_batches()
 
+    calls = 0
+
     def gap(losses: torch.Tensor) -> torch.Tensor:
+        nonlocal held_out, calls
+        if match == "live quantiles" and calls % LIVE_REFRESH == 0:
+            with torch.no_grad():
+                held_out = np.sort(_row_losses(model, holdout, label_column))
+        calls += 1
         if match == "mean":
             return torch.relu(float(held_out.mean()) - losses.mean())
         ranks = torch.argsort(torch.argsort(losses.detach())).cpu().numpy()
