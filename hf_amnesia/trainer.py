@@ -433,61 +433,12 @@ class AmnesiacTrainer(Trainer):
         before = weights_fingerprint(params) if save_to is not None else None
         update = forget_update(reader, todo)
         committed = False
-        trace: list[tuple[float, float]] = []
         if repair_steps == "auto":
             auto.original_accuracy = self._accuracy(auto.retained_sample)
         try:
-            # With both choices automatic, a subtraction the bounded repair cannot mend is undone and
-            # tried again with half the harm budget (at most HARM_RETRIES times).
-            both_auto = scale == "auto" and repair_steps == "auto" and len(todo) > 0
-            limits = [max_harm / 2**k for k in range(HARM_RETRIES + 1)] if both_auto else [max_harm]
-            requested_scale, requested_repair = scale, repair_steps
-            failed = None  # (scale, repair steps, weights) of the last attempt whose repair failed
-            for attempt, limit in enumerate(limits):
-                _restore(params, snapshot)
-                scale = requested_scale
-                if scale == "auto":
-                    choice = self._choose_scale(params, snapshot, update, auto, limit, reader.manifest.keep_fraction)
-                    scale = choice.scale
-                    trace.extend(choice.trace)
-                    _restore(params, snapshot)
-                scale = float(scale)
-                if failed is not None and scale >= failed[0]:  # no smaller scale (e.g. the ceiling, or a
-                    if attempt < len(limits) - 1:  # class's fallback scale): no need to repeat that attempt
-                        continue
-                    scale, repair_steps = failed[0], failed[1]
-                    _restore(params, failed[2])
-                    logger.warning(
-                        "forget: no smaller max_harm gave a smaller scale; the model keeps the attempt at scale "
-                        "%.3g, whose repair did not bring retained accuracy back. Check it on held-out data.",
-                        scale,
-                    )
-                    break
-                apply_update(params, update, scale)
-                self._set_forgotten(sorted(done | set(todo.tolist())))
-                repair_steps, restored = requested_repair, True
-                if repair_steps == "auto":
-                    repair_steps, restored = self._repair_until_restored(auto) if len(todo) else (0, True)
-                elif repair_steps:
-                    self._repair(int(repair_steps))
-                if restored:
-                    break
-                if attempt == len(limits) - 1:
-                    logger.warning(
-                        "forget: the repair did not bring retained accuracy back within its budget; the model "
-                        "keeps the last attempt (scale %.3g). Check it on held-out data, or call forget again on "
-                        "the original weights with a smaller max_harm or a fixed repair_steps.",
-                        scale,
-                    )
-                    break
-                failed = (scale, repair_steps, [p.detach().clone() for p in params])
-                logger.warning(
-                    "forget: the repair did not bring retained accuracy back within its budget at scale %.3g "
-                    "(max_harm %.3g); trying again from the original weights with max_harm %.3g.",
-                    scale,
-                    limit,
-                    limits[attempt + 1],
-                )
+            scale, repair_steps, trace = self._subtract_and_repair(
+                params, snapshot, update, todo, done, scale, repair_steps, auto, max_harm, reader.manifest.keep_fraction
+            )
             report = ForgetReport(
                 forgotten=todo.tolist(),
                 already_forgotten=already,
@@ -540,6 +491,65 @@ class AmnesiacTrainer(Trainer):
                     roll_back(Path(save_to))
             raise
         return report
+
+    def _subtract_and_repair(
+        self, params, snapshot, update, todo, done, scale, repair_steps, auto, max_harm, keep_fraction
+    ) -> tuple[float, int, list[tuple[float, float]]]:
+        """Subtract `update` (at the automatic scale, or the given one) and repair. Returns the scale,
+        the repair steps and the scale choice's trace.
+
+        With both choices automatic, a subtraction the bounded repair cannot mend is undone and tried
+        again from the original weights with half the harm budget, at most HARM_RETRIES times; a halved
+        budget that gives no smaller scale is skipped, as it would repeat the same attempt."""
+        trace: list[tuple[float, float]] = []
+        both_auto = scale == "auto" and repair_steps == "auto" and len(todo) > 0
+        limits = [max_harm / 2**k for k in range(HARM_RETRIES + 1)] if both_auto else [max_harm]
+        failed = None  # (scale, repair steps, weights) of the last attempt whose repair failed
+        for attempt, limit in enumerate(limits):
+            last = attempt == len(limits) - 1
+            _restore(params, snapshot)
+            chosen = scale
+            if scale == "auto":
+                choice = self._choose_scale(params, snapshot, update, auto, limit, keep_fraction)
+                chosen = choice.scale
+                trace.extend(choice.trace)
+                _restore(params, snapshot)
+            chosen = float(chosen)
+            if failed is not None and chosen >= failed[0]:  # no smaller scale (e.g. the ceiling, or a class's
+                if not last:  # fallback scale): no need to repeat that attempt
+                    continue
+                _restore(params, failed[2])
+                logger.warning(
+                    "forget: no smaller max_harm gave a smaller scale; the model keeps the attempt at scale "
+                    "%.3g, whose repair did not bring retained accuracy back. Check it on held-out data.",
+                    failed[0],
+                )
+                return failed[0], failed[1], trace
+            apply_update(params, update, chosen)
+            self._set_forgotten(sorted(done | set(todo.tolist())))
+            steps, restored = repair_steps, True
+            if repair_steps == "auto":
+                steps, restored = self._repair_until_restored(auto) if len(todo) else (0, True)
+            elif repair_steps:
+                self._repair(int(repair_steps))
+            if restored or last:
+                if not restored:
+                    logger.warning(
+                        "forget: the repair did not bring retained accuracy back within its budget; the model "
+                        "keeps the last attempt (scale %.3g). Check it on held-out data, or call forget again "
+                        "on the original weights with a smaller max_harm or a fixed repair_steps.",
+                        chosen,
+                    )
+                return chosen, int(steps), trace
+            failed = (chosen, steps, [p.detach().clone() for p in params])
+            logger.warning(
+                "forget: the repair did not bring retained accuracy back within its budget at scale %.3g "
+                "(max_harm %.3g); trying again from the original weights with max_harm %.3g.",
+                chosen,
+                limit,
+                limits[attempt + 1],
+            )
+        raise AssertionError("unreachable: the last attempt always returns")
 
     def forgotten_ids(self) -> list[int]:
         """Ids this model has already forgotten (saved with the model's config)."""
