@@ -166,15 +166,17 @@ def adam_step_weights(
 
     `states[j]` is the optimizer state of parameter j (`step`, `exp_avg_sq`), `hyper[j]` its
     param group (`lr`, `betas`, `eps`, `weight_decay`). `decay` holds `Q_{t-1}` per parameter
-    tensor and is returned updated to `Q_t`. A parameter without state this step (no gradient)
-    gets x = 0 and no decay, as the optimizer skipped it. `out`, when given and of the right
-    size and type, receives `x_t` (a buffer reused every step: no fresh memory to fault in).
+    tensor (on the CPU) and is returned updated to `Q_t`; `x_t` lies on the parameters' device,
+    where the ledger is. A parameter without state this step (no gradient) gets x = 0 and no
+    decay, as the optimizer skipped it. `out`, when given and of the right size and type,
+    receives `x_t` (a buffer reused every step: no fresh memory to fault in).
     """
     # In the optimizer's own precision (at least float32): D_t is what the step used.
     wide = any("exp_avg_sq" in s and s["exp_avg_sq"].dtype == torch.float64 for s in states)
     dtype, size = (torch.float64 if wide else torch.float32), sum(p.numel() for p in params)
-    if out is None or out.dtype != dtype or out.numel() != size or out.device != decay.device:
-        out = torch.empty(size, dtype=dtype, device=decay.device)
+    device = params[0].device if params else decay.device  # the ledger's: x_t never leaves it
+    if out is None or out.dtype != dtype or out.numel() != size or out.device != device:
+        out = torch.empty(size, dtype=dtype, device=device)
     new_decay = decay.tolist()  # Python floats: no tensor op per parameter for a scalar
     offset = 0
     for j, (param, state, group) in enumerate(zip(params, states, hyper)):
@@ -188,9 +190,8 @@ def adam_step_weights(
         lr = float(group["lr"])
         new_decay[j] *= 1.0 - lr * group["weight_decay"]
         # a_t D_t / Q_t with D_t = 1 / (sqrt(v_t) / c + eps), c = sqrt(1 - b2^t), computed as
-        # (a_t c / Q_t) / (sqrt(v_t) + eps c): three passes over the entries instead of five.
+        # (a_t c / Q_t) / (sqrt(v_t) + eps c): four passes over the entries instead of five.
         c = math.sqrt(1.0 - beta2**t)
-        v = state["exp_avg_sq"].detach().reshape(-1).to(device=decay.device)
-        torch.sqrt(v, out=piece).add_(group["eps"] * c)
-        torch.div(torch.tensor(lr / (1.0 - beta1**t) * c / new_decay[j], dtype=out.dtype), piece, out=piece)
+        v = state["exp_avg_sq"].detach().reshape(-1).to(device=device)
+        torch.sqrt(v, out=piece).add_(group["eps"] * c).reciprocal_().mul_(lr / (1.0 - beta1**t) * c / new_decay[j])
     return out, torch.tensor(new_decay, dtype=decay.dtype, device=decay.device)

@@ -68,3 +68,19 @@ def test_open_tails_stay_bounded_by_the_window():
 def test_truncated_tail_error_is_about_the_tolerance():
     err, _ = _replay(300, 0.9, 1e-3, 0.0)
     assert err <= 1e-2
+
+
+def test_x_t_lies_on_the_parameters_device_and_reuses_its_buffer():
+    # The ledger lives on the parameters' device (a GPU in training) while the decay factors stay
+    # on the CPU; "meta" stands in for another device on a CPU-only machine.
+    params = [torch.nn.Parameter(torch.zeros(3, 2, device="meta")), torch.nn.Parameter(torch.zeros(4, device="meta"))]
+    states = [{"step": torch.tensor(3.0), "exp_avg_sq": torch.ones_like(p)} for p in params]
+    group = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+    x_t, decay = adam_step_weights(params, states, [group, group], torch.ones(2, dtype=torch.float64))
+    assert x_t.device.type == "meta" and x_t.shape == (10,) and x_t.dtype == torch.float32
+    assert decay.device.type == "cpu" and torch.allclose(decay, torch.full((2,), 1 - 1e-5, dtype=torch.float64))
+    cpu = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))]
+    cpu_states = [{"step": torch.tensor(3.0), "exp_avg_sq": torch.rand_like(p)} for p in cpu]
+    first, _ = adam_step_weights(cpu, cpu_states, [group, group], torch.ones(2, dtype=torch.float64))
+    again, _ = adam_step_weights(cpu, cpu_states, [group, group], torch.ones(2, dtype=torch.float64), out=first)
+    assert again.data_ptr() == first.data_ptr()  # the buffer is reused, not reallocated
