@@ -153,3 +153,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    PartialState().destroy_process_group()  # under accelerate launch / torchrun: a clean exit

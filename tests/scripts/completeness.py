@@ -94,3 +94,5 @@ if __name__ == "__main__":
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(sys.argv[1], "result.json"), "w") as f:
             json.dump(result, f)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean exit: no gloo threads left at teardown
