@@ -81,10 +81,18 @@ class StepTimer(TrainerCallback):
         self.times, self._began = [], None
 
     def on_step_begin(self, args, state, control, **kwargs):
+        _synchronize()
         self._began = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        _synchronize()
         self.times.append(time.perf_counter() - self._began)
+
+
+def _synchronize():
+    """On a GPU, wait for the queued kernels: a step's time is then its own, not its launches'."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 USE_CPU = not torch.cuda.is_available()
