@@ -33,6 +33,7 @@ from hf_amnesia.evaluation import (
     plot_results,
     predict_proba,
     relative_distance,
+    true_label_confidence,
     unlearning_metrics,
 )
 from hf_amnesia.forget import forget_update
@@ -484,8 +485,9 @@ def _norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial:
 
 
 def _row_losses(model: nn.Module, dataset, label_column: str) -> np.ndarray:
-    probs, labels = predict_proba(model, dataset, label_column=label_column)
-    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    return -np.log(
+        np.clip(true_label_confidence(*predict_proba(model, dataset, label_column=label_column)), 1e-12, None)
+    )
 
 
 def _unseen_rule_forget(
@@ -519,7 +521,6 @@ def _unseen_rule_forget(
             yield from loader
 
     batches = forget_batches()
-
     calls = 0
 
     def gap(losses: torch.Tensor) -> torch.Tensor:
