@@ -44,7 +44,12 @@ from hf_amnesia.trainer import finetune
 SCENARIOS = ("class", "random_10", "random_1", "canary_1")
 SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries
 # Candidate rules run only when named in --methods (not in `all`): each costs another repair.
-RESEARCH_METHODS = ("hf_amnesia_unseen", "hf_amnesia_quantile", "hf_amnesia_quantile_live")
+RESEARCH_METHODS = (
+    "hf_amnesia_auto+repair",
+    "hf_amnesia_unseen",
+    "hf_amnesia_quantile",
+    "hf_amnesia_quantile_live",
+)
 LIVE_REFRESH = 8  # steps between two measurements of the held-out losses (hf_amnesia_quantile_live)
 
 
@@ -310,6 +315,7 @@ def run_study(
             ("hf_amnesia_exact", {"scale": 1.0, "repair_steps": 0}),
             ("hf_amnesia_exact+repair", {"scale": 1.0, "repair_steps": repair_steps}),
             ("hf_amnesia_auto_no_repair", {"repair_steps": 0}),
+            ("hf_amnesia_auto+repair", {"repair_steps": repair_steps}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [
