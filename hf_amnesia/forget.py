@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import ForgetRequestError
-from .store import StoreReader, manifest_positions
+from .store import Manifest, StoreReader, manifest_positions, row_plan
 
 
 @dataclass
@@ -90,6 +90,26 @@ def forget_update(reader: StoreReader, ids: np.ndarray) -> torch.Tensor:
         update.index_add_(0, positions, rows.reshape(-1).to(torch.float64))
     decay = torch.tensor(manifest.decay or [1.0] * len(manifest.layout.numels), dtype=torch.float64)
     return update * decay.repeat_interleave(torch.tensor(manifest.layout.numels))
+
+
+def kept_share_weights(manifest: Manifest) -> torch.Tensor:
+    """Per-entry float64 weights that put every tensor's kept entries on an equal footing.
+
+    In the `rows` layout a sample keeps max(1, round(p * rows)) of a tensor's rows, so the share
+    kept differs between tensors (at p = 0.01: 1 row of 10 in a classifier head, 1 of 128 in a
+    hidden layer). Weighting tensor l by (K / M) / share_l makes the request's stored sum, tensor
+    by tensor, proportional to an unbiased estimate of its whole change (each kept entry counts
+    1 / share_l times, as in Horvitz-Thompson estimation), where the raw sum over-represents the
+    tensors with few rows. The weights are 1 where every tensor keeps the same share (the
+    `entries` layout, p = 1).
+    """
+    numels = torch.tensor(manifest.layout.numels)
+    if manifest.keep_layout != "rows":
+        return torch.ones(int(numels.sum()), dtype=torch.float64)
+    average = manifest.k / manifest.num_params
+    plan = row_plan(manifest.keep_fraction, manifest.layout.shapes)
+    weights = torch.tensor([average * rows / kept for rows, _, kept in plan], dtype=torch.float64)
+    return weights.repeat_interleave(numels)
 
 
 @torch.no_grad()

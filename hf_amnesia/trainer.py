@@ -54,7 +54,7 @@ from .errors import (
 )
 from .evaluation import folder_bytes
 from .faults import crash_point
-from .forget import ForgetReport, apply_update, forget_update, normalize_ids
+from .forget import ForgetReport, apply_update, forget_update, kept_share_weights, normalize_ids
 from .journal import (
     audit_record,
     commit,
@@ -344,7 +344,9 @@ class AmnesiacTrainer(Trainer):
         skipped; ids the store does not hold are reported in `unknown` (or raise with
         `strict=True`, before any change).
 
-        With the defaults (`scale="auto"`, `repair_steps="auto"`) the scale is the largest whose
+        With the defaults (`scale="auto"`, `repair_steps="auto"`) each tensor's stored sum is first
+        weighted by the inverse of the share of its rows a sample keeps (`kept_share_weights`; 1 in
+        the `entries` layout), and the scale is the largest whose weighted
         subtraction costs at most `max_harm` accuracy points on `holdout` (default: the trainer's
         `eval_dataset`; rows never trained on, not the test data you report), counted on the
         classes the request keeps; then the model is fine-tuned on the retained training rows
@@ -432,6 +434,8 @@ class AmnesiacTrainer(Trainer):
         snapshot = [p.detach().clone() for p in params]
         before = weights_fingerprint(params) if save_to is not None else None
         update = forget_update(reader, todo)
+        if scale == "auto":  # every tensor at the same share of its estimated whole change
+            update = update * kept_share_weights(reader.manifest)
         committed = False
         if repair_steps == "auto":
             auto.original_accuracy = self._accuracy(auto.retained_sample)

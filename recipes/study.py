@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch import nn
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer
+from hf_amnesia import trainer as amnesia_trainer
 from hf_amnesia.evaluation import (
     avg_gap,
     folder_bytes,
@@ -45,6 +47,7 @@ SCENARIOS = ("class", "random_10", "random_1", "canary_1")
 SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries
 # Candidate rules run only when named in --methods (not in `all`): each costs another repair.
 RESEARCH_METHODS = (
+    "hf_amnesia_unweighted",
     "hf_amnesia_auto+repair",
     "hf_amnesia_unseen",
     "hf_amnesia_quantile",
@@ -304,10 +307,11 @@ def run_study(
         if wanted("original"):
             rows["original"] = {**evaluate(original), "seconds": 0.0, "storage_bytes": 0, "_model": original}
 
-        def amnesia(**kwargs):
+        def amnesia(unweighted=False, **kwargs):
             candidate = copy.deepcopy(original)
             began = time.perf_counter()
-            report = forgetter(candidate).forget(forget_ids, **kwargs)
+            with _unweighted_tensors() if unweighted else nullcontext():
+                report = forgetter(candidate).forget(forget_ids, **kwargs)
             return candidate, time.perf_counter() - began, report
 
         variants = [
@@ -316,6 +320,7 @@ def run_study(
             ("hf_amnesia_exact+repair", {"scale": 1.0, "repair_steps": repair_steps}),
             ("hf_amnesia_auto_no_repair", {"repair_steps": 0}),
             ("hf_amnesia_auto+repair", {"repair_steps": repair_steps}),
+            ("hf_amnesia_unweighted", {"unweighted": True}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [
@@ -465,6 +470,18 @@ def run_study(
         "store_bytes": store_bytes,
     }
     return results, meta
+
+
+@contextmanager
+def _unweighted_tensors():
+    """forget's automatic choice on the raw stored sums, every tensor weighted 1 (the rule before
+    `kept_share_weights`), for comparison."""
+    saved = amnesia_trainer.kept_share_weights
+    amnesia_trainer.kept_share_weights = lambda manifest: torch.ones(manifest.num_params, dtype=torch.float64)
+    try:
+        yield
+    finally:
+        amnesia_trainer.kept_share_weights = saved
 
 
 def _norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial: nn.Module, num_train: int) -> int:

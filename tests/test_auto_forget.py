@@ -1,13 +1,15 @@
 """forget()'s automatic scale and repair: the search, its data, determinism and its refusals."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from tiny import TinyCNN, image_dataset, tiny_config
 
-from hf_amnesia import AmnesiacTrainer, ForgetRequestError
+from hf_amnesia import AmnesiacTrainer, ForgetRequestError, StoreReader
+from hf_amnesia import trainer as trainer_module
 from hf_amnesia.calibrate import (
     HARM_RETRIES,
     ScaleChoice,
@@ -17,6 +19,7 @@ from hf_amnesia.calibrate import (
     retained_sample,
     scale_ceiling,
 )
+from hf_amnesia.forget import forget_update, kept_share_weights
 
 # -- the search (pure) --------------------------------------------------------------------------
 
@@ -97,6 +100,38 @@ def test_auto_keeps_its_promise_and_is_deterministic(trained):
     assert torch.equal(_weights(trainer), after)
 
 
+def test_kept_share_weights_equalise_the_tensors_shares(trained):
+    trainer, *_ = trained
+    manifest = StoreReader(trainer.args.store_dir).manifest
+    assert manifest.keep_layout == "rows"
+    weights = kept_share_weights(manifest)
+    assert weights.dtype == torch.float64 and len(weights) == manifest.num_params
+    average = manifest.k / manifest.num_params
+    offset = 0
+    for shape, numel in zip(manifest.layout.shapes, manifest.layout.numels):
+        rows = shape[0] if len(shape) else 1
+        kept = min(rows, max(1, round(0.2 * rows)))  # e.g. 1 of 4 conv channels, 1 of 3 head rows
+        assert torch.all(weights[offset : offset + numel] == average * rows / kept)
+        offset += numel
+    assert len(set(weights.tolist())) > 1  # TinyCNN's tensors keep different shares at p = 0.2
+    assert torch.equal(kept_share_weights(replace(manifest, keep_layout="entries")), torch.ones(manifest.num_params))
+    assert torch.equal(kept_share_weights(replace(manifest, keep_fraction=1.0)), torch.ones(manifest.num_params))
+
+
+def test_auto_subtracts_the_weighted_sum_and_a_fixed_scale_the_raw_one(trained):
+    trainer, train, holdout, theta = trained
+    ids = [int(i) for i in train["dataset_id"][:6]]
+    reader = StoreReader(trainer.args.store_dir)
+    raw = forget_update(reader, np.array(sorted(ids)))
+    _reset(trainer, theta)
+    auto = trainer.forget(ids, repair_steps=0)
+    expected = auto.scale * raw * kept_share_weights(reader.manifest)
+    assert torch.allclose((theta - _weights(trainer)).double(), expected, rtol=1e-5, atol=1e-6)
+    _reset(trainer, theta)
+    trainer.forget(ids, scale=1.0, repair_steps=0)  # the exact subtraction: the stored sum as it is
+    assert torch.allclose((theta - _weights(trainer)).double(), raw, rtol=1e-5, atol=1e-6)
+
+
 def test_a_subtraction_the_repair_cannot_mend_is_retried_with_half_the_harm(trained, monkeypatch):
     """When the bounded repair does not bring retained accuracy back, forget starts again from the
     original weights with max_harm halved, and ends exactly where that request alone would."""
@@ -151,6 +186,8 @@ def test_a_retry_that_cannot_lower_the_scale_keeps_the_failed_attempt(trained, m
         return repair(self, auto)[0], False
 
     _reset(trainer, theta)
+    # unweighted tensors, so that the automatic attempt and the direct call below subtract the same sum
+    monkeypatch.setattr(trainer_module, "kept_share_weights", lambda m: torch.ones(m.num_params, dtype=torch.float64))
     monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", fixed_choice)
     monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", failing_repair)
     report = trainer.forget(ids)

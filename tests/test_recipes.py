@@ -138,11 +138,17 @@ def test_mnist_recipe_from_idx_files(tmp_path):
         ["--dataset_name", str(data), "--output_dir", str(out), "--scenarios", "class,sequence_5", "--model", "mlp"]
         + [
             "--methods",
-            "all,hf_amnesia_auto+repair,hf_amnesia_unseen,hf_amnesia_quantile,hf_amnesia_quantile_live",
+            "all,hf_amnesia_unweighted,hf_amnesia_auto+repair,hf_amnesia_unseen,hf_amnesia_quantile,hf_amnesia_quantile_live",
         ]  # candidate rules run only when named
         + TINY
     )
-    research = {"hf_amnesia_auto+repair", "hf_amnesia_unseen", "hf_amnesia_quantile", "hf_amnesia_quantile_live"}
+    research = {
+        "hf_amnesia_unweighted",
+        "hf_amnesia_auto+repair",
+        "hf_amnesia_unseen",
+        "hf_amnesia_quantile",
+        "hf_amnesia_quantile_live",
+    }
     results = _check_outputs(out, scenarios=("class", "sequence_5"), methods=METHODS | research)
     _check_sequence(results)
 
