@@ -6,8 +6,9 @@ shares of one batch cancel each other). Subtracting them at scale 1 forgets too 
 keep fractions and breaks the model at large ones, so `forget(ids)` chooses the scale from data
 the user has (docs/method.md, "Choosing the scale"; measurements in docs/results.md):
 
-- **scale**: the largest `s` whose subtraction costs at most `max_harm` accuracy points on
-  held-out rows of the classes the request keeps. Harm grows with `s`, so a bisection on
+- **scale**: applied to the stored sum with each tensor weighted by the inverse of the share
+  of its rows a sample keeps (`forget.kept_share_weights`), the largest `s` whose subtraction
+  costs at most `max_harm` accuracy points on held-out rows of the classes the request keeps. Harm grows with `s`, so a bisection on
   `log s` finds it in a few evaluations of the held-out split. When the request removes whole
   classes and that scale still leaves them recognisable (accuracy on their rows above 1 %), the
   smallest scale that does not is taken instead: Retrain cannot predict a class it never saw.
