@@ -10,9 +10,9 @@ the user has (docs/method.md, "Choosing the scale"; measurements in docs/results
   of its rows a sample keeps (`forget.kept_share_weights`), the largest `s` whose subtraction
   costs at most `max_harm` accuracy points on held-out rows of the classes the request keeps.
   Harm grows with `s`, so a bisection on `log s` finds it in a few evaluations of the held-out
-  split. When the request removes whole
-  classes and that scale still leaves them recognisable (accuracy on their rows above 1 %), the
-  smallest scale that does not is taken instead: Retrain cannot predict a class it never saw.
+  split. When the request removes whole classes and that scale still leaves them recognisable
+  (accuracy on their rows above 1 %), the smallest scale that does not is taken instead: Retrain
+  cannot predict a class it never saw.
 - **repair**: fine-tune on the retained rows until accuracy on a fixed sample of them is back at
   the original model's level, for at most a tenth of the training's steps. If it is not back by
   then, the subtraction was more than the repair can mend: start again from the original
