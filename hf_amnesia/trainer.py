@@ -544,6 +544,7 @@ class AmnesiacTrainer(Trainer):
                         "on the original weights with a smaller max_harm or a fixed repair_steps.",
                         chosen,
                     )
+                self._warn_if_class_is_back(auto, steps)
                 return chosen, int(steps), trace
             failed = (chosen, steps, [p.detach().clone() for p in params])
             logger.warning(
@@ -554,6 +555,25 @@ class AmnesiacTrainer(Trainer):
                 limits[attempt + 1],
             )
         raise AssertionError("unreachable: the last attempt always returns")
+
+    def _warn_if_class_is_back(self, auto: _AutoData | None, repair_steps) -> None:
+        """The scale is checked to make a removed class unrecognisable before the repair; the
+        repair trains on the other classes only, but may restore enough shared features to bring
+        the class back. Say so when it did."""
+        if auto is None or auto.class_rows is None or not repair_steps:
+            return
+        recognised = self._accuracy(auto.class_rows)
+        if recognised > CLASS_ACCURACY_TARGET:
+            logger.warning(
+                "forget: after %d repair steps the model classifies %.1f %% of the removed class's training rows "
+                "(a sample of %d) correctly again, more than %g %%: the class is not forgotten. Call forget again "
+                "on the original weights with a larger scale (e.g. twice the reported one) or fewer repair_steps, "
+                "and check the result.",
+                int(repair_steps),
+                recognised,
+                len(auto.class_rows),
+                CLASS_ACCURACY_TARGET,
+            )
 
     def forgotten_ids(self) -> list[int]:
         """Ids this model has already forgotten (saved with the model's config)."""

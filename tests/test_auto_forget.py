@@ -1,5 +1,6 @@
 """forget()'s automatic scale and repair: the search, its data, determinism and its refusals."""
 
+import logging
 import math
 from dataclasses import replace
 
@@ -199,6 +200,34 @@ def test_a_retry_that_cannot_lower_the_scale_keeps_the_failed_attempt(trained, m
     direct = trainer.forget(ids, scale=1.5, repair_steps="auto")
     assert direct.repair_steps == report.repair_steps
     assert torch.equal(_weights(trainer), after)
+
+
+def test_a_class_the_repair_brings_back_is_reported(trained, monkeypatch, caplog):
+    trainer, train, holdout, theta = trained
+    labels = np.asarray(train["labels"])
+    class_ids = np.asarray(train["dataset_id"])[labels == 1]
+    auto = trainer._auto_data(class_ids, None, None, need_holdout=False)
+
+    # The real repair: the warning appears exactly when the class rows are recognised again.
+    _reset(trainer, theta)
+    with caplog.at_level(logging.WARNING):
+        report = trainer.forget(class_ids)
+    back = trainer._accuracy(auto.class_rows) > 1.0
+    assert ("the class is not forgotten" in caplog.text) == (back and report.repair_steps > 0)
+
+    # A repair that restores everything, the class included, is reported.
+    def repair_to_original(self, auto):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(theta.clone(), self.model.parameters())
+        return 5, True
+
+    _reset(trainer, theta)
+    assert trainer._accuracy(auto.class_rows) > 1.0  # the original recognises the class
+    caplog.clear()
+    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", repair_to_original)
+    with caplog.at_level(logging.WARNING):
+        trainer.forget(class_ids)
+    assert "after 5 repair steps" in caplog.text and "the class is not forgotten" in caplog.text
 
 
 def test_auto_reads_only_the_holdout_and_training_rows(trained, monkeypatch):
