@@ -106,8 +106,8 @@ def kept_share_weights(manifest: Manifest) -> torch.Tensor:
     numels = torch.tensor(manifest.layout.numels)
     if manifest.keep_layout != "rows":
         return torch.ones(int(numels.sum()), dtype=torch.float64)
-    average = manifest.k / manifest.num_params
     plan = row_plan(manifest.keep_fraction, manifest.layout.shapes)
+    average = sum(kept * columns for _, columns, kept in plan) / manifest.num_params  # K / M
     weights = torch.tensor([average * rows / kept for rows, _, kept in plan], dtype=torch.float64)
     return weights.repeat_interleave(numels)
 

@@ -131,25 +131,16 @@ def test_mnist_recipe_from_parquet(tmp_path):
 
 def test_mnist_recipe_from_idx_files(tmp_path):
     import mnist
+    from study import RESEARCH_METHODS
 
     data = make_mnist_idx(tmp_path / "idx")
     out = tmp_path / "out"
     mnist.main(
         ["--dataset_name", str(data), "--output_dir", str(out), "--scenarios", "class,sequence_5", "--model", "mlp"]
-        + [
-            "--methods",
-            "all,hf_amnesia_unweighted,hf_amnesia_auto+repair,hf_amnesia_unseen,hf_amnesia_quantile,hf_amnesia_quantile_live",
-        ]  # candidate rules run only when named
+        + ["--methods", ",".join(["all", *RESEARCH_METHODS])]  # candidate rules run only when named
         + TINY
     )
-    research = {
-        "hf_amnesia_unweighted",
-        "hf_amnesia_auto+repair",
-        "hf_amnesia_unseen",
-        "hf_amnesia_quantile",
-        "hf_amnesia_quantile_live",
-    }
-    results = _check_outputs(out, scenarios=("class", "sequence_5"), methods=METHODS | research)
+    results = _check_outputs(out, scenarios=("class", "sequence_5"), methods=METHODS | set(RESEARCH_METHODS))
     _check_sequence(results)
 
 
