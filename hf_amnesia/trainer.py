@@ -528,6 +528,7 @@ class AmnesiacTrainer(Trainer):
                     "%.3g, whose repair did not bring retained accuracy back. Check it on held-out data.",
                     failed[0],
                 )
+                self._warn_if_class_is_back(auto, failed[1])
                 return failed[0], failed[1], trace
             apply_update(params, update, chosen)
             self._set_forgotten(sorted(done | set(todo.tolist())))

@@ -229,6 +229,22 @@ def test_a_class_the_repair_brings_back_is_reported(trained, monkeypatch, caplog
         trainer.forget(class_ids)
     assert "after 5 repair steps" in caplog.text and "the class is not forgotten" in caplog.text
 
+    # The same when every attempt's repair fails and forget keeps its one attempt (no smaller scale).
+    def failing_repair_to_original(self, auto):
+        return repair_to_original(self, auto)[0], False
+
+    def fixed_choice(self, params, snapshot, update, auto, max_harm, keep_fraction):
+        return ScaleChoice(scale=1.5, trace=[(1.5, 0.0)])
+
+    _reset(trainer, theta)
+    caplog.clear()
+    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", fixed_choice)
+    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", failing_repair_to_original)
+    with caplog.at_level(logging.WARNING):
+        report = trainer.forget(class_ids)
+    assert report.scale == 1.5 and "keeps the attempt at scale" in caplog.text
+    assert "the class is not forgotten" in caplog.text
+
 
 def test_auto_reads_only_the_holdout_and_training_rows(trained, monkeypatch):
     trainer, train, holdout, theta = trained
