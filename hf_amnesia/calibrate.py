@@ -16,7 +16,9 @@ the user has (docs/method.md, "Choosing the scale"; measurements in docs/results
 - **repair**: fine-tune on the retained rows until accuracy on a fixed sample of them is back at
   the original model's level, for at most a tenth of the training's steps. If it is not back by
   then, the subtraction was more than the repair can mend: start again from the original
-  weights with half the harm budget (at most `HARM_RETRIES` times).
+  weights with half the harm budget (at most `HARM_RETRIES` times). Unless whole classes go,
+  the repair's loss also holds the forget rows unseen (`unseen_targets`): no forget row may fit
+  better than the held-out row of its rank, nor better than the subtraction left it.
 """
 
 from __future__ import annotations
@@ -136,3 +138,18 @@ def retained_sample(num_rows: int, seed: int, size: int = RETAINED_SAMPLE) -> np
     if num_rows <= size:
         return np.arange(num_rows)
     return np.sort(np.random.default_rng(seed).choice(num_rows, size=size, replace=False))
+
+
+def unseen_targets(losses: np.ndarray, after_subtraction: np.ndarray, held_out_sorted: np.ndarray) -> np.ndarray:
+    """Least loss each forget row of a repair batch may have: min(a_i, h_q(i)).
+
+    Retrain never saw the forget rows, so they should fit like held-out rows: row i, ranked by its
+    current loss within the batch, is held to the held-out loss at the same quantile, h_q(i)
+    (1-D quantile matching; `held_out_sorted` holds the original model's losses on held-out rows).
+    A row is never pushed beyond its loss right after the subtraction, a_i: the subtraction's
+    damage is not the repair's target, only what the repair would fit back.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    ranks = np.argsort(np.argsort(losses, kind="stable"), kind="stable")
+    quantiles = np.quantile(np.asarray(held_out_sorted, dtype=np.float64), (ranks + 0.5) / len(losses))
+    return np.minimum(np.asarray(after_subtraction, dtype=np.float64), quantiles)

@@ -7,6 +7,7 @@ driven around each microbatch and optimizer step, checkpoints), then `forget`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from .calibrate import (
     retained_sample,
     scale_ceiling,
     smallest_scale_reaching,
+    unseen_targets,
 )
 from .config import (
     DEFAULT_KEEP_FRACTION,
@@ -390,7 +392,9 @@ class AmnesiacTrainer(Trainer):
             raise StoreError(f"store_dir {store_dir} is a file, not a store folder; point it at the store folder.")
         auto = None
         if scale == "auto" or repair_steps == "auto":
-            auto = self._auto_data(ids, holdout, whole_class, need_holdout=scale == "auto")
+            auto = self._auto_data(
+                ids, holdout, whole_class, need_holdout=scale == "auto", hold_unseen=repair_steps == "auto"
+            )
         main = self.accelerator.is_main_process
         locked = store_lock(store_dir) if (save_to is not None and main and store_dir.is_dir()) else nullcontext()
         with locked:
@@ -439,6 +443,7 @@ class AmnesiacTrainer(Trainer):
         committed = False
         if repair_steps == "auto":
             auto.original_accuracy = self._accuracy(auto.retained_sample)
+            self._prepare_unseen_hold(auto, todo)
         try:
             scale, repair_steps, trace = self._subtract_and_repair(
                 params, snapshot, update, todo, done, scale, repair_steps, auto, max_harm, reader.manifest.keep_fraction
@@ -532,6 +537,8 @@ class AmnesiacTrainer(Trainer):
                 return failed[0], failed[1], trace
             apply_update(params, update, chosen)
             self._set_forgotten(sorted(done | set(todo.tolist())))
+            if auto is not None and auto.forget_rows is not None:
+                auto.after_subtraction = self._row_losses(auto.forget_rows)
             steps, restored = repair_steps, True
             if repair_steps == "auto":
                 steps, restored = self._repair_until_restored(auto) if len(todo) else (0, True)
@@ -591,8 +598,12 @@ class AmnesiacTrainer(Trainer):
 
     # -- the automatic scale and repair (hf_amnesia/calibrate.py) --------------------------------
 
-    def _auto_data(self, ids: np.ndarray, holdout, whole_class: bool | None, need_holdout: bool) -> _AutoData:
-        """Check, before anything changes, that the automatic choice has the data it needs."""
+    def _auto_data(
+        self, ids: np.ndarray, holdout, whole_class: bool | None, need_holdout: bool, hold_unseen: bool = False
+    ) -> _AutoData:
+        """Check, before anything changes, that the automatic choice has the data it needs: the
+        holdout for the automatic scale (`need_holdout`), and for the automatic repair of a
+        request that removes no whole class (`hold_unseen`)."""
         fix = "or call forget(ids, scale=1.0, repair_steps=0) for the exact subtraction, which needs no data"
         if self.train_dataset is None:
             raise ForgetRequestError(
@@ -627,12 +638,13 @@ class AmnesiacTrainer(Trainer):
         if classes:  # the removed classes' training rows: a class request must stop predicting them
             rows = np.flatnonzero(np.isin(train_labels, classes))
             data.class_rows = select_rows(self.train_dataset, rows[retained_sample(len(rows), self.args.seed)])
-        if need_holdout:
+        if need_holdout or (hold_unseen and not classes):
             holdout = self.eval_dataset if holdout is None else holdout
             if holdout is None or isinstance(holdout, dict):
                 what = "a dict of eval datasets" if isinstance(holdout, dict) else "no held-out data"
+                needs = 'scale="auto"' if need_holdout else 'repair_steps="auto"'
                 raise ForgetRequestError(
-                    f'scale="auto" measures accuracy on held-out rows, but got {what}. Pass holdout=<a split '
+                    f"{needs} measures held-out rows, but got {what}. Pass holdout=<a split "
                     "never trained on and not your test split> (or eval_dataset=... to the trainer), "
                     f"{fix}."
                 )
@@ -656,30 +668,42 @@ class AmnesiacTrainer(Trainer):
         return math.ceil(steps_per_epoch * args.num_train_epochs)
 
     @torch.no_grad()
-    def _accuracy(self, dataset) -> float:
-        """Top-1 accuracy (percent) of the model on `dataset`, in eval mode, the same on every process."""
-        model, id_column = self.model, self.args.id_column
+    def _predict(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of every row of `dataset` (in eval mode; the same on every process).
+        The automatic choice reads data only through here."""
+        model = self.model
         was_training = model.training
         model.eval()
-        device = next(model.parameters()).device
-        if datasets is not None and isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description="forget")
-        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
-        predicted, labels = [], []
-        for batch in loader:
-            batch = dict(batch)
-            batch.pop(id_column, None)
-            target = batch.pop("labels", None)
-            target = batch.pop("label", None) if target is None else target
-            out = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            if isinstance(out, dict) or hasattr(out, "keys"):
-                logits = out["logits"]
-            else:
-                logits = out[0] if isinstance(out, (tuple, list)) else out
-            predicted.append(logits.argmax(-1).cpu().numpy())
-            labels.append(np.asarray(torch.as_tensor(target).cpu()))
+        loader = DataLoader(
+            self._model_rows(dataset), batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator
+        )
+        logits, labels = zip(*(_logits_and_labels(model, batch, self.args.id_column) for batch in loader))
         model.train(was_training)
-        return accuracy_points(np.concatenate(predicted), np.concatenate(labels))
+        return torch.cat(logits).float().cpu(), torch.cat(labels).cpu()
+
+    def _model_rows(self, dataset):
+        if datasets is not None and isinstance(dataset, datasets.Dataset):
+            return self._remove_unused_columns(dataset, description="forget")
+        return dataset
+
+    def _accuracy(self, dataset) -> float:
+        """Top-1 accuracy (percent) of the model on `dataset`."""
+        logits, labels = self._predict(dataset)
+        return accuracy_points(logits.argmax(-1).numpy(), labels.numpy())
+
+    def _row_losses(self, dataset) -> np.ndarray:
+        """Cross-entropy of each row of `dataset` under the model."""
+        logits, labels = self._predict(dataset)
+        return nn.functional.cross_entropy(logits, labels.long(), reduction="none").double().numpy()
+
+    def _prepare_unseen_hold(self, auto: _AutoData, todo: np.ndarray) -> None:
+        """Unless whole classes go, the automatic repair holds the forget rows unseen
+        (`calibrate.unseen_targets`): it needs the request's rows and the original's held-out losses."""
+        if auto.classes or auto.holdout is None or not len(todo):
+            return
+        rows = np.flatnonzero(np.isin(dataset_ids(self.train_dataset, self.args.id_column), todo))
+        auto.forget_rows = select_rows(self.train_dataset, rows)
+        auto.held_out_losses = np.sort(self._row_losses(auto.holdout))
 
     def _choose_scale(self, params, snapshot, update, auto: _AutoData, max_harm: float, keep_fraction: float):
         """Try scales on the live weights (each try starts from `snapshot`); leaves the last one tried."""
@@ -709,8 +733,9 @@ class AmnesiacTrainer(Trainer):
         return choice
 
     def _repair_until_restored(self, auto: _AutoData, trainer_class=None) -> tuple[int, bool]:
-        """Fine-tune on the retained rows until their accuracy is back at the original's
-        (`trainer_class` may change the fine-tune's loss). Returns (steps taken, whether it is back)."""
+        """Fine-tune on the retained rows until their accuracy is back at the original's, holding
+        the forget rows unseen where `_prepare_unseen_hold` set that up (`trainer_class` replaces
+        the fine-tune's trainer). Returns (steps taken, whether it is back)."""
         target = auto.original_accuracy - 100.0 / len(auto.retained_sample)  # one row of slack
 
         def restored() -> bool:
@@ -719,6 +744,8 @@ class AmnesiacTrainer(Trainer):
         if restored():
             return 0, True
         budget = repair_budget(auto.planned_steps)
+        if trainer_class is None and auto.forget_rows is not None:
+            trainer_class = functools.partial(_HoldingUnseen, unseen=auto)
         steps = finetune(
             self.model,
             auto.retained,
@@ -743,6 +770,55 @@ class _AutoData:
     holdout: object = None
     original_accuracy: float = float("nan")  # on retained_sample, before the subtraction
     class_rows: object = None  # a sample of the removed classes' training rows
+    forget_rows: object = None  # the request's training rows, held unseen by the repair
+    held_out_losses: np.ndarray | None = None  # the original's losses on the holdout, sorted
+    after_subtraction: np.ndarray | None = None  # the losses of forget_rows right after the subtraction
+
+
+class _HoldingUnseen(AmnesiacTrainer):
+    """The repair's trainer when it holds the forget rows unseen: the retained rows' loss plus, on a
+    batch of forget rows, mean(relu(target_i - loss_i)) with `calibrate.unseen_targets`."""
+
+    def __init__(self, *args, unseen: _AutoData, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unseen = unseen
+        self.forget_rows = self._model_rows(unseen.forget_rows)
+        self.order = torch.Generator().manual_seed(self.args.seed)
+        self.queue: list[int] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if len(self.queue) < self.args.per_device_train_batch_size:  # the forget rows in a seeded order
+            self.queue += torch.randperm(len(self.forget_rows), generator=self.order).tolist()
+        picked, self.queue = (
+            self.queue[: self.args.per_device_train_batch_size],
+            self.queue[self.args.per_device_train_batch_size :],
+        )
+        batch = self.data_collator([self.forget_rows[i] for i in picked])
+        # the same rows on every process, so the unwrapped model (no gradient sync of its own) serves
+        logits, labels = _logits_and_labels(self.accelerator.unwrap_model(model), batch, self.args.id_column)
+        losses = nn.functional.cross_entropy(logits.float(), labels.long().to(logits.device), reduction="none")
+        targets = unseen_targets(
+            losses.detach().cpu().numpy(), self.unseen.after_subtraction[picked], self.unseen.held_out_losses
+        )
+        loss = loss + torch.relu(torch.as_tensor(targets, dtype=losses.dtype, device=losses.device) - losses).mean()
+        return (loss, out[1]) if return_outputs else loss
+
+
+def _logits_and_labels(model: nn.Module, batch, id_column: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits on a collated batch, and the batch's labels (`labels` or `label`)."""
+    batch = dict(batch)
+    batch.pop(id_column, None)
+    target = batch.pop("labels", None)
+    target = batch.pop("label", None) if target is None else target
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        logits = out["logits"]
+    else:
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+    return logits, torch.as_tensor(target)
 
 
 @torch.no_grad()

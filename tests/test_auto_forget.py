@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from tiny import TinyCNN, image_dataset, tiny_config
+from tiny import TinyCNN, image_dataset, text_dataset, tiny_bert, tiny_config
 
 from hf_amnesia import AmnesiacTrainer, ForgetRequestError, StoreReader
 from hf_amnesia import trainer as trainer_module
@@ -19,6 +19,7 @@ from hf_amnesia.calibrate import (
     repair_budget,
     retained_sample,
     scale_ceiling,
+    unseen_targets,
 )
 from hf_amnesia.forget import forget_update, kept_share_weights
 
@@ -255,15 +256,107 @@ def test_auto_reads_only_the_holdout_and_training_rows(trained, monkeypatch):
         tuple(np.round(np.asarray(x).ravel(), 5)) for x in holdout["pixel_values"]
     }
     seen = []
-    measure = AmnesiacTrainer._accuracy
+    measure = AmnesiacTrainer._predict
 
     def spy(self, dataset):
         seen.extend(tuple(np.round(np.asarray(dataset[i]["pixel_values"]).ravel(), 5)) for i in range(len(dataset)))
         return measure(self, dataset)
 
-    monkeypatch.setattr(AmnesiacTrainer, "_accuracy", spy)
+    monkeypatch.setattr(AmnesiacTrainer, "_predict", spy)
     trainer.forget([int(train["dataset_id"][0])], holdout=holdout)
     assert seen and set(seen) <= allowed and not set(seen) & test_rows
+
+
+def test_unseen_targets_match_held_out_quantiles_capped_by_the_subtraction():
+    held_out = np.sort(np.random.default_rng(0).exponential(1.0, 1000))
+    losses = np.array([0.1, 5.0, 0.2, 0.3])  # ranks 0, 3, 1, 2 in the batch
+    levels = np.array([0.125, 0.875, 0.375, 0.625])
+    uncapped = unseen_targets(losses, np.full(4, np.inf), held_out)
+    assert np.allclose(uncapped, np.quantile(held_out, levels))
+    after = np.array([0.0, 10.0, 0.5, 0.05])
+    assert np.allclose(unseen_targets(losses, after, held_out), np.minimum(after, uncapped))
+    # the rank, not the loss, picks the quantile: shifting every loss keeps the targets
+    assert np.allclose(unseen_targets(losses + 7.0, np.full(4, np.inf), held_out), uncapped)
+
+
+def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(trained, monkeypatch):
+    trainer, train, holdout, theta = trained
+    ids = [int(i) for i in train["dataset_id"][:6]]
+    repairs = []
+    finetune = trainer_module.finetune
+
+    def spy(*args, trainer_class=None, **kwargs):
+        repairs.append(trainer_class)
+        return finetune(*args, trainer_class=trainer_class, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "finetune", spy)
+    _reset(trainer, theta)
+    auto = trainer._auto_data(np.array(ids), None, None, need_holdout=True, hold_unseen=True)
+    auto.original_accuracy = trainer._accuracy(auto.retained_sample)
+    trainer._prepare_unseen_hold(auto, np.array(ids))
+    assert sorted(np.asarray(auto.forget_rows["dataset_id"]).tolist()) == sorted(ids)
+    assert np.array_equal(auto.held_out_losses, np.sort(trainer._row_losses(holdout)))
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a damaged model, so that the repair runs
+        for p in trainer.model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * p.abs().mean())
+    assert trainer._accuracy(auto.retained_sample) < auto.original_accuracy - 5
+    auto.after_subtraction = trainer._row_losses(auto.forget_rows)
+    trainer._repair_until_restored(auto)
+    assert repairs and repairs[-1].func is trainer_module._HoldingUnseen and repairs[-1].keywords["unseen"] is auto
+
+    # the repair's loss: the retained rows' loss plus the hinge on a batch of forget rows
+    holder = trainer_module._HoldingUnseen(
+        model=trainer.model, args=trainer.args, train_dataset=auto.retained, record=False, unseen=auto
+    )
+    retained = holder.data_collator([holder._model_rows(auto.retained)[i] for i in range(8)])
+    retained.pop("dataset_id", None)  # training_step takes the ids out before the loss
+    total = holder.compute_loss(trainer.model, dict(retained))
+    base = torch.nn.functional.cross_entropy(
+        trainer.model(pixel_values=retained["pixel_values"])["logits"], retained["labels"]
+    )
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(trainer.args.seed)).tolist()
+    rows = [auto.forget_rows[i] for i in order]
+    losses = torch.nn.functional.cross_entropy(
+        trainer.model(pixel_values=torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows]))["logits"],
+        torch.tensor([int(r["labels"]) for r in rows]),
+        reduction="none",
+    )
+    targets = unseen_targets(losses.detach().numpy(), auto.after_subtraction[order], auto.held_out_losses)
+    hinge = torch.relu(torch.as_tensor(targets, dtype=losses.dtype) - losses).mean()
+    assert torch.allclose(total, base + hinge, rtol=1e-5, atol=1e-6)
+
+    # a class request: no held-out counterpart, a plain repair
+    labels = np.asarray(train["labels"])
+    class_ids = np.asarray(train["dataset_id"])[labels == 1]
+    _reset(trainer, theta)
+    repairs.clear()
+    report = trainer.forget(class_ids)
+    assert report.repair_steps == 0 or repairs == [None]
+
+
+def test_the_unseen_hold_on_a_text_model(tmp_path):
+    """Padded token rows go through the hold's own batches (the trainer's collator, ids dropped)."""
+    train = text_dataset(24, seed=0).add_column("dataset_id", list(range(24)))
+    holdout = text_dataset(12, seed=1)
+    args = tiny_config(tmp_path, num_train_epochs=2, learning_rate=5e-3)
+    trainer = AmnesiacTrainer(model=tiny_bert(), args=args, train_dataset=train, eval_dataset=holdout)
+    trainer.train()
+    ids = np.array([1, 4, 9])
+    auto = trainer._auto_data(ids, None, None, need_holdout=True, hold_unseen=True)
+    trainer._prepare_unseen_hold(auto, ids)
+    auto.after_subtraction = trainer._row_losses(auto.forget_rows)
+    assert len(auto.after_subtraction) == 3 and len(auto.held_out_losses) == 12
+    holder = trainer_module._HoldingUnseen(
+        model=trainer.model, args=trainer.args, train_dataset=auto.retained, record=False, unseen=auto
+    )
+    retained = holder.data_collator([holder._model_rows(auto.retained)[i] for i in range(4)])
+    retained.pop("dataset_id", None)
+    base = trainer_module.AmnesiacTrainer.compute_loss(holder, trainer.model, dict(retained))
+    total = holder.compute_loss(trainer.model, dict(retained))
+    assert torch.isfinite(total) and total >= base
+    report = trainer.forget(ids)
+    assert report.forgotten == [1, 4, 9] and trainer.forgotten_ids() == [1, 4, 9]
 
 
 def test_whole_class_is_detected_and_held_out_harm_counts_only_kept_classes(trained):
@@ -308,6 +401,12 @@ def test_auto_refuses_without_its_data_and_changes_nothing(trained, tmp_path):
     with pytest.raises(ForgetRequestError, match="no training row"):
         trainer.forget(train["dataset_id"])
     assert torch.equal(_weights(trainer), theta) and trainer.forgotten_ids() == []
+    # the automatic repair holds a per-sample request's rows to held-out ones; a class needs no holdout
+    with pytest.raises(ForgetRequestError, match='repair_steps="auto" measures held-out rows'):
+        no_holdout.forget([int(train["dataset_id"][0])], scale=1.0)
+    assert torch.equal(_weights(trainer), theta) and trainer.forgotten_ids() == []
+    no_holdout.forget(class_ids, scale=1.0)
+    _reset(trainer, theta)
     # the exact subtraction needs none of that data
     report = no_holdout.forget([int(train["dataset_id"][0])], scale=1.0, repair_steps=0)
     assert report.scale == 1.0 and report.repair_steps == 0 and report.calibration == []
