@@ -48,10 +48,12 @@ SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth o
 # Candidate rules run only when named in --methods (not in `all`): each costs another repair.
 RESEARCH_METHODS = (
     "hf_amnesia_unweighted",
+    "hf_amnesia_plain_repair",
     "hf_amnesia_auto+repair",
     "hf_amnesia_unseen",
     "hf_amnesia_quantile",
     "hf_amnesia_quantile_live",
+    "hf_amnesia_anchor",
 )
 LIVE_REFRESH = 8  # steps between two measurements of the held-out losses (hf_amnesia_quantile_live)
 
@@ -307,10 +309,10 @@ def run_study(
         if wanted("original"):
             rows["original"] = {**evaluate(original), "seconds": 0.0, "storage_bytes": 0, "_model": original}
 
-        def amnesia(unweighted=False, **kwargs):
+        def amnesia(patch=nullcontext, **kwargs):
             candidate = copy.deepcopy(original)
             began = time.perf_counter()
-            with _unweighted_tensors() if unweighted else nullcontext():
+            with patch():
                 report = forgetter(candidate).forget(forget_ids, **kwargs)
             return candidate, time.perf_counter() - began, report
 
@@ -320,7 +322,8 @@ def run_study(
             ("hf_amnesia_exact+repair", {"scale": 1.0, "repair_steps": repair_steps}),
             ("hf_amnesia_auto_no_repair", {"repair_steps": 0}),
             ("hf_amnesia_auto+repair", {"repair_steps": repair_steps}),
-            ("hf_amnesia_unweighted", {"unweighted": True}),
+            ("hf_amnesia_unweighted", {"patch": _unweighted_tensors}),
+            ("hf_amnesia_plain_repair", {"patch": _plain_repair}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [
@@ -357,6 +360,7 @@ def run_study(
             ("hf_amnesia_unseen", "mean"),
             ("hf_amnesia_quantile", "quantiles"),
             ("hf_amnesia_quantile_live", "live quantiles"),
+            ("hf_amnesia_anchor", "anchor"),
         ):
             if not wanted(name):
                 continue
@@ -484,6 +488,18 @@ def _unweighted_tensors():
         amnesia_trainer.kept_share_weights = saved
 
 
+@contextmanager
+def _plain_repair():
+    """forget's automatic choice with a repair on the retained rows alone (the rule before the
+    repair held forget rows unseen), for comparison."""
+    saved = AmnesiacTrainer._prepare_unseen_hold
+    AmnesiacTrainer._prepare_unseen_hold = lambda self, auto, todo: None
+    try:
+        yield
+    finally:
+        AmnesiacTrainer._prepare_unseen_hold = saved
+
+
 def _norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial: nn.Module, num_train: int) -> int:
     """The per-tensor closed form `s_l = (|F| / N) * ||theta_T,l - theta_0,l|| / ||u_l||`, then the automatic repair.
 
@@ -524,7 +540,10 @@ def _unseen_rule_forget(
       original's held-out loss at that row's quantile within the batch (1-D quantile matching:
       only rows fitting better than their held-out counterpart are pushed, and only up to it);
     - match="live quantiles": the same with the held-out losses of the model being repaired,
-      measured again every LIVE_REFRESH steps.
+      measured again every LIVE_REFRESH steps;
+    - match="anchor": the mean of relu(a_i - loss_i), a_i being row i's loss right after the
+      subtraction (the repair may not fit a forget row better than the subtraction left it);
+      forget's own repair takes min(a_i, h_q) (`calibrate.unseen_targets`).
     Candidate rules for comparison; returns (scale, repair steps)."""
     from torch.utils.data import DataLoader
 
@@ -536,6 +555,9 @@ def _unseen_rule_forget(
     if auto.classes:
         return report.scale, trainer._repair_until_restored(auto)[0]
     id_column = config.id_column
+    anchors = dict(
+        zip(np.asarray(forget_set[id_column]).tolist(), _row_losses(model, forget_set, label_column).tolist())
+    )
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(forget_set, batch_size=config.per_device_train_batch_size, shuffle=True, generator=generator)
 
@@ -546,7 +568,7 @@ def _unseen_rule_forget(
     batches = forget_batches()
     calls = 0
 
-    def gap(losses: torch.Tensor) -> torch.Tensor:
+    def gap(losses: torch.Tensor, ids) -> torch.Tensor:
         nonlocal held_out, calls
         if match == "live quantiles" and calls % LIVE_REFRESH == 0:
             with torch.no_grad():
@@ -556,15 +578,19 @@ def _unseen_rule_forget(
             return torch.relu(float(held_out.mean()) - losses.mean())
         ranks = torch.argsort(torch.argsort(losses.detach())).cpu().numpy()
         targets = np.quantile(held_out, (ranks + 0.5) / len(ranks))
+        if match == "anchor":
+            targets = np.array([anchors[int(i)] for i in ids])
         return torch.relu(torch.as_tensor(targets, dtype=losses.dtype, device=losses.device) - losses).mean()
 
     class KeepingUnseen(AmnesiacTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
-            batch = {k: v.to(loss.device) for k, v in next(batches).items() if k != id_column}
+            batch = next(batches)
+            ids = batch[id_column].tolist()
+            batch = {k: v.to(loss.device) for k, v in batch.items() if k != id_column}
             labels = batch.pop(label_column)
             logits = model(**batch)["logits"]
-            return loss + gap(nn.functional.cross_entropy(logits, labels, reduction="none"))
+            return loss + gap(nn.functional.cross_entropy(logits, labels, reduction="none"), ids)
 
     return report.scale, trainer._repair_until_restored(auto, trainer_class=KeepingUnseen)[0]
 
