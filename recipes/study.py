@@ -555,9 +555,11 @@ def _unseen_rule_forget(
     if auto.classes:
         return report.scale, trainer._repair_until_restored(auto)[0]
     id_column = config.id_column
-    anchors = dict(
-        zip(np.asarray(forget_set[id_column]).tolist(), _row_losses(model, forget_set, label_column).tolist())
-    )
+    anchors = {}  # match="anchor": each forget row's loss right after the subtraction
+    if match == "anchor":
+        anchors = dict(
+            zip(np.asarray(forget_set[id_column]).tolist(), _row_losses(model, forget_set, label_column).tolist())
+        )
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(forget_set, batch_size=config.per_device_train_batch_size, shuffle=True, generator=generator)
 
