@@ -28,6 +28,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer
 from hf_amnesia import trainer as amnesia_trainer
+from hf_amnesia.calibrate import repair_budget
 from hf_amnesia.evaluation import (
     avg_gap,
     folder_bytes,
@@ -49,6 +50,7 @@ SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth o
 RESEARCH_METHODS = (
     "hf_amnesia_unweighted",
     "hf_amnesia_plain_repair",
+    "hf_amnesia_probe_slack",
     "hf_amnesia_auto+repair",
     "hf_amnesia_unseen",
     "hf_amnesia_quantile",
@@ -324,6 +326,7 @@ def run_study(
             ("hf_amnesia_auto+repair", {"repair_steps": repair_steps}),
             ("hf_amnesia_unweighted", {"patch": _unweighted_tensors}),
             ("hf_amnesia_plain_repair", {"patch": _plain_repair}),
+            ("hf_amnesia_probe_slack", {"patch": _probe_slack}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [
@@ -494,6 +497,28 @@ def _plain_repair():
     repair held forget rows unseen), for comparison."""
     saved = AmnesiacTrainer._prepare_unseen_hold
     AmnesiacTrainer._prepare_unseen_hold = lambda self, auto, todo: None
+    try:
+        yield
+    finally:
+        AmnesiacTrainer._prepare_unseen_hold = saved
+
+
+@contextmanager
+def _probe_slack():
+    """forget's defaults, but the repair is done once retained accuracy reaches what the same
+    repair budget of fine-tuning reaches from the original weights, if that is below the
+    original's own accuracy (a fresh optimizer alone can cost more than the one-row slack).
+    A candidate, for comparison: one extra repair budget of steps per request."""
+    saved = AmnesiacTrainer._prepare_unseen_hold
+
+    def prepare_and_probe(self, auto, todo):
+        saved(self, auto, todo)
+        probe = copy.deepcopy(self.model)
+        finetune(probe, auto.retained, repair_budget(auto.planned_steps), self.args, data_collator=self.data_collator)
+        measure = AmnesiacTrainer(model=probe, args=self.args, train_dataset=auto.retained, record=False)
+        auto.original_accuracy = min(auto.original_accuracy, measure._accuracy(auto.retained_sample))
+
+    AmnesiacTrainer._prepare_unseen_hold = prepare_and_probe
     try:
         yield
     finally:
