@@ -87,8 +87,19 @@ def tiny_vit(seed: int = 0, classes: int = 3, dropout: float = 0.0):
     return ViTForImageClassification(config)
 
 
+def trainer_device() -> str:
+    """Where the trainer tests train: "cpu" (default) or "cuda" (HF_AMNESIA_TEST_DEVICE=cuda)."""
+    import os
+
+    device = os.environ.get("HF_AMNESIA_TEST_DEVICE", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"HF_AMNESIA_TEST_DEVICE must be 'cpu' or 'cuda', got {device!r}")
+    return device
+
+
 def tiny_config(out, **overrides):
-    """A quiet CPU AmnesiaConfig for tiny test runs; keyword arguments override the defaults."""
+    """A quiet AmnesiaConfig for tiny test runs; keyword arguments override the defaults. It runs on
+    the CPU unless HF_AMNESIA_TEST_DEVICE=cuda (the trainer tests on a GPU machine)."""
     from hf_amnesia import AmnesiaConfig
 
     base = dict(
@@ -97,7 +108,7 @@ def tiny_config(out, **overrides):
         num_train_epochs=1,
         report_to=[],
         save_strategy="no",
-        use_cpu=True,
+        use_cpu=trainer_device() == "cpu",
         disable_tqdm=True,
         logging_strategy="no",
     )

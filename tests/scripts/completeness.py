@@ -13,14 +13,14 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from tiny import TinyCNN, image_dataset  # noqa: E402
+from tiny import TinyCNN, image_dataset, trainer_device  # noqa: E402
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader  # noqa: E402
 from hf_amnesia.forget import forget_update  # noqa: E402
 
 
 def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().cpu()
 
 
 class GradNorms(TrainerCallback):
@@ -50,7 +50,7 @@ def run(out_dir: str) -> dict:
         max_grad_norm=0.5,
         report_to=[],
         save_strategy="no",
-        use_cpu=True,
+        use_cpu=trainer_device() == "cpu",
         seed=0,
         disable_tqdm=True,
         logging_steps=1,
