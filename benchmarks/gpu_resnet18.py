@@ -17,11 +17,12 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Array3D, Dataset, Features, Value
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
@@ -31,8 +32,10 @@ from cifar100 import ResNet18GN  # noqa: E402
 
 def cifar_like(n: int) -> Dataset:
     rng = np.random.default_rng(0)
+    features = Features({"pixel_values": Array3D((3, 32, 32), "float32"), "labels": Value("int64")})
     return Dataset.from_dict(
-        {"pixel_values": rng.normal(size=(n, 3, 32, 32)).astype(np.float32), "labels": rng.integers(0, 100, n)}
+        {"pixel_values": rng.normal(size=(n, 3, 32, 32)).astype(np.float32), "labels": rng.integers(0, 100, n)},
+        features=features,  # fixed-shape arrays load as tensors in one piece, not as nested lists
     ).with_format("torch")
 
 
@@ -50,13 +53,22 @@ def main(argv=None):
     data = cifar_like(batch * 40)  # several epochs: max_steps sets the run's length
     full = steps - steps // 8  # the last eighth: every momentum tail is open (W = 153 steps at beta1 0.9)
     cuda = torch.cuda.is_available()
+    print(
+        f"training on {'cuda' if cuda else 'cpu'} ({torch.cuda.get_device_name(0) if cuda else 'no GPU'})", flush=True
+    )
     times, peaks = {"plain": [], **{layout: [] for layout in layouts}}, {}
     for _ in range(2):  # alternate plain and recording runs to share the machine's noise
         for name in times:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             record = dict(record=False) if name == "plain" else dict(record=True, keep_layout=name)
+            began = time.perf_counter()
             times[name].append(run.step_times(make_model, data, batch, steps, **record))
+            print(
+                f"{name}: {steps} steps in {time.perf_counter() - began:.1f} s (setup and the end of training"
+                f" included), median step {statistics.median(times[name][-1][3:]) * 1e3:.1f} ms",
+                flush=True,
+            )
             if cuda:
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
     best = {name: min(statistics.median(t[3:]) for t in runs) for name, runs in times.items()}

@@ -70,18 +70,18 @@ def trained(tmp_path_factory):
     args = tiny_config(out, keep_fraction=0.2, num_train_epochs=3, learning_rate=1e-2, per_device_train_batch_size=8)
     trainer = AmnesiacTrainer(model=model, args=args, train_dataset=train, eval_dataset=holdout)
     trainer.train()
-    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().clone()
     return trainer, train, holdout, theta
 
 
 def _reset(trainer, theta):
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(theta.clone(), trainer.model.parameters())
+        torch.nn.utils.vector_to_parameters(theta.to(trainer.args.device).clone(), trainer.model.parameters())
     trainer._set_forgotten([])
 
 
 def _weights(trainer):
-    return torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach().clone()
+    return torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach().cpu().clone()
 
 
 def test_auto_keeps_its_promise_and_is_deterministic(trained):
@@ -219,7 +219,7 @@ def test_a_class_the_repair_brings_back_is_reported(trained, monkeypatch, caplog
     # A repair that restores everything, the class included, is reported.
     def repair_to_original(self, auto):
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(theta.clone(), self.model.parameters())
+            torch.nn.utils.vector_to_parameters(theta.to(self.args.device).clone(), self.model.parameters())
         return 5, True
 
     _reset(trainer, theta)
@@ -352,6 +352,7 @@ def test_the_unseen_hold_on_a_text_model(tmp_path):
     )
     retained = holder.data_collator([holder._model_rows(auto.retained)[i] for i in range(4)])
     retained.pop("dataset_id", None)
+    retained = holder._prepare_inputs(retained)  # onto the model's device
     base = trainer_module.AmnesiacTrainer.compute_loss(holder, trainer.model, dict(retained))
     total = holder.compute_loss(trainer.model, dict(retained))
     assert torch.isfinite(total) and total >= base
