@@ -85,7 +85,7 @@ class MomentumLedger:
             if positions.stride(0) != 0 and self.ledger.numel() < 2**31:
                 positions = positions.to(torch.int32)  # half the memory of the open tails' positions
             self.open.append(OpenStep(t, ids, positions, contrib.float(), start))
-        self.ledger.add_(x_t, alpha=self.beta1 ** (t - self.base))
+        _add_into(self.ledger, x_t, self.beta1 ** (t - self.base))
         while self.open and self.beta1 ** (t + 1 - self.open[0].step) < self.tail_tolerance:
             yield self._close(self.open.popleft())
         if self.beta1 ** (t - self.base) < REBASE_WEIGHT:
@@ -145,6 +145,20 @@ class MomentumLedger:
     def open_bytes(self) -> int:
         """Bytes held by the open tails (the bounded memory stated in the docs)."""
         return sum(i.positions.numel() * 8 + i.contrib.numel() * 4 + i.start.numel() * 8 for i in self.open)
+
+
+ADD_CHUNK = 1 << 20
+
+
+def _add_into(ledger: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """`ledger += alpha * x` for a float64 ledger and a float32 `x`. One mixed-dtype `add_` takes
+    a slow path on the CPU (34 ms for 11.4M entries vs 4 ms after converting `x`), so `x` is
+    converted a chunk at a time: the same values, no second ledger-sized buffer."""
+    if x.dtype == ledger.dtype:
+        ledger.add_(x, alpha=alpha)
+        return
+    for lo in range(0, ledger.numel(), ADD_CHUNK):
+        ledger[lo : lo + ADD_CHUNK].add_(x[lo : lo + ADD_CHUNK].to(ledger.dtype), alpha=alpha)
 
 
 def _gather(vector: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -84,3 +84,14 @@ def test_x_t_lies_on_the_parameters_device_and_reuses_its_buffer():
     first, _ = adam_step_weights(cpu, cpu_states, [group, group], torch.ones(2, dtype=torch.float64))
     again, _ = adam_step_weights(cpu, cpu_states, [group, group], torch.ones(2, dtype=torch.float64), out=first)
     assert again.data_ptr() == first.data_ptr()  # the buffer is reused, not reallocated
+
+
+def test_the_ledger_update_in_chunks_equals_one_mixed_dtype_add(monkeypatch):
+    from hf_amnesia import attribution
+
+    monkeypatch.setattr(attribution, "ADD_CHUNK", 7)  # several chunks and a ragged last one
+    ledger = torch.randn(45, dtype=torch.float64)
+    x = torch.randn(45)
+    expected = ledger.clone().add_(x, alpha=0.37)
+    attribution._add_into(ledger, x, 0.37)
+    assert torch.equal(ledger, expected)
