@@ -7,8 +7,9 @@ Prints tables, then as its last line one JSON object with: overhead_cnn, overhea
 default `rows` layout), overhead_cnn_entries, overhead_bert_entries (`keep_layout="entries"`),
 overhead_cnn_tails_filling, overhead_cnn_tails_full (a 220-step run: while the open momentum
 tails fill, and once they are full), opacus_dense_cnn, peak_mem_ratio_cnn, store_overhead_pct, forget_1_ms, forget_6000_s,
-rte_speedup (Retrain without one id / forget of that id), rte_speedup_6000, forget_default_s
-(see docs/performance.md).
+rte_speedup (Retrain without one id / forget of that id), rte_speedup_6000, forget_default_s,
+and without --quick overhead_mlp_11m, overhead_mlp_11m_full (an 11.5M-parameter MLP, batch 32;
+see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
 
-from mnist import MnistCNN  # noqa: E402
+from mnist import MnistCNN, MnistMLP  # noqa: E402
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader  # noqa: E402
 
@@ -40,6 +41,12 @@ def cnn():
     """An MNIST-size CNN of about 455k parameters (conv 32, conv 64, fc 128)."""
     torch.manual_seed(0)
     return MnistCNN(channels=(32, 64), hidden=128)
+
+
+def wide_mlp():
+    """A large model whose compute is cheap: an MLP 784-14,500-10 of about 11.5M parameters."""
+    torch.manual_seed(0)
+    return MnistMLP(hidden=14_500)
 
 
 def bert():
@@ -159,6 +166,18 @@ def overhead(make_model, data, batch, steps, keep_fraction=0.01, rounds=2, layou
             )
     best = {layout: min(times) for layout, times in amnesiac.items()}
     return {layout: t / min(plain) for layout, t in best.items()}, min(plain), best
+
+
+def large_model_overhead(steps=170, batch=32):
+    """Recording / plain median step time of `wide_mlp`: the per-step work that scales with the
+    number of parameters M and with B*K rather than with the model's compute."""
+    data = images(batch * 20)
+    plain = step_times(wide_mlp, data, batch, steps, record=False)
+    recording = step_times(wide_mlp, data, batch, steps, record=True)
+    return {
+        "all": statistics.median(recording[3:]) / statistics.median(plain[3:]),
+        "full": statistics.median(recording[155:]) / statistics.median(plain[155:]),
+    }
 
 
 def opacus_dense(batch, steps):
@@ -346,6 +365,12 @@ def main(argv=None):
         }
     )
     if not args.quick:
+        large = large_model_overhead()
+        result["overhead_mlp_11m"], result["overhead_mlp_11m_full"] = large["all"], large["full"]
+        print(
+            "large MLP (11.5M params, batch 32, p=0.01), one 170-step run each: recording / plain "
+            f"{large['all']:.2f}x over steps 3-170, {large['full']:.2f}x over 155-170 (every tail open)"
+        )
         print("\nkeep_fraction sweep (CNN, batch 64): overhead")
         for p in (0.001, 0.01, 0.1):
             ratios = overhead(cnn, images(64 * steps), 64, steps, keep_fraction=p, rounds=1, layouts=layouts)[0]
