@@ -101,6 +101,11 @@ def roll_forward(store_dir: Path, entry: dict, crash_at=None) -> None:
         purge_rows(Path(store_dir), Manifest.load(Path(store_dir)), np.asarray(entry["purged_ids"], dtype=np.int64))
     if crash_at:
         crash_at("purge")
+    # The saved model is now the store's model: training it further may record into the store.
+    manifest = Manifest.load(Path(store_dir))
+    if manifest is not None and manifest.final_weights != entry["audit"]["model_after"]:
+        manifest.final_weights = entry["audit"]["model_after"]
+        manifest.save(Path(store_dir))
     append_audit(store_dir, entry["audit"])
     (Path(store_dir) / JOURNAL).unlink(missing_ok=True)
 

@@ -486,12 +486,7 @@ class AmnesiacTrainer(Trainer):
                     commit(store_dir, entry)
                     committed = True
                     crash_point("forget:committed")
-                    roll_forward(store_dir, entry, crash_at=crash_point)
-                    # The saved model is now the store's model: training it further may record into
-                    # the store. (Were this lost in a crash, such training is refused, never mixed.)
-                    manifest = Manifest.load(store_dir)
-                    manifest.final_weights = weights_fingerprint(params)
-                    manifest.save(store_dir)
+                    roll_forward(store_dir, entry, crash_at=crash_point)  # the store's model is now the saved one
                     report.request = audit["request"]
                 report.committed = True
         except BaseException:

@@ -16,7 +16,7 @@ from tiny import text_dataset, tiny_bert, tiny_config
 from transformers import BertForSequenceClassification
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader
-from hf_amnesia.journal import JOURNAL, read_audit, recover
+from hf_amnesia.journal import JOURNAL, read_audit, recover, weights_fingerprint
 
 SCRIPTS = Path(__file__).parent / "scripts"
 TOL = 1e-6
@@ -124,6 +124,8 @@ def test_sigkill_inside_forget_is_atomic_and_idempotent(tmp_path, trained_bert, 
     completed = recover(store)
     saved = BertForSequenceClassification.from_pretrained(str(model_dir))
     reader = StoreReader(store)
+    # The store's model (whose further training it may record) is the saved one, crash or not.
+    assert reader.manifest.final_weights == weights_fingerprint(reader.manifest.layout.params_of(saved))
     if point == "forget:staged":  # before the commit point: everything as before
         assert not completed
         assert all(torch.equal(saved.state_dict()[k], v) for k, v in before.items())
