@@ -311,6 +311,7 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
     )
     retained = holder.data_collator([holder._model_rows(auto.retained)[i] for i in range(8)])
     retained.pop("dataset_id", None)  # training_step takes the ids out before the loss
+    retained = holder._prepare_inputs(retained)  # onto the model's device
     total = holder.compute_loss(trainer.model, dict(retained))
     base = torch.nn.functional.cross_entropy(
         trainer.model(pixel_values=retained["pixel_values"])["logits"], retained["labels"]
@@ -318,21 +319,29 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
     order = torch.randperm(6, generator=torch.Generator().manual_seed(trainer.args.seed)).tolist()
     rows = [auto.forget_rows[i] for i in order]
     losses = torch.nn.functional.cross_entropy(
-        trainer.model(pixel_values=torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows]))["logits"],
-        torch.tensor([int(r["labels"]) for r in rows]),
+        trainer.model(pixel_values=torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows]).to(base.device))[
+            "logits"
+        ],
+        torch.tensor([int(r["labels"]) for r in rows], device=base.device),
         reduction="none",
     )
-    targets = unseen_targets(losses.detach().numpy(), auto.after_subtraction[order], auto.held_out_losses)
-    hinge = torch.relu(torch.as_tensor(targets, dtype=losses.dtype) - losses).mean()
+    targets = unseen_targets(losses.detach().cpu().numpy(), auto.after_subtraction[order], auto.held_out_losses)
+    hinge = torch.relu(torch.as_tensor(targets, dtype=losses.dtype, device=losses.device) - losses).mean()
     assert torch.allclose(total, base + hinge, rtol=1e-5, atol=1e-6)
 
     # a class request: no held-out counterpart, a plain repair
     labels = np.asarray(train["labels"])
     class_ids = np.asarray(train["dataset_id"])[labels == 1]
     _reset(trainer, theta)
+    auto = trainer._auto_data(class_ids, None, None, need_holdout=True, hold_unseen=True)  # as forget asks
+    trainer._prepare_unseen_hold(auto, class_ids)
+    assert auto.classes == [1] and auto.forget_rows is None
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise).to(p.device) * p.abs().mean())
     repairs.clear()
-    report = trainer.forget(class_ids)
-    assert report.repair_steps == 0 or repairs == [None]
+    trainer._repair_until_restored(auto)
+    assert repairs and all(kind is None for kind in repairs)
 
 
 def test_the_unseen_hold_on_a_text_model(tmp_path):
