@@ -143,8 +143,23 @@ class MomentumLedger:
             )
 
     def open_bytes(self) -> int:
-        """Bytes held by the open tails (the bounded memory stated in the docs)."""
-        return sum(i.positions.numel() * 8 + i.contrib.numel() * 4 + i.start.numel() * 8 for i in self.open)
+        """Bytes held by the open tails now (at most `open_tail_bound`)."""
+        return sum(_stored_bytes(i.positions) + _stored_bytes(i.contrib) + _stored_bytes(i.start) for i in self.open)
+
+
+def _stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; none for a broadcast view (the positions when K = M)."""
+    return 0 if tensor.dim() and tensor.stride(0) == 0 else tensor.numel() * tensor.element_size()
+
+
+def open_tail_bound(window: int, samples_per_step: int, k: int, num_params: int) -> int:
+    """The most bytes the open tails hold: `window` steps (`MomentumLedger.window`; while a step is
+    accounted, before the oldest closes) of `samples_per_step` samples. Each step keeps its int32
+    positions (int64 from 2**31 entries; none when K = M), float32 contributions and the float64
+    ledger values where they start: gathered, or one dense copy of the ledger when that is smaller."""
+    entries = samples_per_step * k
+    positions = 0 if k >= num_params else entries * (4 if num_params < 2**31 else 8)
+    return window * (positions + 4 * entries + 8 * min(entries, num_params))
 
 
 ADD_CHUNK = 1 << 20

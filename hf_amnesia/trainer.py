@@ -25,6 +25,7 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCall
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .attribution import open_tail_bound
 from .calibrate import (
     CLASS_ACCURACY_TARGET,
     HARM_RETRIES,
@@ -159,13 +160,19 @@ class AmnesiacTrainer(Trainer):
                 )
         if not self._resume_requested:
             self._recorder.shard.begin()  # a resume goes back to its checkpoint's state instead
+        ledger = self._recorder.ledger
+        per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        tails = open_tail_bound(ledger.window, per_step, manifest.k, manifest.num_params)
+        store = ""
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
             size = len(self.train_dataset) * manifest.k * (4 if manifest.dtype == "float32" else 2)
-            logger.warning(
-                f"hf_amnesia: recording {manifest.k} of {manifest.num_params} trainable entries per sample "
-                f"(keep_fraction={manifest.keep_fraction}, {manifest.dtype}); the store of "
-                f"{len(self.train_dataset)} samples will take about {size / 2**20:.1f} MiB in {self.args.store_dir}."
-            )
+            store = f"; the store of {len(self.train_dataset)} samples will take about {size / 2**20:.1f} MiB"
+        logger.warning(
+            f"hf_amnesia: recording {manifest.k} of {manifest.num_params} trainable entries per sample "
+            f"(keep_fraction={manifest.keep_fraction}, {manifest.dtype}){store} in {self.args.store_dir}; "
+            f"the open momentum tails ({ledger.window} steps of {per_step} samples) take up to "
+            f"{tails / 2**20:.1f} MiB on {ledger.ledger.device} (docs/limits.md, Memory)."
+        )
         self._record_started = time.perf_counter()
 
     def training_step(self, model, inputs, num_items_in_batch=None):

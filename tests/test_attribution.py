@@ -95,3 +95,31 @@ def test_the_ledger_update_in_chunks_equals_one_mixed_dtype_add(monkeypatch):
     expected = ledger.clone().add_(x, alpha=0.37)
     attribution._add_into(ledger, x, 0.37)
     assert torch.equal(ledger, expected)
+
+
+@pytest.mark.parametrize("keep_fraction,layout", [(0.3, "rows"), (0.05, "entries"), (1.0, "entries")])
+def test_open_tails_reach_exactly_their_stated_bound(tmp_path, caplog, keep_fraction, layout):
+    from tiny import TinyCNN, image_dataset, tiny_config
+    from transformers import TrainerCallback
+
+    from hf_amnesia import AmnesiacTrainer, StoreReader
+    from hf_amnesia.attribution import open_tail_bound
+
+    seen = []
+
+    class OpenBytes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(trainer._recorder.ledger.open_bytes())
+
+    torch.manual_seed(0)
+    # beta1 0.5: W = 24 steps; 40 rows in full batches of 4 for 3 epochs: 30 steps
+    args = tiny_config(tmp_path, keep_fraction=keep_fraction, keep_layout=layout, adam_beta1=0.5, num_train_epochs=3)
+    trainer = AmnesiacTrainer(model=TinyCNN(), args=args, train_dataset=image_dataset(40), callbacks=[OpenBytes()])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    manifest = StoreReader(args.store_dir).manifest
+    one_step = open_tail_bound(1, 4, manifest.k, manifest.num_params)
+    # At a step's end the oldest tail has closed: W - 1 steps are open (W while a step is accounted).
+    assert len(seen) == 30 and max(seen) == 23 * one_step
+    assert open_tail_bound(24, 4, manifest.k, manifest.num_params) == 24 * one_step
+    assert f"(24 steps of 4 samples) take up to {24 * one_step / 2**20:.1f} MiB on {trainer.args.device}" in caplog.text
