@@ -21,7 +21,7 @@ from torch import nn
 from .attribution import MomentumLedger, adam_step_weights
 from .errors import UnsupportedOptimizerError
 from .per_sample import PerSampleCapture
-from .store import Manifest, ShardWriter, manifest_positions, row_plan
+from .store import Manifest, ShardWriter, manifest_positions, row_plan, row_positions_torch
 
 
 class Recorder:
@@ -76,6 +76,12 @@ class Recorder:
         if self.k == self.layout.num_params:  # everything kept: a broadcast view, no [n, M] copy
             return torch.arange(self.k, device=device).expand(len(ids), self.k)
         small = self.layout.num_params < 2**31  # int32 positions: half the bytes to build, keep and gather
+        if self.manifest.keep_layout == "rows" and _hashes_on_device(device):
+            manifest = self.manifest
+            dtype = torch.int32 if small else torch.int64
+            return row_positions_torch(
+                manifest.seed, ids, manifest.layout.shapes, manifest.keep_fraction, dtype, device
+            )
         return torch.from_numpy(manifest_positions(self.manifest, ids, np.int32 if small else np.int64)).to(device)
 
     def end_microbatch(self, loss_scale: float = 1.0) -> None:
@@ -159,3 +165,9 @@ class Recorder:
         self.steps = int(state["steps"])
         self.shard.resume(int(state["log_size"]), int(state["generation"]), int(state["log_consumed"]))
         self._last_counts = self._step_counts()
+
+
+def _hashes_on_device(device: torch.device) -> bool:
+    """The `rows` layout's positions are hashed where the model trains (no host work, no copy),
+    except on the CPU, where the host's numpy hashing is faster."""
+    return device.type != "cpu"

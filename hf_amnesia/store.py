@@ -98,6 +98,49 @@ def row_positions(seed: int, ids: np.ndarray, shapes, keep_fraction: float, dtyp
     return out
 
 
+def _bits(value) -> int:
+    """A uint64's bits as a (two's complement) int64."""
+    value = int(value) & (2**64 - 1)
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _shr(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors that hold uint64 bits."""
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _mix_torch(x: torch.Tensor) -> torch.Tensor:
+    """`_mix` on int64 tensors that hold uint64 bits (products wrap alike)."""
+    x = (x ^ _shr(x, 30)) * _bits(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * _bits(0x94D049BB133111EB)
+    return x ^ _shr(x, 31)
+
+
+def row_positions_torch(seed: int, ids, shapes, keep_fraction: float, dtype=torch.int64, device="cpu") -> torch.Tensor:
+    """`row_positions` computed where the model trains (e.g. on its GPU): the same positions, with
+    no hashing on the host and no copy to the device. uint64 arithmetic runs on int64 tensors (the
+    same bits); hashes are compared with their top bit flipped, so signed order is unsigned order."""
+    plan, row_salts = _row_salts(tuple(tuple(int(d) for d in shape) for shape in shapes), float(keep_fraction))
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)
+    salts = torch.as_tensor(row_salts.view(np.int64), device=device)
+    base = _mix_torch(_mix_torch(ids ^ _bits((int(seed) & 0xFFFFFFFF) * 0x9E3779B97F4A7C15)))
+    keys = _mix_torch(base[:, None] ^ salts[None, :]) ^ _bits(2**63)
+    pieces, first, offset = [], 0, 0
+    for rows, cols, kept in plan:
+        own = keys[:, first : first + rows]
+        first += rows
+        if kept == rows:
+            chosen = torch.arange(rows, device=device).expand(len(ids), rows)
+        elif kept == 1:
+            chosen = own.argmin(dim=1, keepdim=True)
+        else:
+            chosen = own.topk(kept, dim=1, largest=False).indices.sort(dim=1).values
+        columns = torch.arange(cols, device=device, dtype=dtype)
+        pieces.append(((offset + chosen * cols).to(dtype)[:, :, None] + columns).reshape(len(ids), kept * cols))
+        offset += rows * cols
+    return torch.cat(pieces, dim=1)
+
+
 @functools.lru_cache(maxsize=8)
 def _row_salts(shapes: tuple[tuple[int, ...], ...], keep_fraction: float):
     """The row plan and, for every row of every tensor, the salt its hash mixes with the id's."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import TinyCNN, image_dataset, tiny_config
 
-from hf_amnesia import AmnesiacTrainer, ConfigError, StoreReader
+from hf_amnesia import AmnesiacTrainer, ConfigError, StoreReader, recorder
 from hf_amnesia.forget import forget_update
 from hf_amnesia.store import manifest_positions, row_plan
 
@@ -21,7 +21,10 @@ def _train(out, **overrides):
     return trainer, StoreReader(args.store_dir)
 
 
-def test_rows_store_equals_full_deltas_at_its_positions(tmp_path):
+@pytest.mark.parametrize("on_device", [False, True], ids=["hashed_on_host", "hashed_on_device"])
+def test_rows_store_equals_full_deltas_at_its_positions(tmp_path, monkeypatch, on_device):
+    # On a GPU the recorder hashes the positions there; forget always hashes them on the host.
+    monkeypatch.setattr(recorder, "_hashes_on_device", lambda device: on_device)
     _, full = _train(tmp_path / "full", keep_fraction=1.0)
     trainer, rows = _train(tmp_path / "rows", keep_fraction=0.3, keep_layout="rows")
     manifest = rows.manifest

@@ -194,6 +194,29 @@ def test_row_positions_never_change_across_versions():
     assert (row_positions(7, [12345], [(8, 3), (8,), (5, 2, 2), (3,)], 0.25, np.int32) == got[2]).all()
 
 
+@pytest.mark.parametrize(
+    "shapes,keep_fraction",
+    [
+        ([(8, 3), (8,), (5, 2, 2), (3,)], 0.25),
+        ([(64, 3, 3, 3), (64,), (128, 64, 3, 3), (100, 512), (100,)], 0.01),
+        ([(3000, 20), (3000,), (10, 3000), (10,)], 0.01),
+        ([(7, 5), (1,), (3,)], 0.9),
+        ([(7, 5)], 1.0),
+    ],
+)
+def test_positions_hashed_on_the_device_equal_the_hosts(shapes, keep_fraction):
+    # The recorder hashes on the model's device (a GPU) what forget recomputes on the host.
+    from hf_amnesia.store import row_positions_torch
+
+    ids = np.random.default_rng(0).integers(0, 2**62, 40)
+    ids[:3] = [0, 1, 2**63 - 1]
+    for seed in (0, 3, 2**40 + 7):
+        for host, device in ((np.int64, torch.int64), (np.int32, torch.int32)):
+            expected = row_positions(seed, ids, shapes, keep_fraction, host)
+            got = row_positions_torch(seed, ids, shapes, keep_fraction, device)
+            assert got.dtype == device and np.array_equal(got.numpy(), expected)
+
+
 def test_row_positions_are_whole_distinct_rows_fixed_by_id():
     shapes = ((10, 4), (10,), (3, 2, 5), (7, 1))
     a = row_positions(5, [11, 12, 11], shapes, 0.3)
