@@ -8,8 +8,8 @@ default `rows` layout), overhead_cnn_entries, overhead_bert_entries (`keep_layou
 overhead_cnn_tails_filling, overhead_cnn_tails_full (a 220-step run: while the open momentum
 tails fill, and once they are full), opacus_dense_cnn, peak_mem_ratio_cnn, store_overhead_pct, forget_1_ms, forget_6000_s,
 rte_speedup (Retrain without one id / forget of that id), rte_speedup_6000, forget_default_s,
-and without --quick overhead_mlp_11m, overhead_mlp_11m_full (an 11.5M-parameter MLP, batch 32;
-see docs/performance.md).
+and without --quick overhead_mlp_11m, overhead_mlp_11m_full (an 11.5M-parameter MLP, batch 32)
+and the same with glibc keeping freed memory (overhead_mlp_11m_malloc_kept*; see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -177,7 +177,27 @@ def large_model_overhead(steps=170, batch=32):
     return {
         "all": statistics.median(recording[3:]) / statistics.median(plain[3:]),
         "full": statistics.median(recording[155:]) / statistics.median(plain[155:]),
+        "plain_ms": statistics.median(plain[3:]) * 1e3,
+        "recording_ms": statistics.median(recording[3:]) * 1e3,
+        "recording_full_ms": statistics.median(recording[155:]) * 1e3,
     }
+
+
+# glibc keeps freed memory for reuse instead of returning large blocks to the system, so the
+# open tails' buffers of each step do not fault in fresh pages (docs/performance.md).
+MALLOC_KEPT = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+
+
+def large_model_in_subprocess(env):
+    """`large_model_overhead` in a fresh process with `env` added to its environment."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--large-only"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def opacus_dense(batch, steps):
@@ -316,8 +336,12 @@ def store_and_forget(num_samples, keep_fraction=0.01, batch=64):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--large-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.large_only:
+        print(json.dumps(large_model_overhead()))
+        return
     steps = 15 if args.quick else 30
     result = {}
     layouts = ("rows", "entries")  # the default layout first
@@ -365,12 +389,14 @@ def main(argv=None):
         }
     )
     if not args.quick:
-        large = large_model_overhead()
-        result["overhead_mlp_11m"], result["overhead_mlp_11m_full"] = large["all"], large["full"]
-        print(
-            "large MLP (11.5M params, batch 32, p=0.01), one 170-step run each: recording / plain "
-            f"{large['all']:.2f}x over steps 3-170, {large['full']:.2f}x over 155-170 (every tail open)"
-        )
+        for name, env in (("", {}), ("_malloc_kept", MALLOC_KEPT)):
+            large = large_model_in_subprocess(env)
+            result[f"overhead_mlp_11m{name}"], result[f"overhead_mlp_11m{name}_full"] = large["all"], large["full"]
+            print(
+                f"large MLP (11.5M params, batch 32, p=0.01), one 170-step run each{' with ' if env else ''}"
+                f"{' '.join(f'{k}={v}' for k, v in env.items())}: recording / plain {large['all']:.2f}x over "
+                f"steps 3-170, {large['full']:.2f}x over 155-170 (every tail open)"
+            )
         print("\nkeep_fraction sweep (CNN, batch 64): overhead")
         for p in (0.001, 0.01, 0.1):
             ratios = overhead(cnn, images(64 * steps), 64, steps, keep_fraction=p, rounds=1, layouts=layouts)[0]

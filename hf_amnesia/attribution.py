@@ -97,7 +97,7 @@ class MomentumLedger:
 
     def _close(self, item: OpenStep) -> tuple[np.ndarray, torch.Tensor]:
         start = _gather(item.start, item.positions) if item.start.dim() == 1 else item.start
-        tail = _gather(self.ledger, item.positions) - start  # float64: the difference cancels digits
+        tail = _gather(self.ledger, item.positions).sub_(start)  # float64: the difference cancels digits
         coef = -(1.0 - self.beta1) * self.beta1 ** (self.base - item.step)
         return item.ids, tail.float().mul_(coef).mul_(item.contrib)
 
