@@ -49,6 +49,29 @@ class OpenStep:
     start: torch.Tensor
 
 
+class BufferPool:
+    """Buffers of closed momentum tails, handed out again to the steps that open. Each step keeps
+    B*K-sized tensors for W steps; on the CPU, fresh ones would fault in new pages every step
+    (tens of ms per step for large models). At most `per_shape` buffers wait per shape and dtype."""
+
+    def __init__(self, per_shape: int = 2):
+        self.per_shape = per_shape
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialised tensor: a returned buffer of that shape and dtype, or a new one."""
+        free = self._free.get((tuple(shape), dtype, torch.device(device)))
+        return free.pop() if free else torch.empty(tuple(shape), dtype=dtype, device=device)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        """Return a tensor nothing else uses any more (views and broadcasts are not kept)."""
+        if tensor.dim() == 0 or not tensor.is_contiguous() or tensor._base is not None:
+            return
+        free = self._free.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), [])
+        if len(free) < self.per_shape:
+            free.append(tensor)
+
+
 class MomentumLedger:
     """Turns per-step, per-sample gradient contributions into exact per-sample parameter deltas.
 
@@ -65,6 +88,7 @@ class MomentumLedger:
         self.ledger = torch.zeros(num_params, dtype=torch.float64, device=device)
         self.base = 1  # step e whose term has weight b1^0
         self.open: deque[OpenStep] = deque()
+        self.pool = BufferPool()
 
     @property
     def window(self) -> int:
@@ -81,7 +105,12 @@ class MomentumLedger:
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Account optimizer step `t` (1-based, consecutive) and yield the deltas that closed."""
         if len(ids):
-            start = self.ledger.clone() if positions.numel() >= self.ledger.numel() else _gather(self.ledger, positions)
+            if positions.numel() >= self.ledger.numel():
+                start = self.pool.take(self.ledger.shape, torch.float64, self.ledger.device).copy_(self.ledger)
+            else:
+                start = _gather(
+                    self.ledger, positions, out=self.pool.take(positions.shape, torch.float64, positions.device)
+                )
             if positions.stride(0) != 0 and self.ledger.numel() < 2**31:
                 positions = positions.to(torch.int32)  # half the memory of the open tails' positions
             self.open.append(OpenStep(t, ids, positions, contrib.float(), start))
@@ -99,7 +128,10 @@ class MomentumLedger:
         start = _gather(item.start, item.positions) if item.start.dim() == 1 else item.start
         tail = _gather(self.ledger, item.positions).sub_(start)  # float64: the difference cancels digits
         coef = -(1.0 - self.beta1) * self.beta1 ** (self.base - item.step)
-        return item.ids, tail.float().mul_(coef).mul_(item.contrib)
+        deltas = tail.float().mul_(coef).mul_(item.contrib)
+        for done in (item.contrib, item.start, item.positions):
+            self.pool.give(done)
+        return item.ids, deltas
 
     def _rebase(self, new_base: int) -> None:
         factor = self.beta1 ** (self.base - new_base)
@@ -176,12 +208,17 @@ def _add_into(ledger: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
         ledger[lo : lo + ADD_CHUNK].add_(x[lo : lo + ADD_CHUNK].to(ledger.dtype), alpha=alpha)
 
 
-def _gather(vector: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _gather(vector: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`vector[positions]` for [n, K] positions, through `index_select` on the flat positions: the
-    same values, several times faster than advanced indexing with int32 positions on the CPU."""
+    same values, several times faster than advanced indexing with int32 positions on the CPU.
+    `out`, if given, is a contiguous [n, K] tensor of the vector's dtype that receives them."""
     if positions.stride(0) == 0:  # a broadcast view: every sample keeps the same positions
-        return vector.index_select(0, positions[0]).expand(positions.shape).contiguous()
-    return vector.index_select(0, positions.reshape(-1)).view(positions.shape)
+        row = vector.index_select(0, positions[0])
+        return row.expand(positions.shape).contiguous() if out is None else out.copy_(row.expand(positions.shape))
+    if out is None:
+        return vector.index_select(0, positions.reshape(-1)).view(positions.shape)
+    torch.index_select(vector, 0, positions.reshape(-1), out=out.view(-1))
+    return out
 
 
 def adam_step_weights(

@@ -66,6 +66,7 @@ class PerSampleCapture:
         self.armed = False
         self.batch_size = 0
         self.values: torch.Tensor | None = None
+        self.pool = None  # an attribution.BufferPool the value buffers come from, if set
         self._select: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._activations: dict[nn.Module, list] = defaultdict(list)
         self._handles = []
@@ -249,7 +250,10 @@ class PerSampleCapture:
 
     def begin(self, positions: torch.Tensor) -> None:
         self.batch_size, k = positions.shape
-        self.values = torch.zeros(self.batch_size, k, dtype=torch.float32, device=positions.device)
+        if self.pool is None:
+            self.values = torch.zeros(self.batch_size, k, dtype=torch.float32, device=positions.device)
+        else:
+            self.values = self.pool.take((self.batch_size, k), torch.float32, positions.device).zero_()
         self._select.clear()
         self._rows.clear()
         for key, (offset, numel) in self.slot.items():

@@ -21,7 +21,7 @@ from torch import nn
 from .attribution import MomentumLedger, adam_step_weights
 from .errors import UnsupportedOptimizerError
 from .per_sample import PerSampleCapture
-from .store import Manifest, ShardWriter, manifest_positions, row_plan, row_positions_torch
+from .store import Manifest, ShardWriter, manifest_positions, row_plan, row_positions, row_positions_torch
 
 
 class Recorder:
@@ -50,6 +50,7 @@ class Recorder:
         self.decay = torch.tensor(manifest.decay or [1.0] * len(self.params), dtype=torch.float64)
         plan = row_plan(manifest.keep_fraction, self.layout.shapes) if manifest.keep_layout == "rows" else None
         self.capture = PerSampleCapture(model, self.params, row_plan=plan)
+        self.capture.pool = self.ledger.pool  # value buffers come back when their tails close
         self.shard = ShardWriter(Path(store_dir), rank, self.k, manifest.dtype)
         self.optimizer = optimizer
         self._hook = optimizer.register_step_post_hook(self._after_step)
@@ -76,13 +77,15 @@ class Recorder:
         if self.k == self.layout.num_params:  # everything kept: a broadcast view, no [n, M] copy
             return torch.arange(self.k, device=device).expand(len(ids), self.k)
         small = self.layout.num_params < 2**31  # int32 positions: half the bytes to build, keep and gather
-        if self.manifest.keep_layout == "rows" and _hashes_on_device(device):
-            manifest = self.manifest
-            dtype = torch.int32 if small else torch.int64
-            return row_positions_torch(
-                manifest.seed, ids, manifest.layout.shapes, manifest.keep_fraction, dtype, device
-            )
-        return torch.from_numpy(manifest_positions(self.manifest, ids, np.int32 if small else np.int64)).to(device)
+        manifest, dtype = self.manifest, torch.int32 if small else torch.int64
+        shapes, keep_fraction = manifest.layout.shapes, manifest.keep_fraction
+        if manifest.keep_layout == "rows" and _hashes_on_device(device):
+            return row_positions_torch(manifest.seed, ids, shapes, keep_fraction, dtype, device)
+        if manifest.keep_layout == "rows":  # into a closed tail's buffer, as the open tail keeps them
+            out = self.ledger.pool.take((len(ids), self.k), dtype, "cpu")
+            row_positions(manifest.seed, ids, shapes, keep_fraction, out.numpy().dtype, out=out.numpy())
+            return out.to(device)
+        return torch.from_numpy(manifest_positions(manifest, ids, np.int32 if small else np.int64)).to(device)
 
     def end_microbatch(self, loss_scale: float = 1.0) -> None:
         values = self.capture.end()

@@ -69,16 +69,20 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def row_positions(seed: int, ids: np.ndarray, shapes, keep_fraction: float, dtype=np.int64) -> np.ndarray:
+def row_positions(
+    seed: int, ids: np.ndarray, shapes, keep_fraction: float, dtype=np.int64, out: np.ndarray | None = None
+) -> np.ndarray:
     """[len(ids), K] kept positions in the `rows` layout: whole rows, fixed by (seed, dataset id).
 
     Each tensor keeps the rows with the smallest hash of (seed, id, tensor, row): one
     vectorised pass over the batch and every tensor's rows, no per-sample generator. `dtype`
-    may be np.int32 when the model has fewer than 2**31 trainable entries.
+    may be np.int32 when the model has fewer than 2**31 trainable entries. `out`, if given, is a
+    C-contiguous [len(ids), K] array of that dtype that receives the positions.
     """
     ids = np.asarray(ids, dtype=np.uint64)
     plan, row_salts = _row_salts(tuple(tuple(int(d) for d in shape) for shape in shapes), float(keep_fraction))
-    out = np.empty((len(ids), sum(r * c for _, c, r in plan)), dtype=dtype)
+    if out is None:
+        out = np.empty((len(ids), sum(r * c for _, c, r in plan)), dtype=dtype)
     base = _mix(_mix(ids ^ np.uint64(((int(seed) & 0xFFFFFFFF) * 0x9E3779B97F4A7C15) & (2**64 - 1))))
     keys = _mix(base[:, None] ^ row_salts[None, :])  # [n, all rows]: every tensor's row hashes at once
     column = offset = first = 0
