@@ -123,3 +123,29 @@ def test_open_tails_reach_exactly_their_stated_bound(tmp_path, caplog, keep_frac
     assert len(seen) == 30 and max(seen) == 23 * one_step
     assert open_tail_bound(24, 4, manifest.k, manifest.num_params) == 24 * one_step
     assert f"(24 steps of 4 samples) take up to {24 * one_step / 2**20:.1f} MiB on {trainer.args.device}" in caplog.text
+
+
+def test_closed_tails_buffers_go_to_the_steps_that_open():
+    from hf_amnesia.attribution import BufferPool
+
+    pool = BufferPool(per_shape=1)
+    a = torch.zeros(3, 4)
+    pool.give(a)
+    pool.give(torch.zeros(3, 4))  # over the cap: dropped
+    pool.give(torch.zeros(6)[:3])  # a view: never handed out
+    assert pool.take((3, 4), torch.float32, "cpu") is a
+    assert pool.take((3, 4), torch.float32, "cpu") is not a and pool.take((3,), torch.float32, "cpu").numel() == 3
+
+    # In the ledger, a step that opens after one closed keeps its starts in the closed one's buffer.
+    torch.manual_seed(0)
+    num, n, k, beta1 = 50, 3, 5, 0.5
+    ledger = MomentumLedger(num, beta1, tail_tolerance=1e-3)
+    freed = set()
+    for t in range(1, 3 * ledger.window):
+        positions = torch.stack([torch.randperm(num)[:k] for _ in range(n)]).to(torch.int32)
+        closing = ledger.open[0] if len(ledger.open) == ledger.window - 1 else None
+        list(ledger.step(t, torch.randn(num), np.arange(n), positions, torch.randn(n, k)))
+        if t > ledger.window + 1:
+            assert ledger.open[-1].start.data_ptr() in freed
+        if closing is not None:
+            freed.add(closing.start.data_ptr())
