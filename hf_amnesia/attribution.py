@@ -199,8 +199,8 @@ ADD_CHUNK = 1 << 20
 
 def _add_into(ledger: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
     """`ledger += alpha * x` for a float64 ledger and a float32 `x`. One mixed-dtype `add_` takes
-    a slow path on the CPU (34 ms for 11.4M entries vs 4 ms after converting `x`), so `x` is
-    converted a chunk at a time: the same values, no second ledger-sized buffer."""
+    a slow path on the CPU (several times slower at millions of entries; docs/performance.md), so
+    `x` is converted a chunk at a time: the same values, no second ledger-sized buffer."""
     if x.dtype == ledger.dtype:
         ledger.add_(x, alpha=alpha)
         return

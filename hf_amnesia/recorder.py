@@ -77,15 +77,19 @@ class Recorder:
         if self.k == self.layout.num_params:  # everything kept: a broadcast view, no [n, M] copy
             return torch.arange(self.k, device=device).expand(len(ids), self.k)
         small = self.layout.num_params < 2**31  # int32 positions: half the bytes to build, keep and gather
-        manifest, dtype = self.manifest, torch.int32 if small else torch.int64
+        manifest = self.manifest
+        if manifest.keep_layout != "rows":
+            return torch.from_numpy(manifest_positions(manifest, ids, np.int32 if small else np.int64)).to(device)
+        # into a closed tail's buffer, as the open tail keeps them; hashed where the model trains
+        on_device = _hashes_on_device(device)
+        out = self.ledger.pool.take(
+            (len(ids), self.k), torch.int32 if small else torch.int64, device if on_device else "cpu"
+        )
         shapes, keep_fraction = manifest.layout.shapes, manifest.keep_fraction
-        if manifest.keep_layout == "rows" and _hashes_on_device(device):
-            return row_positions_torch(manifest.seed, ids, shapes, keep_fraction, dtype, device)
-        if manifest.keep_layout == "rows":  # into a closed tail's buffer, as the open tail keeps them
-            out = self.ledger.pool.take((len(ids), self.k), dtype, "cpu")
-            row_positions(manifest.seed, ids, shapes, keep_fraction, out.numpy().dtype, out=out.numpy())
-            return out.to(device)
-        return torch.from_numpy(manifest_positions(manifest, ids, np.int32 if small else np.int64)).to(device)
+        if on_device:
+            return row_positions_torch(manifest.seed, ids, shapes, keep_fraction, out.dtype, device, out=out)
+        row_positions(manifest.seed, ids, shapes, keep_fraction, out=out.numpy())
+        return out.to(device)
 
     def end_microbatch(self, loss_scale: float = 1.0) -> None:
         values = self.capture.end()

@@ -77,12 +77,13 @@ def row_positions(
     Each tensor keeps the rows with the smallest hash of (seed, id, tensor, row): one
     vectorised pass over the batch and every tensor's rows, no per-sample generator. `dtype`
     may be np.int32 when the model has fewer than 2**31 trainable entries. `out`, if given, is a
-    C-contiguous [len(ids), K] array of that dtype that receives the positions.
+    C-contiguous [len(ids), K] integer array that receives the positions (its dtype is used).
     """
     ids = np.asarray(ids, dtype=np.uint64)
     plan, row_salts = _row_salts(tuple(tuple(int(d) for d in shape) for shape in shapes), float(keep_fraction))
     if out is None:
         out = np.empty((len(ids), sum(r * c for _, c, r in plan)), dtype=dtype)
+    dtype = out.dtype
     base = _mix(_mix(ids ^ np.uint64(((int(seed) & 0xFFFFFFFF) * 0x9E3779B97F4A7C15) & (2**64 - 1))))
     keys = _mix(base[:, None] ^ row_salts[None, :])  # [n, all rows]: every tensor's row hashes at once
     column = offset = first = 0
@@ -120,10 +121,13 @@ def _mix_torch(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def row_positions_torch(seed: int, ids, shapes, keep_fraction: float, dtype=torch.int64, device="cpu") -> torch.Tensor:
+def row_positions_torch(
+    seed: int, ids, shapes, keep_fraction: float, dtype=torch.int64, device="cpu", out: torch.Tensor | None = None
+) -> torch.Tensor:
     """`row_positions` computed where the model trains (e.g. on its GPU): the same positions, with
     no hashing on the host and no copy to the device. uint64 arithmetic runs on int64 tensors (the
-    same bits); hashes are compared with their top bit flipped, so signed order is unsigned order."""
+    same bits); hashes are compared with their top bit flipped, so signed order is unsigned order.
+    `out`, if given, is a [len(ids), K] tensor of `dtype` on `device` that receives them."""
     plan, row_salts = _row_salts(tuple(tuple(int(d) for d in shape) for shape in shapes), float(keep_fraction))
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)
     salts = torch.as_tensor(row_salts.view(np.int64), device=device)
@@ -142,7 +146,7 @@ def row_positions_torch(seed: int, ids, shapes, keep_fraction: float, dtype=torc
         columns = torch.arange(cols, device=device, dtype=dtype)
         pieces.append(((offset + chosen * cols).to(dtype)[:, :, None] + columns).reshape(len(ids), kept * cols))
         offset += rows * cols
-    return torch.cat(pieces, dim=1)
+    return torch.cat(pieces, dim=1) if out is None else torch.cat(pieces, dim=1, out=out)
 
 
 @functools.lru_cache(maxsize=8)
