@@ -29,15 +29,18 @@ from .attribution import open_tail_bound
 from .calibrate import (
     CLASS_ACCURACY_TARGET,
     HARM_RETRIES,
+    NEIGHBOUR_ROWS,
     accuracy_points,
     forgotten_classes,
     largest_safe_scale,
+    misfit_loss,
     repair_budget,
     repair_check_every,
     retained_sample,
     scale_ceiling,
     smallest_scale_reaching,
     unseen_targets,
+    unsupported_by_neighbours,
 )
 from .config import (
     DEFAULT_KEEP_FRACTION,
@@ -702,12 +705,44 @@ class AmnesiacTrainer(Trainer):
 
     def _prepare_unseen_hold(self, auto: _AutoData, todo: np.ndarray) -> None:
         """Unless whole classes go, the automatic repair holds the forget rows unseen
-        (`calibrate.unseen_targets`): it needs the request's rows and the original's held-out losses."""
+        (`calibrate.unseen_targets`): it needs the request's rows, the original's held-out losses, and
+        which forget rows their nearest retained rows do not support (`unsupported_by_neighbours`,
+        on the original's features)."""
         if auto.classes or auto.holdout is None or not len(todo):
             return
         rows = np.flatnonzero(np.isin(dataset_ids(self.train_dataset, self.args.id_column), todo))
         auto.forget_rows = select_rows(self.train_dataset, rows)
-        auto.held_out_losses = np.sort(self._row_losses(auto.holdout))
+        logits, labels = self._predict(auto.holdout)
+        losses = nn.functional.cross_entropy(logits, labels.long(), reduction="none").double().numpy()
+        auto.held_out_losses = np.sort(losses)
+        auto.misfit_loss = misfit_loss(losses, logits.argmax(-1).numpy() == labels.numpy())
+        features, labels = self._features(auto.forget_rows)
+        neighbours = select_rows(auto.retained, retained_sample(len(auto.retained), self.args.seed, NEIGHBOUR_ROWS))
+        retained_features, retained_labels = self._features(neighbours)
+        if features is None or retained_features is None:
+            logger.warning(
+                "forget: the model's classifier layer (its last nn.Linear) does not take one feature vector "
+                "per row, so the repair cannot tell which forget rows the retained data does not support; "
+                "it holds them at held-out losses only."
+            )
+            return
+        auto.unsupported = unsupported_by_neighbours(features, labels, retained_features, retained_labels)
+
+    def _features(self, dataset) -> tuple[np.ndarray | None, np.ndarray]:
+        """Each row's input to the model's classifier layer (its last nn.Linear), and the labels;
+        None instead of the features when that input is not one vector per row."""
+        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            return None, labels_of(dataset)
+        captured: list[torch.Tensor] = []
+        hook = linears[-1].register_forward_hook(lambda module, args, out: captured.append(args[0].detach()))
+        try:
+            logits, labels = self._predict(dataset)
+        finally:
+            hook.remove()
+        if any(c.dim() != 2 for c in captured) or sum(len(c) for c in captured) != len(labels):
+            return None, labels.numpy()
+        return torch.cat(captured).float().cpu().numpy(), labels.numpy()
 
     def _choose_scale(self, params, snapshot, update, auto: _AutoData, max_harm: float, keep_fraction: float):
         """Try scales on the live weights (each try starts from `snapshot`); leaves the last one tried."""
@@ -777,11 +812,14 @@ class _AutoData:
     forget_rows: object = None  # the request's training rows, held unseen by the repair
     held_out_losses: np.ndarray | None = None  # the original's losses on the holdout, sorted
     after_subtraction: np.ndarray | None = None  # the losses of forget_rows right after the subtraction
+    unsupported: np.ndarray | None = None  # forget rows whose label their retained neighbours outvote
+    misfit_loss: float = 0.0  # the original's median loss on the held-out rows it misclassifies
 
 
 class _HoldingUnseen(AmnesiacTrainer):
     """The repair's trainer when it holds the forget rows unseen: the retained rows' loss plus, on a
-    batch of forget rows, mean(relu(target_i - loss_i)) with `calibrate.unseen_targets`."""
+    batch of forget rows, mean(relu(target_i - loss_i)) with `calibrate.unseen_targets` (rows the
+    retained data does not support held at least at a misclassified held-out row's loss)."""
 
     def __init__(self, *args, unseen: _AutoData, **kwargs):
         super().__init__(*args, **kwargs)
@@ -803,8 +841,13 @@ class _HoldingUnseen(AmnesiacTrainer):
         # the same rows on every process, so the unwrapped model (no gradient sync of its own) serves
         logits, labels = _logits_and_labels(self.accelerator.unwrap_model(model), batch, self.args.id_column)
         losses = nn.functional.cross_entropy(logits.float(), labels.long().to(logits.device), reduction="none")
+        unsupported = None if self.unseen.unsupported is None else self.unseen.unsupported[picked]
         targets = unseen_targets(
-            losses.detach().cpu().numpy(), self.unseen.after_subtraction[picked], self.unseen.held_out_losses
+            losses.detach().cpu().numpy(),
+            self.unseen.after_subtraction[picked],
+            self.unseen.held_out_losses,
+            unsupported,
+            self.unseen.misfit_loss,
         )
         loss = loss + torch.relu(torch.as_tensor(targets, dtype=losses.dtype, device=losses.device) - losses).mean()
         return (loss, out[1]) if return_outputs else loss

@@ -56,6 +56,7 @@ RESEARCH_METHODS = (
     "hf_amnesia_quantile",
     "hf_amnesia_quantile_live",
     "hf_amnesia_anchor",
+    "hf_amnesia_no_neighbours",
 )
 LIVE_REFRESH = 8  # steps between two measurements of the held-out losses (hf_amnesia_quantile_live)
 
@@ -326,6 +327,7 @@ def run_study(
             ("hf_amnesia_auto+repair", {"repair_steps": repair_steps}),
             ("hf_amnesia_unweighted", {"patch": _unweighted_tensors}),
             ("hf_amnesia_plain_repair", {"patch": _plain_repair}),
+            ("hf_amnesia_no_neighbours", {"patch": _no_neighbours}),
             ("hf_amnesia_probe_slack", {"patch": _probe_slack}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
@@ -501,6 +503,18 @@ def _plain_repair():
         yield
     finally:
         AmnesiacTrainer._prepare_unseen_hold = saved
+
+
+@contextmanager
+def _no_neighbours():
+    """forget's defaults, but the repair holds no forget row at a misclassified row's loss (the rule
+    before `unsupported_by_neighbours`), for comparison."""
+    saved = amnesia_trainer.unsupported_by_neighbours
+    amnesia_trainer.unsupported_by_neighbours = lambda features, labels, *rest: np.zeros(len(labels), dtype=bool)
+    try:
+        yield
+    finally:
+        amnesia_trainer.unsupported_by_neighbours = saved
 
 
 @contextmanager

@@ -16,10 +16,12 @@ from hf_amnesia.calibrate import (
     ScaleChoice,
     forgotten_classes,
     largest_safe_scale,
+    misfit_loss,
     repair_budget,
     retained_sample,
     scale_ceiling,
     unseen_targets,
+    unsupported_by_neighbours,
 )
 from hf_amnesia.forget import forget_update, kept_share_weights
 
@@ -279,6 +281,77 @@ def test_unseen_targets_match_held_out_quantiles_capped_by_the_subtraction():
     assert np.allclose(unseen_targets(losses + 7.0, np.full(4, np.inf), held_out), uncapped)
 
 
+def test_neighbours_outvote_a_mislabeled_row_and_not_a_typical_one():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8)) * 5
+    retained_labels = np.repeat(np.arange(3), 40)
+    retained = centres[retained_labels] + rng.normal(size=(120, 8))
+    rows = centres[[0, 1, 2, 2]] + rng.normal(size=(4, 8))
+    labels = np.array([0, 1, 2, 0])  # the last row lies among the 2s but carries label 0
+    flagged = unsupported_by_neighbours(rows, labels, retained, retained_labels)
+    assert flagged.tolist() == [False, False, False, True]
+    # chunking changes nothing; scale does not matter (cosine similarity)
+    assert np.array_equal(unsupported_by_neighbours(rows, labels, retained, retained_labels, chunk=1), flagged)
+    assert np.array_equal(unsupported_by_neighbours(rows * 3, labels, retained, retained_labels), flagged)
+    # fewer than half of the votes is too little support; half is enough
+    near = np.zeros((10, 2))
+    near[:, 0] = 1.0
+    assert unsupported_by_neighbours(np.array([[1.0, 0.0]]), np.array([0]), near, np.array([0] * 4 + [1] * 6)).all()
+    assert not unsupported_by_neighbours(np.array([[1.0, 0.0]]), np.array([0]), near, np.array([0] * 5 + [1] * 5)).any()
+    assert not unsupported_by_neighbours(rows, labels, np.zeros((0, 8)), np.zeros(0)).any()
+
+
+def test_misfit_loss_and_the_targets_of_unsupported_rows():
+    losses = np.array([0.1, 2.0, 0.3, 4.0, 3.0])
+    correct = np.array([True, False, True, False, False])
+    assert misfit_loss(losses, correct) == 3.0  # the median over the misclassified rows
+    assert misfit_loss(losses, np.ones(5, dtype=bool)) == 4.0  # none misclassified: the largest loss
+    held_out = np.sort(np.random.default_rng(0).exponential(1.0, 1000))
+    batch, after = np.array([0.1, 5.0, 0.2, 0.3]), np.array([0.0, 10.0, 0.5, 0.05])
+    plain = unseen_targets(batch, after, held_out)
+    flagged = np.array([True, True, False, False])
+    held = unseen_targets(batch, after, held_out, flagged, misfit=1.0)
+    assert np.allclose(held, np.where(flagged, np.maximum(plain, 1.0), plain))
+    assert held[0] == 1.0 and held[1] == plain[1] > 1.0  # a flagged row is never held lower than before
+
+
+def test_features_are_the_classifier_layers_input(trained):
+    trainer, train, holdout, theta = trained
+    _reset(trainer, theta)
+    features, labels = trainer._features(holdout)
+    model = trainer.model
+    with torch.no_grad():
+        x = torch.stack([torch.as_tensor(r) for r in holdout["pixel_values"]]).to(next(model.parameters()).device)
+        expected = torch.nn.functional.max_pool2d(torch.relu(model.norm(model.conv(x))), 2).flatten(1)
+    assert np.allclose(features, expected.cpu().numpy(), atol=1e-6)
+    assert np.array_equal(labels, np.asarray(holdout["labels"]))
+
+
+class _TokenwiseHead(TinyCNN):
+    """TinyCNN whose classifier layer sees a sequence of one position per row (a 3-D input)."""
+
+    def forward(self, pixel_values, labels=None):
+        x = torch.relu(self.norm(self.conv(pixel_values)))
+        logits = self.head(torch.nn.functional.max_pool2d(x, 2).flatten(1)[:, None, :]).mean(1)
+        return {"loss": None, "logits": logits}
+
+
+def test_the_neighbour_check_is_skipped_with_a_warning_when_features_are_not_one_vector_per_row(tmp_path, caplog):
+    data = image_dataset(40, classes=3, seed=0, with_ids=True)
+    train, holdout = data.select(range(30)), data.select(range(30, 40))
+    trainer = AmnesiacTrainer(
+        model=_TokenwiseHead(), args=tiny_config(tmp_path), train_dataset=train, eval_dataset=holdout, record=False
+    )
+    features, labels = trainer._features(holdout)
+    assert features is None and np.array_equal(labels, np.asarray(holdout["labels"]))
+    ids = np.asarray(train["dataset_id"][:3])
+    auto = trainer._auto_data(ids, None, None, need_holdout=True, hold_unseen=True)
+    with caplog.at_level(logging.WARNING):
+        trainer._prepare_unseen_hold(auto, ids)
+    assert auto.unsupported is None and len(auto.held_out_losses) == 10  # the quantile hold stays
+    assert "does not take one feature vector per row" in caplog.text
+
+
 def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(trained, monkeypatch):
     trainer, train, holdout, theta = trained
     ids = [int(i) for i in train["dataset_id"][:6]]
@@ -296,6 +369,17 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
     trainer._prepare_unseen_hold(auto, np.array(ids))
     assert sorted(np.asarray(auto.forget_rows["dataset_id"]).tolist()) == sorted(ids)
     assert np.array_equal(auto.held_out_losses, np.sort(trainer._row_losses(holdout)))
+    features, labels = trainer._features(auto.forget_rows)
+    retained_features, retained_labels = trainer._features(auto.retained)  # fewer rows than NEIGHBOUR_ROWS: all
+    assert np.array_equal(
+        auto.unsupported, unsupported_by_neighbours(features, labels, retained_features, retained_labels)
+    )
+    logits, held_labels = trainer._predict(holdout)
+    assert auto.misfit_loss == misfit_loss(
+        trainer._row_losses(holdout), logits.argmax(-1).numpy() == held_labels.numpy()
+    )
+    auto.unsupported = np.array([True, False, False, True, False, False])  # known flags for the loss below
+    auto.misfit_loss = 5.0
     noise = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a damaged model, so that the repair runs
         for p in trainer.model.parameters():
@@ -325,7 +409,14 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
         torch.tensor([int(r["labels"]) for r in rows], device=base.device),
         reduction="none",
     )
-    targets = unseen_targets(losses.detach().cpu().numpy(), auto.after_subtraction[order], auto.held_out_losses)
+    targets = unseen_targets(
+        losses.detach().cpu().numpy(),
+        auto.after_subtraction[order],
+        auto.held_out_losses,
+        auto.unsupported[order],
+        auto.misfit_loss,
+    )
+    assert (targets[auto.unsupported[order]] >= 5.0).all()
     hinge = torch.relu(torch.as_tensor(targets, dtype=losses.dtype, device=losses.device) - losses).mean()
     assert torch.allclose(total, base + hinge, rtol=1e-5, atol=1e-6)
 
