@@ -516,11 +516,13 @@ class AmnesiacTrainer(Trainer):
 
         With both choices automatic, a subtraction the bounded repair cannot mend is undone and tried
         again from the original weights with half the harm budget, at most HARM_RETRIES times; a halved
-        budget that gives no smaller scale is skipped, as it would repeat the same attempt."""
+        budget that gives no smaller scale is skipped, as it would repeat the same attempt. When the
+        attempt that ends the search brings a removed class back, an earlier unmended attempt that
+        kept it forgotten is kept instead."""
         trace: list[tuple[float, float]] = []
         both_auto = scale == "auto" and repair_steps == "auto" and len(todo) > 0
         limits = [max_harm / 2**k for k in range(HARM_RETRIES + 1)] if both_auto else [max_harm]
-        failed = None  # (scale, repair steps, weights) of the last attempt whose repair failed
+        failed = None  # (scale, repair steps, weights, class back) of the last attempt whose repair failed
         for attempt, limit in enumerate(limits):
             last = attempt == len(limits) - 1
             _restore(params, snapshot)
@@ -540,7 +542,7 @@ class AmnesiacTrainer(Trainer):
                     "%.3g, whose repair did not bring retained accuracy back. Check it on held-out data.",
                     failed[0],
                 )
-                self._warn_if_class_is_back(auto, failed[1])
+                self._warn_if_class_is_back(auto, self._recognised_class(auto, failed[1]), failed[1])
                 return failed[0], failed[1], trace
             apply_update(params, update, chosen)
             self._set_forgotten(sorted(done | set(todo.tolist())))
@@ -551,6 +553,20 @@ class AmnesiacTrainer(Trainer):
                 steps, restored = self._repair_until_restored(auto) if len(todo) else (0, True)
             elif repair_steps:
                 self._repair(int(repair_steps))
+            recognised = self._recognised_class(auto, steps)
+            back = recognised is not None and recognised > CLASS_ACCURACY_TARGET
+            if (restored or last) and back and failed is not None and not failed[3]:
+                _restore(params, failed[2])
+                logger.warning(
+                    "forget: the repair at scale %.3g brought the removed class back (%.1f %% of its sampled "
+                    "training rows classified correctly); the model keeps the earlier attempt at scale %.3g, "
+                    "which kept the class forgotten but whose repair did not bring retained accuracy back. "
+                    "Check it on held-out data.",
+                    chosen,
+                    recognised,
+                    failed[0],
+                )
+                return failed[0], int(failed[1]), trace
             if restored or last:
                 if not restored:
                     logger.warning(
@@ -559,9 +575,9 @@ class AmnesiacTrainer(Trainer):
                         "on the original weights with a smaller max_harm or a fixed repair_steps.",
                         chosen,
                     )
-                self._warn_if_class_is_back(auto, steps)
+                self._warn_if_class_is_back(auto, recognised, steps)
                 return chosen, int(steps), trace
-            failed = (chosen, steps, [p.detach().clone() for p in params])
+            failed = (chosen, steps, [p.detach().clone() for p in params], back)
             logger.warning(
                 "forget: the repair did not bring retained accuracy back within its budget at scale %.3g "
                 "(max_harm %.3g); trying again from the original weights with max_harm %.3g.",
@@ -571,14 +587,17 @@ class AmnesiacTrainer(Trainer):
             )
         raise AssertionError("unreachable: the last attempt always returns")
 
-    def _warn_if_class_is_back(self, auto: _AutoData | None, repair_steps) -> None:
-        """The scale is checked to make a removed class unrecognisable before the repair; the
-        repair trains on the other classes only, but may restore enough shared features to bring
-        the class back. Say so when it did."""
+    def _recognised_class(self, auto: _AutoData | None, repair_steps) -> float | None:
+        """Accuracy (%) on the removed classes' sampled training rows after a repair; None when no
+        class goes or nothing was repaired. The scale is checked to make a removed class
+        unrecognisable before the repair; the repair trains on the other classes only, but may
+        restore enough shared features to bring the class back."""
         if auto is None or auto.class_rows is None or not repair_steps:
-            return
-        recognised = self._accuracy(auto.class_rows)
-        if recognised > CLASS_ACCURACY_TARGET:
+            return None
+        return self._accuracy(auto.class_rows)
+
+    def _warn_if_class_is_back(self, auto: _AutoData | None, recognised: float | None, repair_steps) -> None:
+        if recognised is not None and recognised > CLASS_ACCURACY_TARGET:
             logger.warning(
                 "forget: after %d repair steps the model classifies %.1f %% of the removed class's training rows "
                 "(a sample of %d) correctly again, more than %g %%: the class is not forgotten. Call forget again "

@@ -511,3 +511,43 @@ def test_auto_refuses_without_its_data_and_changes_nothing(trained, tmp_path):
     # the exact subtraction needs none of that data
     report = no_holdout.forget([int(train["dataset_id"][0])], scale=1.0, repair_steps=0)
     assert report.scale == 1.0 and report.repair_steps == 0 and report.calibration == []
+
+
+def test_an_attempt_that_brings_the_class_back_yields_to_an_earlier_one_that_kept_it_forgotten(
+    trained, monkeypatch, caplog
+):
+    """Attempt 1's repair runs out of budget with the class still forgotten; attempt 2 (half the
+    harm) is repaired but brings the class back: forget keeps attempt 1, exactly as made directly."""
+    trainer, train, holdout, theta = trained
+    labels = np.asarray(train["labels"])
+    class_ids = np.asarray(train["dataset_id"])[labels == 1]
+    outcomes = iter([(7, False), (3, True)])  # (repair steps, restored) per attempt; weights untouched
+    recognised = iter([0.0, 50.0])  # the class after each attempt's repair: forgotten, then back
+
+    def choice_by_harm(self, params, snapshot, update, auto, max_harm, keep_fraction):
+        return ScaleChoice(scale=max_harm / 40.0 * 1.5, trace=[])
+
+    monkeypatch.setattr(trainer_module, "kept_share_weights", lambda m: torch.ones(m.num_params, dtype=torch.float64))
+    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", choice_by_harm)
+    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", lambda self, auto: next(outcomes))
+    monkeypatch.setattr(
+        AmnesiacTrainer, "_recognised_class", lambda self, auto, steps: next(recognised) if steps else None
+    )
+    _reset(trainer, theta)
+    with caplog.at_level(logging.WARNING):
+        report = trainer.forget(class_ids)
+    kept = _weights(trainer)
+    assert report.scale == 1.5 and report.repair_steps == 7
+    assert "brought the removed class back" in caplog.text and "keeps the earlier attempt at scale 1.5" in caplog.text
+    _reset(trainer, theta)
+    trainer.forget(class_ids, scale=1.5, repair_steps=0)  # attempt 1, made directly (its repair changed nothing)
+    assert torch.equal(_weights(trainer), kept)
+
+    # with no earlier attempt that kept the class forgotten, the repaired attempt stays, with the warning
+    outcomes, recognised = iter([(7, False), (3, True)]), iter([30.0, 50.0])
+    _reset(trainer, theta)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        report = trainer.forget(class_ids)
+    assert report.scale == 0.75 and report.repair_steps == 3
+    assert "brought the removed class back" not in caplog.text
