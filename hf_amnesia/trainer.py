@@ -517,8 +517,8 @@ class AmnesiacTrainer(Trainer):
         With both choices automatic, a subtraction the bounded repair cannot mend is undone and tried
         again from the original weights with half the harm budget, at most HARM_RETRIES times; a halved
         budget that gives no smaller scale is skipped, as it would repeat the same attempt. When the
-        attempt that ends the search brings a removed class back, an earlier unmended attempt that
-        kept it forgotten is kept instead."""
+        attempt that ends the search brings a removed class back, the previous (unmended) attempt is
+        kept instead if it kept the class forgotten."""
         trace: list[tuple[float, float]] = []
         both_auto = scale == "auto" and repair_steps == "auto" and len(todo) > 0
         limits = [max_harm / 2**k for k in range(HARM_RETRIES + 1)] if both_auto else [max_harm]
