@@ -731,10 +731,10 @@ class AmnesiacTrainer(Trainer):
             return
         rows = np.flatnonzero(np.isin(dataset_ids(self.train_dataset, self.args.id_column), todo))
         auto.forget_rows = select_rows(self.train_dataset, rows)
-        logits, labels = self._predict(auto.holdout)
-        losses = nn.functional.cross_entropy(logits, labels.long(), reduction="none").double().numpy()
+        logits, held_labels = self._predict(auto.holdout)  # one pass: the losses and which rows it gets wrong
+        losses = nn.functional.cross_entropy(logits, held_labels.long(), reduction="none").double().numpy()
         auto.held_out_losses = np.sort(losses)
-        auto.misfit_loss = misfit_loss(losses, logits.argmax(-1).numpy() == labels.numpy())
+        auto.misfit_loss = misfit_loss(losses, logits.argmax(-1).numpy() == held_labels.numpy())
         features, labels = self._features(auto.forget_rows)
         neighbours = select_rows(auto.retained, retained_sample(len(auto.retained), self.args.seed, NEIGHBOUR_ROWS))
         retained_features, retained_labels = self._features(neighbours)
