@@ -196,32 +196,21 @@ def unseen_targets(
     held_out_sorted: np.ndarray,
     unsupported: np.ndarray | None = None,
     misfit: float = 0.0,
-    seen_sorted: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Least loss each forget row may have during the repair: min(a_i, h(q_i)), and at least
+    """Least loss each forget row of a repair batch may have: min(a_i, h_q(i)), and at least
     `misfit` for the rows flagged `unsupported` (`unsupported_by_neighbours`).
 
-    Retrain never saw the forget rows, so they should fit like held-out rows: row i is held to the
-    held-out loss h(q_i) at its own quantile q_i (`held_out_sorted` holds the original model's
-    losses on held-out rows). With `seen_sorted` (the original's losses on rows it trained on),
-    q_i is where the original's loss on row i falls among them: a row the original fits worse
-    than most of its training rows (a hard or memorised row) is held like a held-out row it fits
-    as badly, whatever else the request holds (quantile mapping from seen to unseen rows).
-    Without it, q_i is row i's rank among `losses` (the request's rows matched as a whole).
+    Retrain never saw the forget rows, so they should fit like held-out rows: row i, ranked by its
+    current loss within the batch, is held to the held-out loss at the same quantile, h_q(i)
+    (1-D quantile matching; `held_out_sorted` holds the original model's losses on held-out rows).
     A row is never pushed beyond its loss right after the subtraction, a_i: the subtraction's
     damage is not the repair's target, only what the repair would fit back. A row whose label the
     retained data does not support would be misclassified by Retrain: it is held at the loss of a
     misclassified held-out row however well the subtraction left it fitting.
     """
     losses = np.asarray(losses, dtype=np.float64)
-    if seen_sorted is None:
-        ranks = np.argsort(np.argsort(losses, kind="stable"), kind="stable")
-        levels = (ranks + 0.5) / len(losses)
-    else:
-        seen = np.asarray(seen_sorted, dtype=np.float64)
-        below = np.searchsorted(seen, losses, side="left") + np.searchsorted(seen, losses, side="right")
-        levels = np.clip(below / (2.0 * len(seen)), 0.0, 1.0)
-    quantiles = np.quantile(np.asarray(held_out_sorted, dtype=np.float64), levels)
+    ranks = np.argsort(np.argsort(losses, kind="stable"), kind="stable")
+    quantiles = np.quantile(np.asarray(held_out_sorted, dtype=np.float64), (ranks + 0.5) / len(losses))
     targets = np.minimum(np.asarray(after_subtraction, dtype=np.float64), quantiles)
     if unsupported is not None:
         targets = np.where(np.asarray(unsupported, dtype=bool), np.maximum(targets, misfit), targets)

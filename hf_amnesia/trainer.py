@@ -547,7 +547,7 @@ class AmnesiacTrainer(Trainer):
             apply_update(params, update, chosen)
             self._set_forgotten(sorted(done | set(todo.tolist())))
             if auto is not None and auto.forget_rows is not None:
-                auto.hold_after(self._row_losses(auto.forget_rows))
+                auto.after_subtraction = self._row_losses(auto.forget_rows)
             steps, restored = repair_steps, True
             if repair_steps == "auto":
                 steps, restored = self._repair_until_restored(auto) if len(todo) else (0, True)
@@ -735,14 +735,9 @@ class AmnesiacTrainer(Trainer):
         losses = nn.functional.cross_entropy(logits, held_labels.long(), reduction="none").double().numpy()
         auto.held_out_losses = np.sort(losses)
         auto.misfit_loss = misfit_loss(losses, logits.argmax(-1).numpy() == held_labels.numpy())
-        features, logits, labels = self._features(auto.forget_rows)
-        auto.original_losses = (
-            nn.functional.cross_entropy(logits, torch.as_tensor(labels).long(), reduction="none").double().numpy()
-        )
+        features, labels = self._features(auto.forget_rows)
         neighbours = select_rows(auto.retained, retained_sample(len(auto.retained), self.args.seed, NEIGHBOUR_ROWS))
-        retained_features, retained_logits, retained_labels = self._features(neighbours)
-        seen = nn.functional.cross_entropy(retained_logits, torch.as_tensor(retained_labels).long(), reduction="none")
-        auto.seen_losses = np.sort(seen.double().numpy())
+        retained_features, retained_labels = self._features(neighbours)
         if features is None or retained_features is None:
             logger.warning(
                 "forget: the model's classifier layer (its last nn.Linear) does not take one feature vector "
@@ -752,13 +747,12 @@ class AmnesiacTrainer(Trainer):
             return
         auto.unsupported = unsupported_by_neighbours(features, labels, retained_features, retained_labels)
 
-    def _features(self, dataset) -> tuple[np.ndarray | None, torch.Tensor, np.ndarray]:
-        """Each row's input to the model's classifier layer (its last nn.Linear), the logits and the
-        labels; None instead of the features when that input is not one vector per row."""
+    def _features(self, dataset) -> tuple[np.ndarray | None, np.ndarray]:
+        """Each row's input to the model's classifier layer (its last nn.Linear), and the labels;
+        None instead of the features when that input is not one vector per row."""
         linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         if not linears:
-            logits, labels = self._predict(dataset)
-            return None, logits, labels.numpy()
+            return None, labels_of(dataset)
         captured: list[torch.Tensor] = []
         hook = linears[-1].register_forward_hook(lambda module, args, out: captured.append(args[0].detach()))
         try:
@@ -766,8 +760,8 @@ class AmnesiacTrainer(Trainer):
         finally:
             hook.remove()
         if any(c.dim() != 2 for c in captured) or sum(len(c) for c in captured) != len(labels):
-            return None, logits, labels.numpy()
-        return torch.cat(captured).float().cpu().numpy(), logits, labels.numpy()
+            return None, labels.numpy()
+        return torch.cat(captured).float().cpu().numpy(), labels.numpy()
 
     def _choose_scale(self, params, snapshot, update, auto: _AutoData, max_harm: float, keep_fraction: float):
         """Try scales on the live weights (each try starts from `snapshot`); leaves the last one tried."""
@@ -839,18 +833,6 @@ class _AutoData:
     after_subtraction: np.ndarray | None = None  # the losses of forget_rows right after the subtraction
     unsupported: np.ndarray | None = None  # forget rows whose label their retained neighbours outvote
     misfit_loss: float = 0.0  # the original's median loss on the held-out rows it misclassifies
-    original_losses: np.ndarray | None = None  # the losses of forget_rows under the original
-    seen_losses: np.ndarray | None = None  # the original's losses on a sample of retained rows, sorted
-    targets: np.ndarray | None = None  # the least loss the repair holds each forget row at
-
-    def hold_after(self, losses: np.ndarray) -> None:
-        """Record the forget rows' losses right after a subtraction, and the targets the repair holds
-        them at: each row at the held-out loss of the quantile its original loss has among the
-        retained rows' (`calibrate.unseen_targets`)."""
-        self.after_subtraction = losses
-        self.targets = unseen_targets(
-            self.original_losses, losses, self.held_out_losses, self.unsupported, self.misfit_loss, self.seen_losses
-        )
 
 
 class _HoldingUnseen(AmnesiacTrainer):
@@ -878,8 +860,15 @@ class _HoldingUnseen(AmnesiacTrainer):
         # the same rows on every process, so the unwrapped model (no gradient sync of its own) serves
         logits, labels = _logits_and_labels(self.accelerator.unwrap_model(model), batch, self.args.id_column)
         losses = nn.functional.cross_entropy(logits.float(), labels.long().to(logits.device), reduction="none")
-        targets = torch.as_tensor(self.unseen.targets[picked], dtype=losses.dtype, device=losses.device)
-        loss = loss + torch.relu(targets - losses).mean()
+        unsupported = None if self.unseen.unsupported is None else self.unseen.unsupported[picked]
+        targets = unseen_targets(
+            losses.detach().cpu().numpy(),
+            self.unseen.after_subtraction[picked],
+            self.unseen.held_out_losses,
+            unsupported,
+            self.unseen.misfit_loss,
+        )
+        loss = loss + torch.relu(torch.as_tensor(targets, dtype=losses.dtype, device=losses.device) - losses).mean()
         return (loss, out[1]) if return_outputs else loss
 
 

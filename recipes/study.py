@@ -57,8 +57,6 @@ RESEARCH_METHODS = (
     "hf_amnesia_quantile_live",
     "hf_amnesia_anchor",
     "hf_amnesia_no_neighbours",
-    "hf_amnesia_batch_rank",
-    "hf_amnesia_request_rank",
 )
 LIVE_REFRESH = 8  # steps between two measurements of the held-out losses (hf_amnesia_quantile_live)
 
@@ -330,8 +328,6 @@ def run_study(
             ("hf_amnesia_unweighted", {"patch": _unweighted_tensors}),
             ("hf_amnesia_plain_repair", {"patch": _plain_repair}),
             ("hf_amnesia_no_neighbours", {"patch": _no_neighbours}),
-            ("hf_amnesia_batch_rank", {"patch": _batch_rank}),
-            ("hf_amnesia_request_rank", {"patch": _request_rank}),
             ("hf_amnesia_probe_slack", {"patch": _probe_slack}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
@@ -519,78 +515,6 @@ def _no_neighbours():
         yield
     finally:
         amnesia_trainer.unsupported_by_neighbours = saved
-
-
-@contextmanager
-def _request_rank():
-    """forget's defaults, but the held-out quantile of a forget row is its rank among the request's
-    rows under the original, not among the retained rows' losses, for comparison."""
-    saved = amnesia_trainer._AutoData.hold_after
-
-    def hold_after(self, losses):
-        seen, self.seen_losses = self.seen_losses, None
-        try:
-            saved(self, losses)
-        finally:
-            self.seen_losses = seen
-
-    amnesia_trainer._AutoData.hold_after = hold_after
-    try:
-        yield
-    finally:
-        amnesia_trainer._AutoData.hold_after = saved
-
-
-class _Positions:
-    """Targets indexed by the batch's positions rather than its rows (a row picked twice keeps both)."""
-
-    def __init__(self, targets: np.ndarray):
-        self.targets = targets
-
-    def __getitem__(self, picked) -> np.ndarray:
-        return self.targets
-
-
-@contextmanager
-def _batch_rank():
-    """forget's defaults, but each repair batch ranks its forget rows by their current loss for the
-    held-out quantile targets (the rule before the ranks came from the original's losses over the
-    whole request), for comparison."""
-    saved = amnesia_trainer._HoldingUnseen.compute_loss
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        unseen, fixed = self.unseen, self.unseen.targets
-        size = self.args.per_device_train_batch_size
-        upcoming = self.queue
-        if len(upcoming) < size:  # the rows the saved compute_loss is about to pick (its generator untouched)
-            state = self.order.get_state()
-            upcoming = upcoming + torch.randperm(len(self.forget_rows), generator=self.order).tolist()
-            self.order.set_state(state)
-        picked = upcoming[:size]
-        batch = self.data_collator([self.forget_rows[i] for i in picked])
-        with torch.no_grad():
-            model_ = self.accelerator.unwrap_model(model)
-            logits, labels = amnesia_trainer._logits_and_labels(model_, batch, self.args.id_column)
-            losses = nn.functional.cross_entropy(logits.float(), labels.long().to(logits.device), reduction="none")
-        unsupported = None if unseen.unsupported is None else unseen.unsupported[picked]
-        by_position = amnesia_trainer.unseen_targets(
-            losses.cpu().numpy(),
-            unseen.after_subtraction[picked],
-            unseen.held_out_losses,
-            unsupported,
-            unseen.misfit_loss,
-        )
-        unseen.targets = _Positions(by_position)
-        try:
-            return saved(self, model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            unseen.targets = fixed
-
-    amnesia_trainer._HoldingUnseen.compute_loss = compute_loss
-    try:
-        yield
-    finally:
-        amnesia_trainer._HoldingUnseen.compute_loss = saved
 
 
 @contextmanager

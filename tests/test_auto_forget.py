@@ -271,7 +271,7 @@ def test_auto_reads_only_the_holdout_and_training_rows(trained, monkeypatch):
 
 def test_unseen_targets_match_held_out_quantiles_capped_by_the_subtraction():
     held_out = np.sort(np.random.default_rng(0).exponential(1.0, 1000))
-    losses = np.array([0.1, 5.0, 0.2, 0.3])  # ranks 0, 3, 1, 2 in the request
+    losses = np.array([0.1, 5.0, 0.2, 0.3])  # ranks 0, 3, 1, 2 in the batch
     levels = np.array([0.125, 0.875, 0.375, 0.625])
     uncapped = unseen_targets(losses, np.full(4, np.inf), held_out)
     assert np.allclose(uncapped, np.quantile(held_out, levels))
@@ -279,25 +279,6 @@ def test_unseen_targets_match_held_out_quantiles_capped_by_the_subtraction():
     assert np.allclose(unseen_targets(losses, after, held_out), np.minimum(after, uncapped))
     # the rank, not the loss, picks the quantile: shifting every loss keeps the targets
     assert np.allclose(unseen_targets(losses + 7.0, np.full(4, np.inf), held_out), uncapped)
-
-
-def test_unseen_targets_map_a_rows_quantile_among_seen_rows_to_held_out_rows():
-    rng = np.random.default_rng(0)
-    seen = np.sort(rng.exponential(0.01, 4000))  # the original fits its training rows well
-    held_out = np.sort(rng.exponential(1.0, 1000))
-    far = np.full(4, np.inf)
-    losses = np.array([np.median(seen), seen[-1] * 2, 0.0, np.quantile(seen, 0.9)])
-    targets = unseen_targets(losses, far, held_out, seen_sorted=seen)
-    assert np.allclose(targets, np.quantile(held_out, [0.5, 1.0, 0.0, 0.9]), rtol=1e-3)
-    # each row on its own: the other rows of the request do not move its target
-    for i in range(4):
-        alone = unseen_targets(losses[i : i + 1], far[:1], held_out, seen_sorted=seen)
-        assert alone[0] == targets[i]
-    # still capped by the subtraction and raised for unsupported rows
-    after = np.array([0.0, 10.0, 0.5, 0.05])
-    flagged = np.array([False, False, True, False])
-    held = unseen_targets(losses, after, held_out, flagged, misfit=3.0, seen_sorted=seen)
-    assert np.allclose(held, np.where(flagged, np.maximum(np.minimum(after, targets), 3.0), np.minimum(after, targets)))
 
 
 def test_neighbours_outvote_a_mislabeled_row_and_not_a_typical_one():
@@ -337,7 +318,7 @@ def test_misfit_loss_and_the_targets_of_unsupported_rows():
 def test_features_are_the_classifier_layers_input(trained):
     trainer, train, holdout, theta = trained
     _reset(trainer, theta)
-    features, _, labels = trainer._features(holdout)
+    features, labels = trainer._features(holdout)
     model = trainer.model
     with torch.no_grad():
         x = torch.stack([torch.as_tensor(r) for r in holdout["pixel_values"]]).to(next(model.parameters()).device)
@@ -361,7 +342,7 @@ def test_the_neighbour_check_is_skipped_with_a_warning_when_features_are_not_one
     trainer = AmnesiacTrainer(
         model=_TokenwiseHead(), args=tiny_config(tmp_path), train_dataset=train, eval_dataset=holdout, record=False
     )
-    features, _, labels = trainer._features(holdout)
+    features, labels = trainer._features(holdout)
     assert features is None and np.array_equal(labels, np.asarray(holdout["labels"]))
     ids = np.asarray(train["dataset_id"][:3])
     auto = trainer._auto_data(ids, None, None, need_holdout=True, hold_unseen=True)
@@ -388,10 +369,8 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
     trainer._prepare_unseen_hold(auto, np.array(ids))
     assert sorted(np.asarray(auto.forget_rows["dataset_id"]).tolist()) == sorted(ids)
     assert np.array_equal(auto.held_out_losses, np.sort(trainer._row_losses(holdout)))
-    assert np.array_equal(auto.original_losses, trainer._row_losses(auto.forget_rows))
-    assert np.array_equal(auto.seen_losses, np.sort(trainer._row_losses(auto.retained)))  # all: < NEIGHBOUR_ROWS
-    features, _, labels = trainer._features(auto.forget_rows)
-    retained_features, _, retained_labels = trainer._features(auto.retained)  # fewer rows than NEIGHBOUR_ROWS: all
+    features, labels = trainer._features(auto.forget_rows)
+    retained_features, retained_labels = trainer._features(auto.retained)  # fewer rows than NEIGHBOUR_ROWS: all
     assert np.array_equal(
         auto.unsupported, unsupported_by_neighbours(features, labels, retained_features, retained_labels)
     )
@@ -406,7 +385,7 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
         for p in trainer.model.parameters():
             p.add_(torch.randn(p.shape, generator=noise) * p.abs().mean())
     assert trainer._accuracy(auto.retained_sample) < auto.original_accuracy - 5
-    auto.hold_after(trainer._row_losses(auto.forget_rows))
+    auto.after_subtraction = trainer._row_losses(auto.forget_rows)
     trainer._repair_until_restored(auto)
     assert repairs and repairs[-1].func is trainer_module._HoldingUnseen and repairs[-1].keywords["unseen"] is auto
 
@@ -430,14 +409,13 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
         torch.tensor([int(r["labels"]) for r in rows], device=base.device),
         reduction="none",
     )
-    targets = unseen_targets(  # set once per subtraction from the original's losses, not per batch
-        auto.original_losses,
-        auto.after_subtraction,
+    targets = unseen_targets(
+        losses.detach().cpu().numpy(),
+        auto.after_subtraction[order],
         auto.held_out_losses,
-        auto.unsupported,
+        auto.unsupported[order],
         auto.misfit_loss,
-        auto.seen_losses,
-    )[order]
+    )
     assert (targets[auto.unsupported[order]] >= 5.0).all()
     hinge = torch.relu(torch.as_tensor(targets, dtype=losses.dtype, device=losses.device) - losses).mean()
     assert torch.allclose(total, base + hinge, rtol=1e-5, atol=1e-6)
@@ -467,7 +445,7 @@ def test_the_unseen_hold_on_a_text_model(tmp_path):
     ids = np.array([1, 4, 9])
     auto = trainer._auto_data(ids, None, None, need_holdout=True, hold_unseen=True)
     trainer._prepare_unseen_hold(auto, ids)
-    auto.hold_after(trainer._row_losses(auto.forget_rows))
+    auto.after_subtraction = trainer._row_losses(auto.forget_rows)
     assert len(auto.after_subtraction) == 3 and len(auto.held_out_losses) == 12
     holder = trainer_module._HoldingUnseen(
         model=trainer.model, args=trainer.args, train_dataset=auto.retained, record=False, unseen=auto
