@@ -522,7 +522,7 @@ class AmnesiacTrainer(Trainer):
         trace: list[tuple[float, float]] = []
         both_auto = scale == "auto" and repair_steps == "auto" and len(todo) > 0
         limits = [max_harm / 2**k for k in range(HARM_RETRIES + 1)] if both_auto else [max_harm]
-        failed = None  # (scale, repair steps, weights, class back) of the last attempt whose repair failed
+        failed = None  # (scale, repair steps, weights, class accuracy or None) of the last attempt whose repair failed
         for attempt, limit in enumerate(limits):
             last = attempt == len(limits) - 1
             _restore(params, snapshot)
@@ -542,8 +542,8 @@ class AmnesiacTrainer(Trainer):
                     "%.3g, whose repair did not bring retained accuracy back. Check it on held-out data.",
                     failed[0],
                 )
-                self._warn_if_class_is_back(auto, self._recognised_class(auto, failed[1]), failed[1])
-                return failed[0], failed[1], trace
+                self._warn_if_class_is_back(auto, failed[3], failed[1])  # measured on these weights
+                return failed[0], int(failed[1]), trace
             apply_update(params, update, chosen)
             self._set_forgotten(sorted(done | set(todo.tolist())))
             if auto is not None and auto.forget_rows is not None:
@@ -554,8 +554,7 @@ class AmnesiacTrainer(Trainer):
             elif repair_steps:
                 self._repair(int(repair_steps))
             recognised = self._recognised_class(auto, steps)
-            back = recognised is not None and recognised > CLASS_ACCURACY_TARGET
-            if (restored or last) and back and failed is not None and not failed[3]:
+            if (restored or last) and _class_back(recognised) and failed is not None and not _class_back(failed[3]):
                 _restore(params, failed[2])
                 logger.warning(
                     "forget: the repair at scale %.3g brought the removed class back (%.1f %% of its sampled "
@@ -577,7 +576,7 @@ class AmnesiacTrainer(Trainer):
                     )
                 self._warn_if_class_is_back(auto, recognised, steps)
                 return chosen, int(steps), trace
-            failed = (chosen, steps, [p.detach().clone() for p in params], back)
+            failed = (chosen, steps, [p.detach().clone() for p in params], recognised)
             logger.warning(
                 "forget: the repair did not bring retained accuracy back within its budget at scale %.3g "
                 "(max_harm %.3g); trying again from the original weights with max_harm %.3g.",
@@ -597,7 +596,7 @@ class AmnesiacTrainer(Trainer):
         return self._accuracy(auto.class_rows)
 
     def _warn_if_class_is_back(self, auto: _AutoData | None, recognised: float | None, repair_steps) -> None:
-        if recognised is not None and recognised > CLASS_ACCURACY_TARGET:
+        if _class_back(recognised):
             logger.warning(
                 "forget: after %d repair steps the model classifies %.1f %% of the removed class's training rows "
                 "(a sample of %d) correctly again, more than %g %%: the class is not forgotten. Call forget again "
@@ -870,6 +869,11 @@ class _HoldingUnseen(AmnesiacTrainer):
         )
         loss = loss + torch.relu(torch.as_tensor(targets, dtype=losses.dtype, device=losses.device) - losses).mean()
         return (loss, out[1]) if return_outputs else loss
+
+
+def _class_back(recognised: float | None) -> bool:
+    """Whether a removed class is recognisable again (`_recognised_class`'s accuracy above target)."""
+    return recognised is not None and recognised > CLASS_ACCURACY_TARGET
 
 
 def _logits_and_labels(model: nn.Module, batch, id_column: str) -> tuple[torch.Tensor, torch.Tensor]:
