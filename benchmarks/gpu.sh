@@ -4,10 +4,11 @@
 #     bash benchmarks/gpu.sh [LOG_DIR]
 #
 # 1. completeness on the GPU: the sum of every sample's recorded delta equals the training change;
-# 2. benchmarks/gpu_resnet18.py: recording overhead and peak GPU memory of a ResNet-18 (the card's
-#    default math: TF32 convolutions on);
-# 3. the trainer tests on the GPU (HF_AMNESIA_TEST_DEVICE=cuda; TF32 off, so the oracles'
-#    tolerances mean what they mean on the CPU).
+# 2. the trainer tests on the GPU (HF_AMNESIA_TEST_DEVICE=cuda; TF32 off, so the oracles'
+#    tolerances mean what they mean on the CPU);
+# 3. benchmarks/gpu_profile.py: recording overhead, peak GPU memory and a profile of a ResNet-18
+#    (the card's default math: TF32 convolutions on).
+# benchmarks/gpu_resnet18.py adds the `entries` layout (its positions are hashed on the host).
 # Each part's log goes to LOG_DIR (default gpu_logs/); a failing part does not stop the others.
 set -u
 logs=${1:-gpu_logs}
@@ -23,14 +24,14 @@ HF_AMNESIA_TEST_DEVICE=cuda NVIDIA_TF32_OVERRIDE=0 timeout 120 python3 tests/scr
 cat "$out/result.json" 2>/dev/null | tee "$logs/completeness.json" || tail -20 "$logs/completeness.log"
 echo
 
-echo "== ResNet-18 recording overhead"
-timeout 300 python3 benchmarks/gpu_resnet18.py 2>&1 | grep --line-buffered -v "train_runtime" | tee "$logs/resnet18.log" || status=1
-
 echo "== trainer tests on the GPU"
 HF_AMNESIA_TEST_DEVICE=cuda NVIDIA_TF32_OVERRIDE=0 timeout 200 python3 -m pytest -q -p no:cacheprovider -m "not slow" \
     tests/test_completeness.py tests/test_rows_layout.py tests/test_forget.py tests/test_auto_forget.py \
     tests/test_checkpoint_resume.py tests/test_refusals_and_config.py tests/test_bad_input.py \
     >"$logs/tests.log" 2>&1 || status=1
 tail -25 "$logs/tests.log"
+
+echo "== ResNet-18 recording overhead and profile"
+timeout 300 python3 benchmarks/gpu_profile.py 2>&1 | grep --line-buffered -v "train_runtime" | tee "$logs/profile.log" || status=1
 
 exit $status

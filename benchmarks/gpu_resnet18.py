@@ -42,6 +42,7 @@ def cifar_like(n: int) -> Dataset:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the plain and recording runs")
     args = parser.parse_args(argv)
     width, batch, steps = (4, 8, 12) if args.smoke else (64, 128, 200)
 
@@ -57,7 +58,7 @@ def main(argv=None):
         f"training on {'cuda' if cuda else 'cpu'} ({torch.cuda.get_device_name(0) if cuda else 'no GPU'})", flush=True
     )
     times, peaks = {"plain": [], **{layout: [] for layout in layouts}}, {}
-    for _ in range(2):  # alternate plain and recording runs to share the machine's noise
+    for _ in range(args.rounds):  # alternate plain and recording runs to share the machine's noise
         for name in times:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()

@@ -121,7 +121,7 @@ def _args(out, batch, steps, record_kw=None, **kw):
     )
 
 
-def step_times(make_model, data, batch, steps, record, keep_fraction=0.01, keep_layout="rows"):
+def step_times(make_model, data, batch, steps, record, keep_fraction=0.01, keep_layout="rows", callbacks=()):
     """Seconds of every optimizer step of one training run."""
     with tempfile.TemporaryDirectory() as out:
         timer = StepTimer()
@@ -129,7 +129,7 @@ def step_times(make_model, data, batch, steps, record, keep_fraction=0.01, keep_
             model=make_model(),
             args=_args(out, batch, steps, {"keep_fraction": keep_fraction, "keep_layout": keep_layout}),
             train_dataset=data,
-            callbacks=[timer],
+            callbacks=[timer, *callbacks],
             record=record,
         )
         trainer.train()

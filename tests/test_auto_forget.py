@@ -383,7 +383,7 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
     noise = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a damaged model, so that the repair runs
         for p in trainer.model.parameters():
-            p.add_(torch.randn(p.shape, generator=noise) * p.abs().mean())
+            p.add_(torch.randn(p.shape, generator=noise).to(p.device) * p.abs().mean())
     assert trainer._accuracy(auto.retained_sample) < auto.original_accuracy - 5
     auto.after_subtraction = trainer._row_losses(auto.forget_rows)
     trainer._repair_until_restored(auto)

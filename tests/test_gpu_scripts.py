@@ -1,0 +1,41 @@
+"""The GPU benchmark scripts run on the CPU at width 4 (`--smoke`), so they work when a GPU is there."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _last_json(script):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith('{"')))
+
+
+@pytest.mark.slow
+def test_gpu_profile_smoke():
+    out, result = _last_json("gpu_profile.py")
+    assert {"plain_ms", "rows_grouped_conv_ms", "rows_unfold_bmm_ms", "overhead_rows_grouped_conv"} <= result.keys()
+    assert all(result[k] > 0 for k in ("plain_ms", "rows_grouped_conv_ms", "conv_grouped_conv_ms"))
+    # both conv rules give the same kept rows on every conv layer (float32, relative to the largest entry)
+    differences = [float(line.rsplit(" ", 1)[-1]) for line in out.splitlines() if "relative difference" in line]
+    assert len(differences) == 20 and max(differences) < 1e-5
+    assert "profile of 3 recording steps" in out
+
+
+@pytest.mark.slow
+def test_gpu_resnet18_smoke():
+    _, result = _last_json("gpu_resnet18.py")
+    assert result["device"] == "cpu" and result["params"] > 0
+    assert result["overhead_resnet18"] > 0 and result["overhead_resnet18_entries"] > 0
