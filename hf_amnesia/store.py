@@ -494,7 +494,7 @@ class ShardWriter:
         records["id"] = ids
         records["values"] = deltas.detach().cpu().float().numpy()
         try:
-            self._log.write(records.tobytes())
+            self._log.write(memoryview(records.view(np.uint8)))  # the array's own bytes, no copy
         except OSError as err:
             raise StoreError(
                 f"cannot append to {self.log_path}: {err}. Free disk space (or move store_dir) and resume "
