@@ -6,8 +6,10 @@
 1. two ways of computing a conv layer's kept rows (`sparse_grads.conv_rows`, a grouped
    convolution, and `conv_rows_unfold` below, a batched matrix product with the unfolded input), timed
    on every conv layer of the network with that layer's real inputs and output gradients;
-2. plain and recording runs side by side (the `rows` layout with each conv rule), median step;
-3. a profile (torch.profiler) of ten recording steps after every momentum tail is open.
+2. plain and recording runs side by side (the `rows` layout; closed deltas written to the log at
+   every step, and summed in memory with `sum_deltas_in_memory`), median step over steps 3-200 and
+   over the last 25 (every momentum tail open), peak GPU memory;
+3. a profile (torch.profiler) of ten steps of the faster recording run, once every tail is open.
 """
 
 from __future__ import annotations
@@ -136,19 +138,15 @@ def main(argv=None):
     print("conv rules, all conv layers, ms per step: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in rule_times.items()))
     result.update({f"conv_{k}_ms": round(v * 1e3, 3) for k, v in rule_times.items()})
     data = cifar_like(batch * 40)
-    medians = {}
-    for name, record, rule in [
-        ("plain", False, None),
-        *[(f"rows_{k}", True, k) for k in ("unfold_bmm", "grouped_conv")],
-    ]:
-        if rule is not None:
-            sparse_grads.conv_rows = RULES[rule]  # rows_rule_for looks the name up at every call
+    medians, late_medians = {}, {}
+    runs = {"plain": None, "rows": {}, "rows_sums": {"sum_deltas_in_memory": True}}
+    for name, config in runs.items():
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
-        times = run.step_times(make_model, data, batch, steps, record=record)
+        times = run.step_times(make_model, data, batch, steps, record=config is not None, **(config or {}))
         medians[name] = statistics.median(times[3:])
-        late = statistics.median(times[steps - steps // 8 :])
+        late_medians[name] = late = statistics.median(times[steps - steps // 8 :])
         peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
         print(
             f"{name}: {steps} steps in {time.perf_counter() - began:.1f} s, median step {medians[name] * 1e3:.1f} ms"
@@ -157,18 +155,21 @@ def main(argv=None):
         )
         result[f"{name}_ms"] = round(medians[name] * 1e3, 2)
         result[f"{name}_late_ms"] = round(late * 1e3, 2)
+        result[f"{name}_peak_mib"] = round(peak)
     for name in medians:
         if name != "plain":
             result[f"overhead_{name}"] = round(medians[name] / medians["plain"], 3)
+            result[f"overhead_{name}_late"] = round(late_medians[name] / late_medians["plain"], 3)
     print(json.dumps(result), flush=True)
-    best = min(RULES, key=lambda k: medians[f"rows_{k}"])
-    sparse_grads.conv_rows = RULES[best]
+    best = min(("rows", "rows_sums"), key=lambda k: late_medians[k])
     first, count = (steps - 25, 10) if not args.smoke else (5, 3)
     profile = Profile(first, first + count)
-    run.step_times(make_model, data, batch, min(steps, first + count + 2), record=True, callbacks=[profile])
+    run.step_times(
+        make_model, data, batch, min(steps, first + count + 2), record=True, callbacks=[profile], **runs[best]
+    )
     table = profile.profiler.key_averages()
     column = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(f"profile of {count} recording steps ({best}), by {column}:")
+    print(f"profile of {count} recording steps ({best}, grouped_conv), by {column}:")
     print(table.table(sort_by=column, row_limit=25, max_name_column_width=60))
     if device == "cuda":
         print("by self_cpu_time_total:")

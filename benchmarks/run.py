@@ -8,8 +8,8 @@ default `rows` layout), overhead_cnn_entries, overhead_bert_entries (`keep_layou
 overhead_cnn_tails_filling, overhead_cnn_tails_full (a 220-step run: while the open momentum
 tails fill, and once they are full), opacus_dense_cnn, peak_mem_ratio_cnn, store_overhead_pct, forget_1_ms, forget_6000_s,
 rte_speedup (Retrain without one id / forget of that id), rte_speedup_6000, forget_default_s,
-and without --quick overhead_mlp_11m, overhead_mlp_11m_full (an 11.5M-parameter MLP, batch 32)
-and the same with glibc keeping freed memory (overhead_mlp_11m_malloc_kept*; see docs/performance.md).
+and without --quick overhead_mlp_11m, overhead_mlp_11m_full (an 11.5M-parameter MLP, batch 32),
+overhead_mlp_11m_summed_full (the same with sum_deltas_in_memory), and the same with glibc keeping freed memory (overhead_mlp_11m_malloc_kept*; see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -121,13 +121,13 @@ def _args(out, batch, steps, record_kw=None, **kw):
     )
 
 
-def step_times(make_model, data, batch, steps, record, keep_fraction=0.01, keep_layout="rows", callbacks=()):
-    """Seconds of every optimizer step of one training run."""
+def step_times(make_model, data, batch, steps, record, keep_fraction=0.01, keep_layout="rows", callbacks=(), **config):
+    """Seconds of every optimizer step of one training run (`config`: more AmnesiaConfig fields)."""
     with tempfile.TemporaryDirectory() as out:
         timer = StepTimer()
         trainer = AmnesiacTrainer(
             model=make_model(),
-            args=_args(out, batch, steps, {"keep_fraction": keep_fraction, "keep_layout": keep_layout}),
+            args=_args(out, batch, steps, {"keep_fraction": keep_fraction, "keep_layout": keep_layout, **config}),
             train_dataset=data,
             callbacks=[timer, *callbacks],
             record=record,
@@ -170,16 +170,20 @@ def overhead(make_model, data, batch, steps, keep_fraction=0.01, rounds=2, layou
 
 def large_model_overhead(steps=170, batch=32):
     """Recording / plain median step time of `wide_mlp`: the per-step work that scales with the
-    number of parameters M and with B*K rather than with the model's compute."""
+    number of parameters M and with B*K rather than with the model's compute; also with the closed
+    deltas summed in memory (`sum_deltas_in_memory`) instead of written at every step."""
     data = images(batch * 20)
     plain = step_times(wide_mlp, data, batch, steps, record=False)
     recording = step_times(wide_mlp, data, batch, steps, record=True)
+    summed = step_times(wide_mlp, data, batch, steps, record=True, sum_deltas_in_memory=True)
     return {
         "all": statistics.median(recording[3:]) / statistics.median(plain[3:]),
         "full": statistics.median(recording[155:]) / statistics.median(plain[155:]),
+        "summed_full": statistics.median(summed[155:]) / statistics.median(plain[155:]),
         "plain_ms": statistics.median(plain[3:]) * 1e3,
         "recording_ms": statistics.median(recording[3:]) * 1e3,
         "recording_full_ms": statistics.median(recording[155:]) * 1e3,
+        "summed_full_ms": statistics.median(summed[155:]) * 1e3,
     }
 
 
@@ -392,10 +396,12 @@ def main(argv=None):
         for name, env in (("", {}), ("_malloc_kept", MALLOC_KEPT)):
             large = large_model_in_subprocess(env)
             result[f"overhead_mlp_11m{name}"], result[f"overhead_mlp_11m{name}_full"] = large["all"], large["full"]
+            result[f"overhead_mlp_11m{name}_summed_full"] = large["summed_full"]
             print(
                 f"large MLP (11.5M params, batch 32, p=0.01), one 170-step run each{' with ' if env else ''}"
                 f"{' '.join(f'{k}={v}' for k, v in env.items())}: recording / plain {large['all']:.2f}x over "
-                f"steps 3-170, {large['full']:.2f}x over 155-170 (every tail open)"
+                f"steps 3-170, {large['full']:.2f}x over 155-170 (every tail open), "
+                f"{large['summed_full']:.2f}x there with sum_deltas_in_memory"
             )
         print("\nkeep_fraction sweep (CNN, batch 64): overhead")
         for p in (0.001, 0.01, 0.1):

@@ -59,6 +59,14 @@ class AmnesiaConfig(TrainingArguments):
         default=None,
         metadata={"help": f"Seed of the kept positions (default {DEFAULT_KEEP_SEED})."},
     )
+    sum_deltas_in_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "Sum each sample's closed deltas in memory on the training device (N*K*4 bytes per process "
+            "for N training rows) and write them to the log only at checkpoints and at the end, instead of "
+            "copying and writing every step's (docs/limits.md, Speed)."
+        },
+    )
     tail_tolerance: float = field(
         default=1e-7,
         metadata={

@@ -7,6 +7,9 @@ The `Recorder` is driven by `AmnesiacTrainer` (it knows nothing of `transformers
     set_clip_coef(c)        when the gradient is clipped before the optimizer step
     (optimizer step)        a post-step hook turns the step's contributions into open tails
     finish()                closes every tail and folds the shard's log into its rows
+
+Closed deltas go to the shard's log at every step, or, with `sum_ids`, into per-id sums in memory
+(`DeltaSums`) that are written to the log at checkpoints and at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from .attribution import MomentumLedger, adam_step_weights
-from .errors import UnsupportedOptimizerError
+from .errors import UnsupportedOptimizerError, UnsupportedTrainingError
 from .per_sample import PerSampleCapture
 from .store import Manifest, ShardWriter, manifest_positions, row_plan, row_positions, row_positions_torch
 
@@ -34,6 +37,7 @@ class Recorder:
         rank: int = 0,
         world_size: int = 1,
         tail_tolerance: float = 1e-7,
+        sum_ids: np.ndarray | None = None,
     ):
         self.manifest = manifest
         self.layout = manifest.layout
@@ -52,6 +56,8 @@ class Recorder:
         self.capture = PerSampleCapture(model, self.params, row_plan=plan)
         self.capture.pool = self.ledger.pool  # value buffers come back when their tails close
         self.shard = ShardWriter(Path(store_dir), rank, self.k, manifest.dtype)
+        # sum_ids: every id this process may train on; their closed deltas are summed in memory
+        self.sums = None if sum_ids is None else DeltaSums(sum_ids, self.k, device)
         self.optimizer = optimizer
         self._hook = optimizer.register_step_post_hook(self._after_step)
         self._pending: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
@@ -137,13 +143,26 @@ class Recorder:
             positions = contrib = None
         self.steps += 1
         for closed_ids, deltas in self.ledger.step(self.steps, x_t, ids, positions, contrib):
-            self.shard.append(closed_ids, deltas)
+            self._closed(closed_ids, deltas)
         self.record_seconds += time.perf_counter() - began
+
+    def _closed(self, ids: np.ndarray, deltas: torch.Tensor) -> None:
+        if self.sums is None:
+            self.shard.append(ids, deltas)
+        else:
+            self.sums.add(ids, deltas)
+
+    def _write_sums(self) -> None:
+        """Append the in-memory sums to the log (one record per id touched since the last write)."""
+        if self.sums is not None:
+            for ids, values in self.sums.drain():
+                self.shard.append(ids, values)
 
     def close_tails(self) -> None:
         """End of training: every open tail is complete; append the deltas to the log."""
         for closed_ids, deltas in self.ledger.close_all():
-            self.shard.append(closed_ids, deltas)
+            self._closed(closed_ids, deltas)
+        self._write_sums()
         self.shard.log_size()  # durable
 
     def compact(self) -> None:
@@ -158,6 +177,7 @@ class Recorder:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self._write_sums()  # the checkpoint's log position covers every delta closed so far
         state = {f"ledger.{k}": v for k, v in self.ledger.state_dict().items()}
         state["decay"] = self.decay.clone()
         state["steps"] = torch.tensor(self.steps)
@@ -178,3 +198,45 @@ def _hashes_on_device(device: torch.device) -> bool:
     """The `rows` layout's positions are hashed where the model trains (no host work, no copy),
     except on the CPU, where the host's numpy hashing is faster."""
     return device.type != "cpu"
+
+
+class DeltaSums:
+    """Per-id sums of closed deltas, kept where the model trains until they are written to the log.
+
+    The log is summed per id when it is folded into rows, so writing one record per id now and
+    then (at checkpoints, at the end) stores the same sums as one record per id and step, without
+    copying and writing `B*K` values at every step. Costs `len(ids) * K * 4` bytes.
+    """
+
+    def __init__(self, ids: np.ndarray, k: int, device, chunk_rows: int = 4096):
+        self.ids = np.unique(np.asarray(ids, dtype=np.int64))
+        self.chunk_rows = chunk_rows
+        try:
+            self.values = torch.zeros(len(self.ids), k, dtype=torch.float32, device=device)
+        except (torch.OutOfMemoryError, RuntimeError) as err:  # the CPU allocator raises RuntimeError
+            raise UnsupportedTrainingError(
+                f"sum_deltas_in_memory needs {len(self.ids) * k * 4 / 2**30:.2f} GiB on {device} for "
+                f"{len(self.ids)} rows of {k} values, which is not free: set sum_deltas_in_memory=False "
+                "or lower keep_fraction."
+            ) from err
+        self.touched = torch.zeros(len(self.ids), dtype=torch.bool, device=device)
+
+    def add(self, ids: np.ndarray, deltas: torch.Tensor) -> None:
+        rows = np.searchsorted(self.ids, ids)
+        if len(ids) and (rows.max() >= len(self.ids) or not np.array_equal(self.ids[rows], ids)):
+            raise UnsupportedTrainingError(
+                "a trained row's id is not in train_dataset's ids given to the recorder; with "
+                "sum_deltas_in_memory the training rows must come from train_dataset."
+            )
+        rows = torch.from_numpy(rows).to(self.values.device)
+        self.values.index_add_(0, rows, deltas.float())
+        self.touched[rows] = True
+
+    def drain(self):
+        """Yield (ids, values) of the touched rows, chunk by chunk, and zero them."""
+        rows = torch.nonzero(self.touched).flatten()
+        for lo in range(0, len(rows), self.chunk_rows):
+            chunk = rows[lo : lo + self.chunk_rows]
+            yield self.ids[chunk.cpu().numpy()], self.values[chunk]
+            self.values[chunk] = 0.0
+        self.touched.zero_()

@@ -150,6 +150,7 @@ class AmnesiacTrainer(Trainer):
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
             tail_tolerance=self.args.tail_tolerance,
+            sum_ids=dataset_ids(self.train_dataset, self.args.id_column) if self.args.sum_deltas_in_memory else None,
         )
         forgotten = set(self.forgotten_ids())
         if forgotten and self.train_dataset is not None:
@@ -174,7 +175,12 @@ class AmnesiacTrainer(Trainer):
             f"hf_amnesia: recording {manifest.k} of {manifest.num_params} trainable entries per sample "
             f"(keep_fraction={manifest.keep_fraction}, {manifest.dtype}){store} in {self.args.store_dir}; "
             f"the open momentum tails ({ledger.window} steps of {per_step} samples) take up to "
-            f"{tails / 2**20:.1f} MiB on {ledger.ledger.device} (docs/limits.md, Memory)."
+            f"{tails / 2**20:.1f} MiB on {ledger.ledger.device} (docs/limits.md, Memory)"
+            + (
+                f"; the in-memory sums take {self._recorder.sums.values.numel() * 4 / 2**20:.1f} MiB there."
+                if self._recorder.sums is not None
+                else "."
+            )
         )
         self._record_started = time.perf_counter()
 

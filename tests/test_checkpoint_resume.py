@@ -34,10 +34,12 @@ def _args(out, **kw):
     return config(out, **kw)
 
 
-def _train(out, callbacks=(), resume=None):
+def _train(out, callbacks=(), resume=None, **kw):
     torch.manual_seed(0)
     model = TinyCNN()
-    trainer = AmnesiacTrainer(model=model, args=_args(out), train_dataset=image_dataset(20), callbacks=list(callbacks))
+    trainer = AmnesiacTrainer(
+        model=model, args=_args(out, **kw), train_dataset=image_dataset(20), callbacks=list(callbacks)
+    )
     trainer.train(resume_from_checkpoint=resume)
     return model
 
@@ -47,14 +49,15 @@ def _store(out):
     return {int(i): reader.read(int(i)) for i in reader.all_ids()}
 
 
+@pytest.mark.parametrize("sums", [False, True], ids=["log_every_step", "sums_in_memory"])
 @pytest.mark.parametrize("crash_step", [6])
-def test_resume_equals_uninterrupted(tmp_path, crash_step):
-    full = _train(tmp_path / "full")
+def test_resume_equals_uninterrupted(tmp_path, crash_step, sums):
+    full = _train(tmp_path / "full", sum_deltas_in_memory=sums)
     with pytest.raises(Crash):
-        _train(tmp_path / "cut", callbacks=[CrashAt(crash_step)])
+        _train(tmp_path / "cut", callbacks=[CrashAt(crash_step)], sum_deltas_in_memory=sums)
     checkpoint = tmp_path / "cut" / "checkpoint-4"
     assert checkpoint.exists()
-    resumed = _train(tmp_path / "cut", resume=str(checkpoint))
+    resumed = _train(tmp_path / "cut", resume=str(checkpoint), sum_deltas_in_memory=sums)
     for (name, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         assert (a - b).abs().max() <= TOL, name
     store_full, store_cut = _store(tmp_path / "full"), _store(tmp_path / "cut")
@@ -62,6 +65,20 @@ def test_resume_equals_uninterrupted(tmp_path, crash_step):
     worst = max(float((store_full[i] - store_cut[i]).abs().max()) for i in store_full)
     assert worst <= TOL
     assert np.isfinite(worst)
+
+
+def test_sums_in_memory_store_the_same_deltas(tmp_path):
+    """Summing in memory (written at the checkpoints every 4 steps and at the end) stores what
+    one log record per step stores: the same sums, up to float32 rounding of the order."""
+    per_step = _train(tmp_path / "log")
+    summed = _train(tmp_path / "sums", sum_deltas_in_memory=True)
+    for a, b in zip(per_step.parameters(), summed.parameters()):
+        assert torch.equal(a, b)  # recording does not touch training
+    store_log, store_sums = _store(tmp_path / "log"), _store(tmp_path / "sums")
+    assert sorted(store_log) == sorted(store_sums) == list(range(20))
+    scale = max(float(v.abs().max()) for v in store_log.values())
+    worst = max(float((store_log[i] - store_sums[i]).abs().max()) for i in store_log)
+    assert scale > 0 and worst <= 1e-6 * scale
 
 
 def test_unfinished_store_without_resume_is_refused(tmp_path):

@@ -1,4 +1,5 @@
-"""Completeness: the sum of every sample's delta is the whole training change (1 and 2 processes)."""
+"""Completeness: the sum of every sample's delta is the whole training change (1 and 2 processes; deltas
+written every step or summed in memory)."""
 
 import json
 import os
@@ -30,9 +31,21 @@ def test_completeness_one_process(tmp_path):
     _check(run(str(tmp_path)), 1)
 
 
+def test_completeness_with_sums_in_memory(tmp_path):
+    _check(run(str(tmp_path), sum_deltas_in_memory=True), 1)
+
+
 @pytest.mark.slow
 def test_completeness_two_processes(tmp_path):
     run_two_processes(SCRIPT, str(tmp_path), port=29533, timeout=600)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["num_shards"] == 2
+    _check(result, 2)
+
+
+@pytest.mark.slow
+def test_completeness_two_processes_with_sums_in_memory(tmp_path):
+    run_two_processes(SCRIPT, str(tmp_path), "sums", port=29541, timeout=600)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["num_shards"] == 2
     _check(result, 2)

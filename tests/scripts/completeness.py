@@ -1,7 +1,7 @@
 """Train a tiny CNN with recording at keep_fraction 1.0 and check completeness.
 
-Run alone (`python tests/scripts/completeness.py OUT`) or in 2 processes
-(`torchrun --nproc_per_node 2 tests/scripts/completeness.py OUT`). Rank 0 writes
+Run alone (`python tests/scripts/completeness.py OUT [sums]`) or in 2 processes
+(`torchrun --nproc_per_node 2 tests/scripts/completeness.py OUT [sums]`). Rank 0 writes
 OUT/result.json with the relative errors.
 """
 
@@ -32,7 +32,7 @@ class GradNorms(TrainerCallback):
             self.norms.append(float(logs["grad_norm"]))
 
 
-def run(out_dir: str) -> dict:
+def run(out_dir: str, **overrides) -> dict:
     torch.manual_seed(0)
     model = TinyCNN()
     theta0 = flat(model)
@@ -54,6 +54,7 @@ def run(out_dir: str) -> dict:
         seed=0,
         disable_tqdm=True,
         logging_steps=1,
+        **overrides,
     )
     norms = GradNorms()
     trainer = AmnesiacTrainer(model=model, args=args, train_dataset=image_dataset(32), callbacks=[norms])
@@ -90,7 +91,8 @@ def run(out_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    result = run(sys.argv[1])
+    # a second argument "sums": closed deltas summed in memory (sum_deltas_in_memory=True)
+    result = run(sys.argv[1], sum_deltas_in_memory=len(sys.argv) > 2 and sys.argv[2] == "sums")
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(sys.argv[1], "result.json"), "w") as f:
             json.dump(result, f)
