@@ -51,13 +51,14 @@ class Recorder:
             )
         device = self.params[0].device
         self.ledger = MomentumLedger(self.layout.num_params, beta1s.pop(), tail_tolerance, device)
+        # sum_ids: every id this process may train on; their closed deltas are summed in memory
+        # (made before any hook or file is opened: nothing to undo if it does not fit)
+        self.sums = None if sum_ids is None else DeltaSums(sum_ids, self.k, device)
         self.decay = torch.tensor(manifest.decay or [1.0] * len(self.params), dtype=torch.float64)
         plan = row_plan(manifest.keep_fraction, self.layout.shapes) if manifest.keep_layout == "rows" else None
         self.capture = PerSampleCapture(model, self.params, row_plan=plan)
         self.capture.pool = self.ledger.pool  # value buffers come back when their tails close
         self.shard = ShardWriter(Path(store_dir), rank, self.k, manifest.dtype)
-        # sum_ids: every id this process may train on; their closed deltas are summed in memory
-        self.sums = None if sum_ids is None else DeltaSums(sum_ids, self.k, device)
         self.optimizer = optimizer
         self._hook = optimizer.register_step_post_hook(self._after_step)
         self._pending: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
@@ -74,6 +75,8 @@ class Recorder:
     def begin_microbatch(self, ids: np.ndarray) -> None:
         began = time.perf_counter()
         self._ids = np.asarray(ids, dtype=np.int64)
+        if self.sums is not None:
+            self.sums.check(self._ids)  # before training on them, not when their tails close
         self._positions = self._positions_of(self._ids)
         self.capture.begin(self._positions)
         self.record_seconds += time.perf_counter() - began
@@ -205,30 +208,37 @@ class DeltaSums:
 
     The log is summed per id when it is folded into rows, so writing one record per id now and
     then (at checkpoints, at the end) stores the same sums as one record per id and step, without
-    copying and writing `B*K` values at every step. Costs `len(ids) * K * 4` bytes.
+    copying and writing `B*K` values at every step. Costs `len(ids) * K * 4` bytes, plus at most
+    `chunk_bytes` while they are written.
     """
 
-    def __init__(self, ids: np.ndarray, k: int, device, chunk_rows: int = 4096):
+    def __init__(self, ids: np.ndarray, k: int, device, chunk_bytes: int = 64 * 2**20):
         self.ids = np.unique(np.asarray(ids, dtype=np.int64))
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = max(1, chunk_bytes // (4 * k))
         try:
             self.values = torch.zeros(len(self.ids), k, dtype=torch.float32, device=device)
         except (torch.OutOfMemoryError, RuntimeError) as err:  # the CPU allocator raises RuntimeError
             raise UnsupportedTrainingError(
                 f"sum_deltas_in_memory needs {len(self.ids) * k * 4 / 2**30:.2f} GiB on {device} for "
-                f"{len(self.ids)} rows of {k} values, which is not free: set sum_deltas_in_memory=False "
-                "or lower keep_fraction."
+                f"{len(self.ids)} rows of {k} values, which is not free: set sum_deltas_in_memory=False."
             ) from err
         self.touched = torch.zeros(len(self.ids), dtype=torch.bool, device=device)
 
-    def add(self, ids: np.ndarray, deltas: torch.Tensor) -> None:
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
         rows = np.searchsorted(self.ids, ids)
         if len(ids) and (rows.max() >= len(self.ids) or not np.array_equal(self.ids[rows], ids)):
             raise UnsupportedTrainingError(
-                "a trained row's id is not in train_dataset's ids given to the recorder; with "
-                "sum_deltas_in_memory the training rows must come from train_dataset."
+                "a training batch holds an id that is not among train_dataset's ids; with "
+                "sum_deltas_in_memory every training row must come from train_dataset."
             )
-        rows = torch.from_numpy(rows).to(self.values.device)
+        return rows
+
+    def check(self, ids: np.ndarray) -> None:
+        """Raise before training on an id that has no row here."""
+        self._rows(ids)
+
+    def add(self, ids: np.ndarray, deltas: torch.Tensor) -> None:
+        rows = torch.from_numpy(self._rows(ids)).to(self.values.device)
         self.values.index_add_(0, rows, deltas.float())
         self.touched[rows] = True
 

@@ -127,3 +127,24 @@ def test_purge_erases_rows_in_place_and_keeps_other_checksums(tmp_path):
     assert 0 not in reader.all_ids() and len(reader.all_ids()) == 8
     with pytest.raises(StoreError, match="checksum"):
         reader.read(3)
+
+
+def test_delta_sums_add_drain_and_refuse_unknown_ids():
+    from hf_amnesia.errors import UnsupportedTrainingError
+    from hf_amnesia.recorder import DeltaSums
+
+    sums = DeltaSums(np.array([7, 3, 11, 5]), k=3, device="cpu", chunk_bytes=2 * 3 * 4)  # 2 rows a chunk
+    sums.add(np.array([3, 11]), torch.ones(2, 3))
+    sums.add(np.array([3, 3]), torch.full((2, 3), 0.5))  # an id twice in one call adds twice
+    chunks = list((ids.copy(), values.clone()) for ids, values in sums.drain())
+    assert [len(ids) for ids, _ in chunks] == [2]
+    got = {int(i): v for ids, values in chunks for i, v in zip(ids, values)}
+    assert torch.equal(got[3], torch.full((3,), 2.0)) and torch.equal(got[11], torch.ones(3))
+    assert not sums.touched.any() and not sums.values.any()  # drained rows are zeroed
+    sums.add(np.array([5, 7, 11]), torch.ones(3, 3))
+    assert [len(ids) for ids, _ in sums.drain()] == [2, 1]  # chunks of at most 2 rows
+    assert list(sums.drain()) == []  # nothing touched since
+    with pytest.raises(UnsupportedTrainingError, match="train_dataset"):
+        sums.check(np.array([5, 6]))
+    with pytest.raises(UnsupportedTrainingError, match="train_dataset"):
+        sums.check(np.array([12]))

@@ -27,7 +27,8 @@ class KillAt(TrainerCallback):
 
 
 def config(out, **overrides):
-    """Checkpoints every 4 steps; tails stay open across checkpoints (tail_tolerance 1e-12)."""
+    """Checkpoints every 4 steps; tails stay open across checkpoints (tail_tolerance 1e-12, unless
+    `overrides` set another)."""
     return tiny_config(
         out,
         keep_fraction=0.3,
@@ -39,8 +40,7 @@ def config(out, **overrides):
         save_strategy="steps",
         save_steps=4,
         seed=0,
-        tail_tolerance=1e-12,
-        **overrides,
+        **{"tail_tolerance": 1e-12, **overrides},
     )
 
 
