@@ -50,9 +50,9 @@ def _store(out):
     return {int(i): reader.read(int(i)) for i in reader.all_ids()}
 
 
-# sums_in_memory: tail_tolerance 0.5 closes each step's tails 7 steps later (beta1 0.9), so deltas
+# sums_in_memory: tail_tolerance 0.8 closes each step's tails 3 steps later (beta1 0.9), so deltas
 # closed before a checkpoint are summed in memory and written there, while later steps' tails are open
-MODES = {"log_every_step": {}, "sums_in_memory": {"sum_deltas_in_memory": True, "tail_tolerance": 0.5}}
+MODES = {"log_every_step": {}, "sums_in_memory": {"sum_deltas_in_memory": True, "tail_tolerance": 0.8}}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -73,7 +73,7 @@ def test_resume_equals_uninterrupted(tmp_path, crash_step, mode):
     assert np.isfinite(worst)
 
 
-@pytest.mark.parametrize("tolerance", [0.5, 1e-12], ids=["tails_close_during_training", "tails_close_at_the_end"])
+@pytest.mark.parametrize("tolerance", [0.8, 1e-12], ids=["tails_close_during_training", "tails_close_at_the_end"])
 def test_sums_in_memory_store_the_same_deltas(tmp_path, monkeypatch, tolerance):
     """Summing in memory (written at the checkpoints every 4 steps and at the end) stores what
     one log record per step stores: the same sums, up to float32 rounding of the order."""
@@ -88,7 +88,7 @@ def test_sums_in_memory_store_the_same_deltas(tmp_path, monkeypatch, tolerance):
     monkeypatch.setattr(DeltaSums, "drain", drain)
     per_step = _train(tmp_path / "log", tail_tolerance=tolerance)
     summed = _train(tmp_path / "sums", sum_deltas_in_memory=True, tail_tolerance=tolerance)
-    if tolerance == 0.5:
+    if tolerance == 0.8:
         assert len(written) > 1  # sums were written at a checkpoint too, not only at the end
     for a, b in zip(per_step.parameters(), summed.parameters()):
         assert torch.equal(a, b)  # recording does not touch training

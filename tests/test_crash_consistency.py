@@ -70,6 +70,34 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, env):
     assert max(float((got[i] - store[i]).abs().max()) for i in store) <= TOL
 
 
+SUMS = {"SUMS_IN_MEMORY": "1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_sums(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full_sums")
+    _run([SCRIPTS / "crash_train.py", out], env=SUMS)
+    return load_file(str(out / "final.safetensors")), _store(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "env",
+    [{"KILL_AT_STEP": "7"}, {"HF_AMNESIA_CRASH_AT": "checkpoint:recorder_saved#3"}],
+    ids=["mid_training", "mid_checkpoint"],
+)
+def test_sigkill_then_resume_with_sums_in_memory(tmp_path, uninterrupted_sums, env):
+    weights, store = uninterrupted_sums
+    _run([SCRIPTS / "crash_train.py", tmp_path], env={**env, **SUMS}, expect_kill=True)
+    _run([SCRIPTS / "crash_train.py", tmp_path, "resume"], env=SUMS)
+    resumed = load_file(str(tmp_path / "final.safetensors"))
+    for name in weights:
+        assert (weights[name] - resumed[name]).abs().max() <= TOL, name
+    got = _store(tmp_path)
+    assert sorted(got) == sorted(store)
+    assert max(float((got[i] - store[i]).abs().max()) for i in store) <= TOL
+
+
 # -- forget ---------------------------------------------------------------------------------------
 
 FORGET = """

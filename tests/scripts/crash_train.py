@@ -3,7 +3,9 @@
     python tests/scripts/crash_train.py OUT [resume]
 
 `KILL_AT_STEP=n` kills the process at the end of optimizer step n; `HF_AMNESIA_CRASH_AT` kills it
-at a named point inside hf_amnesia. The final weights go to OUT/final.safetensors.
+at a named point inside hf_amnesia. `SUMS_IN_MEMORY=1` records with `sum_deltas_in_memory` and
+tails that close 3 steps after their step (so sums are written at the checkpoints). The final
+weights go to OUT/final.safetensors.
 """
 
 import os
@@ -47,7 +49,8 @@ def config(out, **overrides):
 def main(out: str, resume: bool) -> None:
     torch.manual_seed(0)
     model = TinyCNN()
-    args = config(out)
+    sums = {"sum_deltas_in_memory": True, "tail_tolerance": 0.8} if os.environ.get("SUMS_IN_MEMORY") else {}
+    args = config(out, **sums)
     trainer = AmnesiacTrainer(model=model, args=args, train_dataset=image_dataset(24), callbacks=[KillAt()])
     trainer.train(resume_from_checkpoint=True if resume else None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "final.safetensors"))
