@@ -142,6 +142,9 @@ class AmnesiacTrainer(Trainer):
 
     def _start_recorder(self, optimizer: torch.optim.Optimizer) -> None:
         manifest = self._open_manifest()
+        forgotten = set(self.forgotten_ids())
+        need_ids = self.train_dataset is not None and (forgotten or self.args.sum_deltas_in_memory)
+        train_ids = dataset_ids(self.train_dataset, self.args.id_column) if need_ids else None
         self._recorder = Recorder(
             self.model,
             optimizer,
@@ -150,11 +153,10 @@ class AmnesiacTrainer(Trainer):
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
             tail_tolerance=self.args.tail_tolerance,
-            sum_ids=dataset_ids(self.train_dataset, self.args.id_column) if self.args.sum_deltas_in_memory else None,
+            sum_ids=train_ids if self.args.sum_deltas_in_memory else None,
         )
-        forgotten = set(self.forgotten_ids())
         if forgotten and self.train_dataset is not None:
-            again = sorted(forgotten & set(dataset_ids(self.train_dataset, self.args.id_column).tolist()))
+            again = sorted(forgotten & set(train_ids.tolist()))
             if again:
                 self._recorder.close()
                 self._recorder = None

@@ -10,7 +10,7 @@ from tiny import TinyCNN, image_dataset
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from crash_train import config  # noqa: E402
+from crash_train import SUMS_IN_MEMORY, config  # noqa: E402
 
 from hf_amnesia import AmnesiacTrainer, StoreReader
 from hf_amnesia.recorder import DeltaSums
@@ -50,9 +50,7 @@ def _store(out):
     return {int(i): reader.read(int(i)) for i in reader.all_ids()}
 
 
-# sums_in_memory: tail_tolerance 0.8 closes each step's tails 3 steps later (beta1 0.9), so deltas
-# closed before a checkpoint are summed in memory and written there, while later steps' tails are open
-MODES = {"log_every_step": {}, "sums_in_memory": {"sum_deltas_in_memory": True, "tail_tolerance": 0.8}}
+MODES = {"log_every_step": {}, "sums_in_memory": SUMS_IN_MEMORY}
 
 
 @pytest.mark.parametrize("mode", list(MODES))

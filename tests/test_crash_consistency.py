@@ -59,13 +59,18 @@ def uninterrupted(tmp_path_factory):
     ids=["mid_training", "mid_checkpoint", "mid_compaction"],
 )
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, env):
+    _kill_resume_and_compare(tmp_path, uninterrupted, env)
+
+
+def _kill_resume_and_compare(out, uninterrupted, kill_env, run_env=None):
+    """Train until killed (`kill_env`), resume, and compare weights and store with `uninterrupted`."""
     weights, store = uninterrupted
-    _run([SCRIPTS / "crash_train.py", tmp_path], env=env, expect_kill=True)
-    _run([SCRIPTS / "crash_train.py", tmp_path, "resume"])
-    resumed = load_file(str(tmp_path / "final.safetensors"))
+    _run([SCRIPTS / "crash_train.py", out], env={**kill_env, **(run_env or {})}, expect_kill=True)
+    _run([SCRIPTS / "crash_train.py", out, "resume"], env=run_env)
+    resumed = load_file(str(out / "final.safetensors"))
     for name in weights:
         assert (weights[name] - resumed[name]).abs().max() <= TOL, name
-    got = _store(tmp_path)
+    got = _store(out)
     assert sorted(got) == sorted(store)
     assert max(float((got[i] - store[i]).abs().max()) for i in store) <= TOL
 
@@ -87,15 +92,7 @@ def uninterrupted_sums(tmp_path_factory):
     ids=["mid_training", "mid_checkpoint"],
 )
 def test_sigkill_then_resume_with_sums_in_memory(tmp_path, uninterrupted_sums, env):
-    weights, store = uninterrupted_sums
-    _run([SCRIPTS / "crash_train.py", tmp_path], env={**env, **SUMS}, expect_kill=True)
-    _run([SCRIPTS / "crash_train.py", tmp_path, "resume"], env=SUMS)
-    resumed = load_file(str(tmp_path / "final.safetensors"))
-    for name in weights:
-        assert (weights[name] - resumed[name]).abs().max() <= TOL, name
-    got = _store(tmp_path)
-    assert sorted(got) == sorted(store)
-    assert max(float((got[i] - store[i]).abs().max()) for i in store) <= TOL
+    _kill_resume_and_compare(tmp_path, uninterrupted_sums, env, run_env=SUMS)
 
 
 # -- forget ---------------------------------------------------------------------------------------

@@ -28,6 +28,11 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+# sum_deltas_in_memory with tails that close 3 steps after their step (beta1 0.9): deltas closed
+# before a checkpoint are summed in memory and written there, while later steps' tails are open
+SUMS_IN_MEMORY = {"sum_deltas_in_memory": True, "tail_tolerance": 0.8}
+
+
 def config(out, **overrides):
     """Checkpoints every 4 steps; tails stay open across checkpoints (tail_tolerance 1e-12, unless
     `overrides` set another)."""
@@ -49,8 +54,7 @@ def config(out, **overrides):
 def main(out: str, resume: bool) -> None:
     torch.manual_seed(0)
     model = TinyCNN()
-    sums = {"sum_deltas_in_memory": True, "tail_tolerance": 0.8} if os.environ.get("SUMS_IN_MEMORY") else {}
-    args = config(out, **sums)
+    args = config(out, **(SUMS_IN_MEMORY if os.environ.get("SUMS_IN_MEMORY") else {}))
     trainer = AmnesiacTrainer(model=model, args=args, train_dataset=image_dataset(24), callbacks=[KillAt()])
     trainer.train(resume_from_checkpoint=True if resume else None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "final.safetensors"))
