@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
@@ -82,7 +85,29 @@ def dataset_ids(dataset, id_column: str) -> np.ndarray:
     """The id of every row of a dataset returned by `with_dataset_ids`."""
     if datasets is not None and isinstance(dataset, datasets.Dataset):
         return np.asarray(dataset[id_column], dtype=np.int64)
-    return np.asarray([int(torch.as_tensor(dataset[i][id_column])) for i in range(len(dataset))], dtype=np.int64)
+    return np.asarray([int(torch.as_tensor(v)) for v in _column(dataset, id_column)], dtype=np.int64)
+
+
+def _column(dataset, column: str) -> list:
+    """`row[column]` of every row of a map-style dataset of dict rows. Reading a row may run random
+    transforms, so the global random streams are restored afterwards: reading ids or labels must
+    not move training's random draws."""
+    with _random_streams_kept():
+        return [dataset[i][column] for i in range(len(dataset))]
+
+
+@contextmanager
+def _random_streams_kept():
+    """Restore Python's, NumPy's and torch's global random states (CPU, and CUDA once initialised)
+    on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def without_ids(dataset, id_column: str, drop: set[int]):
@@ -106,7 +131,7 @@ def ids_of_label(dataset, label, label_column: str = "label", id_column: str = "
         labels = np.asarray(with_ids[label_column])
         return np.asarray(with_ids[id_column], dtype=np.int64)[labels == label]
     ids = dataset_ids(with_ids, id_column)
-    labels = np.asarray([int(torch.as_tensor(with_ids[i][label_column])) for i in range(len(with_ids))])
+    labels = np.asarray([int(torch.as_tensor(v)) for v in _column(with_ids, label_column)])
     return ids[labels == label]
 
 
@@ -116,9 +141,10 @@ def labels_of(dataset, columns: tuple[str, ...] = ("labels", "label")) -> np.nda
         column = next((c for c in columns if c in dataset.column_names), None)
         values = None if column is None else np.asarray(dataset[column])
     else:
-        first = dataset[0] if len(dataset) else {}
+        with _random_streams_kept():
+            first = dataset[0] if len(dataset) else {}
         column = next((c for c in columns if isinstance(first, dict) and c in first), None)
-        values = None if column is None else np.asarray([np.asarray(dataset[i][column]) for i in range(len(dataset))])
+        values = None if column is None else np.asarray([np.asarray(v) for v in _column(dataset, column)])
     if values is None or values.ndim != 1 or values.dtype.kind not in "iu":
         return None
     return values
