@@ -27,25 +27,15 @@ def _check(result, world_size):
     assert result["forget_all"] <= REL_TOL, result
 
 
-def test_completeness_one_process(tmp_path):
-    _check(run(str(tmp_path)), 1)
-
-
-def test_completeness_with_sums_in_memory(tmp_path):
-    _check(run(str(tmp_path), sum_deltas_in_memory=True), 1)
+@pytest.mark.parametrize("sums", [False, True], ids=["per_step_log", "sums_in_memory"])
+def test_completeness_one_process(tmp_path, sums):
+    _check(run(str(tmp_path), sum_deltas_in_memory=sums), 1)
 
 
 @pytest.mark.slow
-def test_completeness_two_processes(tmp_path):
-    run_two_processes(SCRIPT, str(tmp_path), port=29533, timeout=600)
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["num_shards"] == 2
-    _check(result, 2)
-
-
-@pytest.mark.slow
-def test_completeness_two_processes_with_sums_in_memory(tmp_path):
-    run_two_processes(SCRIPT, str(tmp_path), "sums", port=29541, timeout=600)
+@pytest.mark.parametrize("extra, port", [((), 29533), (("sums",), 29541)], ids=["per_step_log", "sums_in_memory"])
+def test_completeness_two_processes(tmp_path, extra, port):
+    run_two_processes(SCRIPT, str(tmp_path), *extra, port=port, timeout=600)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["num_shards"] == 2
     _check(result, 2)
