@@ -85,15 +85,25 @@ def dataset_ids(dataset, id_column: str) -> np.ndarray:
     """The id of every row of a dataset returned by `with_dataset_ids`."""
     if datasets is not None and isinstance(dataset, datasets.Dataset):
         return np.asarray(dataset[id_column], dtype=np.int64)
-    return np.asarray([int(torch.as_tensor(v)) for v in _column(dataset, id_column)], dtype=np.int64)
+    (ids,) = _columns(dataset, (id_column,))
+    return _integers(ids)
 
 
-def _column(dataset, column: str) -> list:
-    """`row[column]` of every row of a map-style dataset of dict rows. Reading a row may run random
-    transforms, so the global random streams are restored afterwards: reading ids or labels must
-    not move training's random draws."""
+def _columns(dataset, columns: tuple[str, ...], start: int = 0) -> list[list]:
+    """`row[c]` for each of `columns`, of every row of a map-style dataset of dict rows from `start`,
+    read in one pass. Reading a row may run random transforms, so the global random streams are
+    restored afterwards: reading ids or labels must not move training's random draws."""
+    values: list[list] = [[] for _ in columns]
     with _random_streams_kept():
-        return [dataset[i][column] for i in range(len(dataset))]
+        for i in range(start, len(dataset)):
+            row = dataset[i]  # only the wanted columns are kept, not the rows
+            for kept, c in zip(values, columns):
+                kept.append(row[c])
+    return values
+
+
+def _integers(values: list) -> np.ndarray:
+    return np.asarray([int(torch.as_tensor(v)) for v in values], dtype=np.int64)
 
 
 @contextmanager
@@ -130,9 +140,8 @@ def ids_of_label(dataset, label, label_column: str = "label", id_column: str = "
     if datasets is not None and isinstance(with_ids, datasets.Dataset):
         labels = np.asarray(with_ids[label_column])
         return np.asarray(with_ids[id_column], dtype=np.int64)[labels == label]
-    ids = dataset_ids(with_ids, id_column)
-    labels = np.asarray([int(torch.as_tensor(v)) for v in _column(with_ids, label_column)])
-    return ids[labels == label]
+    ids, labels = _columns(with_ids, (id_column, label_column))
+    return _integers(ids)[_integers(labels) == label]
 
 
 def labels_of(dataset, columns: tuple[str, ...] = ("labels", "label")) -> np.ndarray | None:
@@ -144,7 +153,11 @@ def labels_of(dataset, columns: tuple[str, ...] = ("labels", "label")) -> np.nda
         with _random_streams_kept():
             first = dataset[0] if len(dataset) else {}
         column = next((c for c in columns if isinstance(first, dict) and c in first), None)
-        values = None if column is None else np.asarray([np.asarray(v) for v in _column(dataset, column)])
+        if column is None:
+            values = None
+        else:
+            (rest,) = _columns(dataset, (column,), start=1)
+            values = np.asarray([np.asarray(v) for v in [first[column], *rest]])
     if values is None or values.ndim != 1 or values.dtype.kind not in "iu":
         return None
     return values
