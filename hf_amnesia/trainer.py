@@ -800,13 +800,15 @@ class AmnesiacTrainer(Trainer):
     def _repair_until_restored(self, auto: _AutoData, trainer_class=None) -> tuple[int, bool]:
         """Fine-tune on the retained rows until their accuracy is back at the original's, holding
         the forget rows unseen where `_prepare_unseen_hold` set that up (`trainer_class` replaces
-        the fine-tune's trainer). Returns (steps taken, whether it is back)."""
+        the fine-tune's trainer). When whole classes go, the repair runs its whole budget: Retrain
+        fits the remaining classes better than the original, which also learned the removed ones,
+        so the original's level stops it too early. Returns (steps taken, whether it is back)."""
         target = auto.original_accuracy - 100.0 / len(auto.retained_sample)  # one row of slack
 
         def restored() -> bool:
             return self._accuracy(auto.retained_sample) >= target
 
-        if restored():
+        if not auto.classes and restored():
             return 0, True
         budget = repair_budget(auto.planned_steps)
         if trainer_class is None and auto.forget_rows is not None:
@@ -818,7 +820,7 @@ class AmnesiacTrainer(Trainer):
             self.args,
             data_collator=self.data_collator,
             trainer_class=trainer_class,
-            stop_when=restored,
+            stop_when=None if auto.classes else restored,
             check_every=repair_check_every(budget),
         )
         return steps, steps < budget or restored()

@@ -431,8 +431,10 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
         for p in trainer.model.parameters():
             p.add_(torch.randn(p.shape, generator=noise).to(p.device) * p.abs().mean())
     repairs.clear()
-    trainer._repair_until_restored(auto)
+    auto.original_accuracy = 0.0  # back from the start: a class's repair still runs its whole budget
+    steps, back = trainer._repair_until_restored(auto)
     assert repairs and all(kind is None for kind in repairs)
+    assert steps == repair_budget(auto.planned_steps) and back
 
 
 def test_the_unseen_hold_on_a_text_model(tmp_path):
