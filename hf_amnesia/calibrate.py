@@ -15,9 +15,9 @@ the user has (docs/method.md, "Choosing the scale"; measurements in docs/results
   cannot predict a class it never saw.
 - **repair**: fine-tune on the retained rows until accuracy on a fixed sample of them is back at
   the original model's level, for at most a tenth of the training's steps (when whole classes go,
-  for all of them: Retrain fits the remaining classes better than the original did). If it is not
-  back by then, the subtraction was more than the repair can mend: start again from the original
-  weights with half the harm budget (at most `HARM_RETRIES` times). Unless whole classes go,
+  for all of them, which measured closer to Retrain). If it is not back by then, the
+  subtraction was more than the repair can mend: start again from the original weights with half
+  the harm budget (at most `HARM_RETRIES` times). Unless whole classes go,
   the repair's loss also holds the forget rows unseen (`unseen_targets`): no forget row may fit
   better than the held-out row of its rank, nor better than the subtraction left it; and a
   forget row whose nearest retained rows (in the original model's features) mostly carry

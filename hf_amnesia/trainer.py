@@ -371,7 +371,7 @@ class AmnesiacTrainer(Trainer):
         `eval_dataset`; rows never trained on, not the test data you report), counted on the
         classes the request keeps; then the model is fine-tuned on the retained training rows
         until their accuracy is back at the original's level (at most a tenth of the training's
-        steps), holding the forget rows unseen unless whole classes go: no forget row may fit
+        steps; for a whole class, all of them), holding the forget rows unseen unless whole classes go: no forget row may fit
         better than the held-out row of its rank, nor than the subtraction left it (so this
         repair needs `holdout` too). A request holding every training row of a label removes
         that class; this is detected from the labels, or stated with `whole_class=True/False`.
@@ -800,9 +800,9 @@ class AmnesiacTrainer(Trainer):
     def _repair_until_restored(self, auto: _AutoData, trainer_class=None) -> tuple[int, bool]:
         """Fine-tune on the retained rows until their accuracy is back at the original's, holding
         the forget rows unseen where `_prepare_unseen_hold` set that up (`trainer_class` replaces
-        the fine-tune's trainer). When whole classes go, the repair runs its whole budget: Retrain
-        fits the remaining classes better than the original, which also learned the removed ones,
-        so the original's level stops it too early. Returns (steps taken, whether it is back)."""
+        the fine-tune's trainer). When whole classes go, the repair runs its whole budget: stopped at
+        the original's level, class requests ended further from Retrain (docs/results.md, "A whole
+        class's repair runs its whole budget"). Returns (steps taken, whether it is back)."""
         target = auto.original_accuracy - 100.0 / len(auto.retained_sample)  # one row of slack
 
         def restored() -> bool:
