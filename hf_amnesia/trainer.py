@@ -371,9 +371,9 @@ class AmnesiacTrainer(Trainer):
         `eval_dataset`; rows never trained on, not the test data you report), counted on the
         classes the request keeps; then the model is fine-tuned on the retained training rows
         until their accuracy is back at the original's level (at most a tenth of the training's
-        steps; for a whole class, all of them), holding the forget rows unseen unless whole classes go: no forget row may fit
-        better than the held-out row of its rank, nor than the subtraction left it (so this
-        repair needs `holdout` too). A request holding every training row of a label removes
+        steps; for a whole class, all of them), holding the forget rows unseen unless whole
+        classes go: no forget row may fit better than the held-out row of its rank, nor than the
+        subtraction left it (so this repair needs `holdout` too). A request holding every training row of a label removes
         that class; this is detected from the labels, or stated with `whole_class=True/False`.
         An integer `repair_steps` fine-tunes for exactly that many steps.
 
