@@ -373,9 +373,10 @@ class AmnesiacTrainer(Trainer):
         until their accuracy is back at the original's level (at most a tenth of the training's
         steps; for a whole class, all of them), holding the forget rows unseen unless whole
         classes go: no forget row may fit better than the held-out row of its rank, nor than the
-        subtraction left it (so this repair needs `holdout` too). A request holding every training row of a label removes
-        that class; this is detected from the labels, or stated with `whole_class=True/False`.
-        An integer `repair_steps` fine-tunes for exactly that many steps.
+        subtraction left it (so this repair needs `holdout` too). A request holding every
+        training row of a label removes that class; this is detected from the labels, or stated
+        with `whole_class=True/False`. An integer `repair_steps` fine-tunes for exactly that many
+        steps.
 
         Without `save_to` only the weights in memory change (e.g. to compare methods on copies).
         With `save_to=DIR` the request is one transaction under the store's lock: the model is
