@@ -3,7 +3,9 @@
     python recipes/aggregate.py outputs/mnist_s0 outputs/mnist_s1 --out outputs/mnist_mean
 
 Writes aggregate.json (scenario -> method -> metric -> {mean, std, n}), aggregate.md (every
-metric) and gaps.md (Avg. Gap to Retrain, method x scenario).
+metric), gaps.md (Avg. Gap to Retrain, method x scenario) and, from two runs on, counts.md: the
+part of the Gap that counts forget rows, (|dUA| + |dMIA|) / 4, beside a reference that has
+Retrain's distribution of those counts but not its rows (`count_parts`).
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ METRICS = [
 
 
 def aggregate(runs: list[dict]) -> dict:
+    """scenario -> method -> metric -> {mean, std, n}; a method missing from some runs is
+    aggregated over the runs that have it (`n` says how many)."""
     out = {}
     for scenario in runs[0]:
         out[scenario] = {}
-        for method in runs[0][scenario]:
+        for method in dict.fromkeys(m for r in runs for m in r.get(scenario, {})):
             out[scenario][method] = {}
+            present = [r[scenario][method] for r in runs if method in r.get(scenario, {})]
             for metric in METRICS:
-                values = [r[scenario][method][metric] for r in runs if metric in r[scenario][method]]
+                values = [row[metric] for row in present if metric in row]
                 if values:
                     out[scenario][method][metric] = {
                         "mean": float(np.nanmean(values)),
@@ -78,6 +83,53 @@ def gap_table(agg: dict) -> str:
     return "\n".join(lines)
 
 
+ANOTHER_REQUEST = "retrain (another request)"
+
+
+def _count_part(method: dict, retrain: dict) -> float:
+    """The UA and MIA-efficacy terms of the Avg. Gap: (|dUA| + |dMIA|) / 4."""
+    return (abs(method["ua"] - retrain["ua"]) + abs(method["mia"] - retrain["mia"])) / 4
+
+
+def count_parts(runs: list[dict]) -> dict:
+    """scenario -> method -> mean over runs of `_count_part` against the run's Retrain.
+
+    UA and MIA-efficacy count forget rows, so on a small request they move by a whole row at a
+    time. Retrain with another seed errs largely on the same rows as Retrain; the reference
+    `ANOTHER_REQUEST` compares each run's Retrain with the Retrain of every other run (another
+    seed, so another request): Retrain's distribution of counts, independent of which rows were
+    requested. Needs at least two runs; methods or runs without UA and MIA are left out.
+    """
+    out = {}
+    for scenario in runs[0]:
+        with_retrain = [r[scenario] for r in runs if "ua" in r.get(scenario, {}).get("retrain", {})]
+        if len(with_retrain) < 2:
+            continue
+        out[scenario] = {
+            ANOTHER_REQUEST: float(
+                np.mean(
+                    [_count_part(a["retrain"], b["retrain"]) for a in with_retrain for b in with_retrain if a is not b]
+                )
+            )
+        }
+        for method in dict.fromkeys(m for r in with_retrain for m in r):
+            parts = [_count_part(r[method], r["retrain"]) for r in with_retrain if "ua" in r.get(method, {})]
+            if method != "retrain" and parts:
+                out[scenario][method] = float(np.mean(parts))
+    return out
+
+
+def count_table(parts: dict) -> str:
+    """(|dUA| + |dMIA|) / 4 to each run's Retrain, method x scenario (mean over the runs)."""
+    scenarios = list(parts)
+    methods = list(dict.fromkeys(m for s in scenarios for m in parts[s]))
+    lines = ["| method | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    for method in methods:
+        cells = [f"{parts[s][method]:.2f}" if method in parts[s] else "" for s in scenarios]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="output_dir of each run (holding results.json)")
@@ -98,6 +150,10 @@ def main(argv=None):
     with open(os.path.join(args.out, "gaps.md"), "w") as f:
         f.write(gaps + "\n")
     print(gaps)
+    parts = count_parts(runs)
+    if parts:
+        with open(os.path.join(args.out, "counts.md"), "w") as f:
+            f.write(count_table(parts) + "\n")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,44 @@ def test_aggregate_over_seeds(tmp_path):
     aggregate.main([str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(tmp_path / "agg")])
     agg = json.loads((tmp_path / "agg" / "aggregate.json").read_text())
     assert agg["class"]["retrain"]["avg_gap"] == {"mean": 2.0, "std": 1.0, "n": 2}
+
+
+def _recipes_module(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+    return importlib.import_module(name)
+
+
+def test_aggregate_keeps_a_method_missing_from_some_runs():
+    aggregate = _recipes_module("aggregate")
+    runs = [
+        {"random_1": {"retrain": {"avg_gap": 0.0}, "a": {"avg_gap": 1.0}}},
+        {"random_1": {"retrain": {"avg_gap": 0.0}, "a": {"avg_gap": 3.0}, "b": {"avg_gap": 5.0}}},
+    ]
+    agg = aggregate.aggregate(runs)
+    assert agg["random_1"]["a"]["avg_gap"] == {"mean": 2.0, "std": 1.0, "n": 2}
+    assert agg["random_1"]["b"]["avg_gap"] == {"mean": 5.0, "std": 0.0, "n": 1}
+
+
+def test_count_parts_against_hand_computed_values(tmp_path):
+    import json
+
+    aggregate = _recipes_module("aggregate")
+    runs = [  # (|dUA| + |dMIA|) / 4 of "m": (4 + 0) / 4 = 1 and (0 + 8) / 4 = 2
+        {"random_1": {"retrain": {"ua": 0.0, "mia": 10.0}, "m": {"ua": 4.0, "mia": 10.0}}},
+        {"random_1": {"retrain": {"ua": 8.0, "mia": 10.0}, "m": {"ua": 8.0, "mia": 18.0}}},
+    ]
+    parts = aggregate.count_parts(runs)
+    # Retrain of the other run, both ways: (|0 - 8| + |10 - 10|) / 4 = 2
+    assert parts == {"random_1": {aggregate.ANOTHER_REQUEST: 2.0, "m": 1.5}}
+    assert aggregate.count_parts(runs[:1]) == {}  # one run has no other request to compare with
+    for seed, run in enumerate(runs):
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "results.json").write_text(json.dumps(run))
+    aggregate.main([str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(tmp_path / "agg")])
+    table = (tmp_path / "agg" / "counts.md").read_text().splitlines()
+    assert table[2] == f"| {aggregate.ANOTHER_REQUEST} | 2.00 |"
+    assert table[3] == "| m | 1.50 |"
