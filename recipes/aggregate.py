@@ -69,18 +69,25 @@ def to_markdown(agg: dict, metrics=("ua", "ra", "ta", "mia", "avg_gap", "seconds
     return "\n".join(lines)
 
 
-def gap_table(agg: dict) -> str:
-    """Avg. Gap to Retrain, method x scenario (mean ± std over the runs)."""
-    scenarios = [s for s in agg if not s.startswith("sequence")]
-    methods = list(dict.fromkeys(m for s in scenarios for m in agg[s]))
+def _method_by_scenario(table: dict, scenarios: list[str], cell) -> str:
+    """A markdown table, a row per method of `table[scenario]`, a column per scenario; `cell`
+    formats table[scenario][method] (blank where a scenario lacks the method)."""
+    methods = list(dict.fromkeys(m for s in scenarios for m in table[s]))
     lines = ["| method | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
     for method in methods:
-        cells = []
-        for scenario in scenarios:
-            v = agg[scenario].get(method, {}).get("avg_gap")
-            cells.append("" if v is None else f"{v['mean']:.2f} ± {v['std']:.2f}")
+        cells = [cell(table[s][method]) if method in table[s] else "" for s in scenarios]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def gap_table(agg: dict) -> str:
+    """Avg. Gap to Retrain, method x scenario (mean ± std over the runs)."""
+
+    def cell(values: dict) -> str:
+        v = values.get("avg_gap")
+        return "" if v is None else f"{v['mean']:.2f} ± {v['std']:.2f}"
+
+    return _method_by_scenario(agg, [s for s in agg if not s.startswith("sequence")], cell)
 
 
 ANOTHER_REQUEST = "retrain (another request)"
@@ -121,13 +128,7 @@ def count_parts(runs: list[dict]) -> dict:
 
 def count_table(parts: dict) -> str:
     """(|dUA| + |dMIA|) / 4 to each run's Retrain, method x scenario (mean over the runs)."""
-    scenarios = list(parts)
-    methods = list(dict.fromkeys(m for s in scenarios for m in parts[s]))
-    lines = ["| method | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
-    for method in methods:
-        cells = [f"{parts[s][method]:.2f}" if method in parts[s] else "" for s in scenarios]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _method_by_scenario(parts, list(parts), lambda value: f"{value:.2f}")
 
 
 def main(argv=None):
