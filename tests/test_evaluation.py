@@ -66,22 +66,6 @@ def test_markdown_table_lists_every_row():
     assert table.splitlines()[3] == "| class | original | 1.23 |"
 
 
-def test_aggregate_over_seeds(tmp_path):
-    import json
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-    import aggregate
-
-    for seed, gap in [(0, 1.0), (1, 3.0)]:
-        (tmp_path / str(seed)).mkdir()
-        (tmp_path / str(seed) / "results.json").write_text(json.dumps({"class": {"retrain": {"avg_gap": gap}}}))
-    aggregate.main([str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(tmp_path / "agg")])
-    agg = json.loads((tmp_path / "agg" / "aggregate.json").read_text())
-    assert agg["class"]["retrain"]["avg_gap"] == {"mean": 2.0, "std": 1.0, "n": 2}
-
-
 def _recipes_module(name: str):
     import importlib
     import sys
@@ -89,6 +73,18 @@ def _recipes_module(name: str):
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
     return importlib.import_module(name)
+
+
+def test_aggregate_over_seeds(tmp_path):
+    import json
+
+    aggregate = _recipes_module("aggregate")
+    for seed, gap in [(0, 1.0), (1, 3.0)]:
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "results.json").write_text(json.dumps({"class": {"retrain": {"avg_gap": gap}}}))
+    aggregate.main([str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(tmp_path / "agg")])
+    agg = json.loads((tmp_path / "agg" / "aggregate.json").read_text())
+    assert agg["class"]["retrain"]["avg_gap"] == {"mean": 2.0, "std": 1.0, "n": 2}
 
 
 def test_aggregate_keeps_a_method_missing_from_some_runs():
