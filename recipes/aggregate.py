@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from hf_amnesia.evaluation import GAP_METRICS
+
 METRICS = [
     "ua",
     "ra",
@@ -94,8 +96,8 @@ ANOTHER_REQUEST = "retrain (another request)"
 
 
 def _count_part(method: dict, retrain: dict) -> float:
-    """The UA and MIA-efficacy terms of the Avg. Gap: (|dUA| + |dMIA|) / 4."""
-    return (abs(method["ua"] - retrain["ua"]) + abs(method["mia"] - retrain["mia"])) / 4
+    """The UA and MIA-efficacy terms of the Avg. Gap (`evaluation.avg_gap`): (|dUA| + |dMIA|) / 4."""
+    return sum(abs(method[m] - retrain[m]) for m in ("ua", "mia")) / len(GAP_METRICS)
 
 
 def count_parts(runs: list[dict]) -> dict:
