@@ -101,7 +101,8 @@ def _count_part(method: dict, retrain: dict) -> float:
 
 
 def count_parts(runs: list[dict]) -> dict:
-    """scenario -> method -> mean over runs of `_count_part` against the run's Retrain.
+    """scenario -> method -> {"mean": mean over runs of `_count_part` against the run's Retrain,
+    "n": how many runs}.
 
     UA and MIA-efficacy count forget rows, so on a small request they move by a whole row at a
     time. Retrain with another seed errs largely on the same rows as Retrain; the reference
@@ -114,23 +115,27 @@ def count_parts(runs: list[dict]) -> dict:
         with_retrain = [r[scenario] for r in runs if "ua" in r.get(scenario, {}).get("retrain", {})]
         if len(with_retrain) < 2:
             continue
-        out[scenario] = {
-            ANOTHER_REQUEST: float(
-                np.mean(
-                    [_count_part(a["retrain"], b["retrain"]) for a in with_retrain for b in with_retrain if a is not b]
-                )
-            )
-        }
+        pairs = [_count_part(a["retrain"], b["retrain"]) for a in with_retrain for b in with_retrain if a is not b]
+        out[scenario] = {ANOTHER_REQUEST: {"mean": float(np.mean(pairs)), "n": len(with_retrain)}}
         for method in dict.fromkeys(m for r in with_retrain for m in r):
             parts = [_count_part(r[method], r["retrain"]) for r in with_retrain if "ua" in r.get(method, {})]
             if method != "retrain" and parts:
-                out[scenario][method] = float(np.mean(parts))
+                out[scenario][method] = {"mean": float(np.mean(parts)), "n": len(parts)}
     return out
 
 
 def count_table(parts: dict) -> str:
-    """(|dUA| + |dMIA|) / 4 to each run's Retrain, method x scenario (mean over the runs)."""
-    return _method_by_scenario(parts, list(parts), lambda value: f"{value:.2f}")
+    """(|dUA| + |dMIA|) / 4 to each run's Retrain, method x scenario (mean over the runs). A method
+    that only some of a scenario's runs have says over how many runs its mean is."""
+
+    def cells(scenario: str) -> dict:
+        runs = parts[scenario][ANOTHER_REQUEST]["n"]
+        return {
+            method: f"{v['mean']:.2f}" + ("" if v["n"] == runs else f" ({v['n']} of {runs} runs)")
+            for method, v in parts[scenario].items()
+        }
+
+    return _method_by_scenario({s: cells(s) for s in parts}, list(parts), str)
 
 
 def main(argv=None):

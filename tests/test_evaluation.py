@@ -102,13 +102,25 @@ def test_count_parts_against_hand_computed_values(tmp_path):
     import json
 
     aggregate = _recipes_module("aggregate")
-    runs = [  # (|dUA| + |dMIA|) / 4 of "m": (4 + 0) / 4 = 1 and (0 + 8) / 4 = 2
-        {"random_1": {"retrain": {"ua": 0.0, "mia": 10.0}, "m": {"ua": 4.0, "mia": 10.0}}},
+    runs = [  # (|dUA| + |dMIA|) / 4 of "m": (4 + 0) / 4 = 1 and (0 + 8) / 4 = 2; "h" only in the first run
+        {
+            "random_1": {
+                "retrain": {"ua": 0.0, "mia": 10.0},
+                "m": {"ua": 4.0, "mia": 10.0},
+                "h": {"ua": 2.0, "mia": 8.0},
+            }
+        },
         {"random_1": {"retrain": {"ua": 8.0, "mia": 10.0}, "m": {"ua": 8.0, "mia": 18.0}}},
     ]
     parts = aggregate.count_parts(runs)
     # Retrain of the other run, both ways: (|0 - 8| + |10 - 10|) / 4 = 2
-    assert parts == {"random_1": {aggregate.ANOTHER_REQUEST: 2.0, "m": 1.5}}
+    assert parts == {
+        "random_1": {
+            aggregate.ANOTHER_REQUEST: {"mean": 2.0, "n": 2},
+            "m": {"mean": 1.5, "n": 2},
+            "h": {"mean": 1.0, "n": 1},
+        }
+    }
     assert aggregate.count_parts(runs[:1]) == {}  # one run has no other request to compare with
     for seed, run in enumerate(runs):
         (tmp_path / str(seed)).mkdir()
@@ -117,3 +129,4 @@ def test_count_parts_against_hand_computed_values(tmp_path):
     table = (tmp_path / "agg" / "counts.md").read_text().splitlines()
     assert table[2] == f"| {aggregate.ANOTHER_REQUEST} | 2.00 |"
     assert table[3] == "| m | 1.50 |"
+    assert table[4] == "| h | 1.00 (1 of 2 runs) |"
