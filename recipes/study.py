@@ -48,6 +48,7 @@ SCENARIOS = ("class", "random_10", "random_1", "canary_1")
 SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries
 # Candidate rules run only when named in --methods (not in `all`): each costs another repair.
 RESEARCH_METHODS = (
+    "retrain_third_seed",
     "hf_amnesia_unweighted",
     "hf_amnesia_plain_repair",
     "hf_amnesia_probe_slack",
@@ -308,6 +309,14 @@ def run_study(
                 "seconds": other_seconds,
                 "storage_bytes": 0,
                 "_model": other,
+            }
+        if wanted("retrain_third_seed"):  # a second noise-floor draw: does Retrain itself meet a target?
+            third, third_seconds = retrain(config.seed + 2, retain_set)
+            rows["retrain_third_seed"] = {
+                **evaluate(third),
+                "seconds": third_seconds,
+                "storage_bytes": 0,
+                "_model": third,
             }
         if wanted("original"):
             rows["original"] = {**evaluate(original), "seconds": 0.0, "storage_bytes": 0, "_model": original}

@@ -142,6 +142,8 @@ def test_mnist_recipe_from_idx_files(tmp_path):
     )
     results = _check_outputs(out, scenarios=("class", "sequence_5"), methods=METHODS | set(RESEARCH_METHODS))
     _check_sequence(results)
+    third, other = results["class"]["retrain_third_seed"], results["class"]["retrain_other_seed"]
+    assert third["dist_retrain"] > 0 and third["dist_retrain"] != other["dist_retrain"]  # a third seed, its own model
 
 
 def _check_sequence(results):
