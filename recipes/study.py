@@ -46,7 +46,8 @@ from hf_amnesia.trainer import finetune
 
 SCENARIOS = ("class", "random_10", "random_1", "canary_1")
 SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries
-# Candidate rules run only when named in --methods (not in `all`): each costs another repair.
+# Run only when named in --methods (not in `all`): candidate rules, each costing another repair,
+# and a third Retrain.
 RESEARCH_METHODS = (
     "retrain_third_seed",
     "hf_amnesia_unweighted",
@@ -302,22 +303,11 @@ def run_study(
         gold, gold_seconds = retrain(config.seed, retain_set)
         theta_gold = _flat(gold)
         rows["retrain"] = {**evaluate(gold), "seconds": gold_seconds, "storage_bytes": 0}
-        if wanted("retrain_other_seed"):
-            other, other_seconds = retrain(config.seed + 1, retain_set)
-            rows["retrain_other_seed"] = {
-                **evaluate(other),
-                "seconds": other_seconds,
-                "storage_bytes": 0,
-                "_model": other,
-            }
-        if wanted("retrain_third_seed"):  # a second noise-floor draw: does Retrain itself meet a target?
-            third, third_seconds = retrain(config.seed + 2, retain_set)
-            rows["retrain_third_seed"] = {
-                **evaluate(third),
-                "seconds": third_seconds,
-                "storage_bytes": 0,
-                "_model": third,
-            }
+        # the noise floor, and a second draw of it (does Retrain itself meet a target?)
+        for name, offset in (("retrain_other_seed", 1), ("retrain_third_seed", 2)):
+            if wanted(name):
+                other, other_seconds = retrain(config.seed + offset, retain_set)
+                rows[name] = {**evaluate(other), "seconds": other_seconds, "storage_bytes": 0, "_model": other}
         if wanted("original"):
             rows["original"] = {**evaluate(original), "seconds": 0.0, "storage_bytes": 0, "_model": original}
 
