@@ -525,13 +525,15 @@ class AmnesiacTrainer(Trainer):
 
         With both choices automatic, a subtraction the bounded repair cannot mend is undone and tried
         again from the original weights with half the harm budget, at most HARM_RETRIES times; a halved
-        budget that gives no smaller scale is skipped, as it would repeat the same attempt. When the
-        attempt that ends the search brings a removed class back, the previous (unmended) attempt is
-        kept instead if it kept the class forgotten."""
+        budget that gives no smaller scale is skipped, as it would repeat the same attempt. When an
+        attempt brings a removed class back and an earlier (unmended) attempt kept it forgotten, the
+        search stops there and keeps the latest such attempt: smaller scales only leave more of
+        the class."""
         trace: list[tuple[float, float]] = []
         both_auto = scale == "auto" and repair_steps == "auto" and len(todo) > 0
         limits = [max_harm / 2**k for k in range(HARM_RETRIES + 1)] if both_auto else [max_harm]
         failed = None  # (scale, repair steps, weights, class accuracy or None) of the last attempt whose repair failed
+        kept = None  # the same, of the last failed attempt that kept the removed classes forgotten
         for attempt, limit in enumerate(limits):
             last = attempt == len(limits) - 1
             _restore(params, snapshot)
@@ -563,8 +565,8 @@ class AmnesiacTrainer(Trainer):
             elif repair_steps:
                 self._repair(int(repair_steps))
             recognised = self._recognised_class(auto, steps)
-            if (restored or last) and _class_back(recognised) and failed is not None and not _class_back(failed[3]):
-                _restore(params, failed[2])
+            if _class_back(recognised) and kept is not None:
+                _restore(params, kept[2])
                 logger.warning(
                     "forget: the repair at scale %.3g brought the removed class back (%.1f %% of its sampled "
                     "training rows classified correctly); the model keeps the earlier attempt at scale %.3g, "
@@ -572,9 +574,9 @@ class AmnesiacTrainer(Trainer):
                     "Check it on held-out data.",
                     chosen,
                     recognised,
-                    failed[0],
+                    kept[0],
                 )
-                return failed[0], int(failed[1]), trace
+                return kept[0], int(kept[1]), trace
             if restored or last:
                 if not restored:
                     logger.warning(
@@ -586,6 +588,8 @@ class AmnesiacTrainer(Trainer):
                 self._warn_if_class_is_back(auto, recognised, steps)
                 return chosen, int(steps), trace
             failed = (chosen, steps, [p.detach().clone() for p in params], recognised)
+            if not _class_back(recognised):
+                kept = failed
             logger.warning(
                 "forget: the repair did not bring retained accuracy back within its budget at scale %.3g "
                 "(max_harm %.3g); trying again from the original weights with max_harm %.3g.",

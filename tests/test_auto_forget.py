@@ -553,3 +553,38 @@ def test_an_attempt_that_brings_the_class_back_yields_to_an_earlier_one_that_kep
         report = trainer.forget(class_ids)
     assert report.scale == 0.75 and report.repair_steps == 3
     assert "brought the removed class back" not in caplog.text
+
+
+def test_the_search_stops_at_the_first_attempt_that_brings_the_class_back(trained, monkeypatch, caplog):
+    """Attempts 1 and 2 run out of repair budget with the class forgotten, attempt 3 (a smaller
+    scale) brings it back: forget makes no fourth attempt and keeps attempt 2, the latest that
+    kept the class forgotten, exactly as made directly."""
+    trainer, train, holdout, theta = trained
+    labels = np.asarray(train["labels"])
+    class_ids = np.asarray(train["dataset_id"])[labels == 1]
+    limits = []
+    outcomes = iter([(7, False), (6, False), (5, False), (3, True)])  # (repair steps, restored); weights untouched
+    recognised = iter([0.0, 0.0, 6.4, 7.2])  # the class after each attempt's repair
+
+    def choice_by_harm(self, params, snapshot, update, auto, max_harm, keep_fraction):
+        limits.append(max_harm)
+        return ScaleChoice(scale=max_harm / 40.0 * 1.5, trace=[])
+
+    monkeypatch.setattr(trainer_module, "kept_share_weights", lambda m: torch.ones(m.num_params, dtype=torch.float64))
+    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", choice_by_harm)
+    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", lambda self, auto: next(outcomes))
+    monkeypatch.setattr(
+        AmnesiacTrainer, "_recognised_class", lambda self, auto, steps: next(recognised) if steps else None
+    )
+    _reset(trainer, theta)
+    with caplog.at_level(logging.WARNING):
+        report = trainer.forget(class_ids)
+    kept = _weights(trainer)
+    assert limits == [40.0, 20.0, 10.0]
+    assert report.scale == 0.75 and report.repair_steps == 6
+    assert "the repair at scale 0.375 brought the removed class back" in caplog.text
+    assert "keeps the earlier attempt at scale 0.75" in caplog.text
+    assert "the class is not forgotten" not in caplog.text
+    _reset(trainer, theta)
+    trainer.forget(class_ids, scale=0.75, repair_steps=0)  # attempt 2, made directly
+    assert torch.equal(_weights(trainer), kept)
