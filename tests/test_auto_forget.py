@@ -515,18 +515,15 @@ def test_auto_refuses_without_its_data_and_changes_nothing(trained, tmp_path):
     assert report.scale == 1.0 and report.repair_steps == 0 and report.calibration == []
 
 
-def test_an_attempt_that_brings_the_class_back_yields_to_an_earlier_one_that_kept_it_forgotten(
-    trained, monkeypatch, caplog
-):
-    """Attempt 1's repair runs out of budget with the class still forgotten; attempt 2 (half the
-    harm) is repaired but brings the class back: forget keeps attempt 1, exactly as made directly."""
-    trainer, train, holdout, theta = trained
-    labels = np.asarray(train["labels"])
-    class_ids = np.asarray(train["dataset_id"])[labels == 1]
-    outcomes = iter([(7, False), (3, True)])  # (repair steps, restored) per attempt; weights untouched
-    recognised = iter([0.0, 50.0])  # the class after each attempt's repair: forgotten, then back
+def _script_attempts(monkeypatch, outcomes, recognised, limits=None):
+    """Script forget's attempts on unweighted tensors: scale 1.5 * max_harm / 40, each repair
+    returns the next (steps, restored) of `outcomes` without touching the weights, and the class
+    check after it the next of `recognised`; every max_harm tried is appended to `limits`."""
+    outcomes, recognised = iter(outcomes), iter(recognised)
 
     def choice_by_harm(self, params, snapshot, update, auto, max_harm, keep_fraction):
+        if limits is not None:
+            limits.append(max_harm)
         return ScaleChoice(scale=max_harm / 40.0 * 1.5, trace=[])
 
     monkeypatch.setattr(trainer_module, "kept_share_weights", lambda m: torch.ones(m.num_params, dtype=torch.float64))
@@ -535,6 +532,18 @@ def test_an_attempt_that_brings_the_class_back_yields_to_an_earlier_one_that_kep
     monkeypatch.setattr(
         AmnesiacTrainer, "_recognised_class", lambda self, auto, steps: next(recognised) if steps else None
     )
+
+
+def test_an_attempt_that_brings_the_class_back_yields_to_an_earlier_one_that_kept_it_forgotten(
+    trained, monkeypatch, caplog
+):
+    """Attempt 1's repair runs out of budget with the class still forgotten; attempt 2 (half the
+    harm) is repaired but brings the class back: forget keeps attempt 1, exactly as made directly."""
+    trainer, train, holdout, theta = trained
+    labels = np.asarray(train["labels"])
+    class_ids = np.asarray(train["dataset_id"])[labels == 1]
+    # the class after each attempt's repair: forgotten, then back
+    _script_attempts(monkeypatch, outcomes=[(7, False), (3, True)], recognised=[0.0, 50.0])
     _reset(trainer, theta)
     with caplog.at_level(logging.WARNING):
         report = trainer.forget(class_ids)
@@ -546,7 +555,7 @@ def test_an_attempt_that_brings_the_class_back_yields_to_an_earlier_one_that_kep
     assert torch.equal(_weights(trainer), kept)
 
     # with no earlier attempt that kept the class forgotten, the repaired attempt stays, with the warning
-    outcomes, recognised = iter([(7, False), (3, True)]), iter([30.0, 50.0])
+    _script_attempts(monkeypatch, outcomes=[(7, False), (3, True)], recognised=[30.0, 50.0])
     _reset(trainer, theta)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -563,19 +572,8 @@ def test_the_search_stops_at_the_first_attempt_that_brings_the_class_back(traine
     labels = np.asarray(train["labels"])
     class_ids = np.asarray(train["dataset_id"])[labels == 1]
     limits = []
-    outcomes = iter([(7, False), (6, False), (5, False), (3, True)])  # (repair steps, restored); weights untouched
-    recognised = iter([0.0, 0.0, 6.4, 7.2])  # the class after each attempt's repair
-
-    def choice_by_harm(self, params, snapshot, update, auto, max_harm, keep_fraction):
-        limits.append(max_harm)
-        return ScaleChoice(scale=max_harm / 40.0 * 1.5, trace=[])
-
-    monkeypatch.setattr(trainer_module, "kept_share_weights", lambda m: torch.ones(m.num_params, dtype=torch.float64))
-    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", choice_by_harm)
-    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", lambda self, auto: next(outcomes))
-    monkeypatch.setattr(
-        AmnesiacTrainer, "_recognised_class", lambda self, auto, steps: next(recognised) if steps else None
-    )
+    outcomes = [(7, False), (6, False), (5, False), (3, True)]
+    _script_attempts(monkeypatch, outcomes, recognised=[0.0, 0.0, 6.4, 7.2], limits=limits)
     _reset(trainer, theta)
     with caplog.at_level(logging.WARNING):
         report = trainer.forget(class_ids)
