@@ -59,6 +59,7 @@ RESEARCH_METHODS = (
     "hf_amnesia_quantile_live",
     "hf_amnesia_anchor",
     "hf_amnesia_no_neighbours",
+    "hf_amnesia_ceil10",
 )
 LIVE_REFRESH = 8  # steps between two measurements of the held-out losses (hf_amnesia_quantile_live)
 
@@ -328,6 +329,7 @@ def run_study(
             ("hf_amnesia_plain_repair", {"patch": _plain_repair}),
             ("hf_amnesia_no_neighbours", {"patch": _no_neighbours}),
             ("hf_amnesia_probe_slack", {"patch": _probe_slack}),
+            ("hf_amnesia_ceil10", {"patch": _ceiling_10}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [
@@ -444,24 +446,31 @@ def run_study(
         return rows
 
     def run_sequence() -> dict:
-        """Five requests one after another on one model, each a fifth of the canaries, with the defaults."""
-        candidate = copy.deepcopy(original)
-        serving = forgetter(candidate)
+        """Five requests one after another on one model, each a fifth of the canaries, with the
+        defaults (and `hf_amnesia_ceil10` on a second copy when named)."""
+        variants = {"hf_amnesia": nullcontext}
+        if wanted("hf_amnesia_ceil10"):
+            variants["hf_amnesia_ceil10"] = _ceiling_10
+        candidates = {name: copy.deepcopy(original) for name in variants}
+        servers = {name: forgetter(model_k) for name, model_k in candidates.items()}
         rows: dict[str, dict] = {}
         for step, request in enumerate(np.array_split(planned[SEQUENCE], 5), start=1):
-            began = time.perf_counter()
-            report = serving.forget(request)
-            seconds = time.perf_counter() - began
+            reports = {}
+            for name, patch in variants.items():
+                began = time.perf_counter()
+                with patch():
+                    reports[name] = (servers[name].forget(request), time.perf_counter() - began)
             forget_set, retain_set, test_set = split(np.concatenate(np.array_split(planned[SEQUENCE], 5)[:step]), "")
             gold, _ = retrain(config.seed, retain_set)
             measured = {}
-            for name, model_k in (("retrain", gold), ("original", original), ("hf_amnesia", candidate)):
+            for name, model_k in (("retrain", gold), ("original", original), *candidates.items()):
                 measured[name] = unlearning_metrics(
                     model_k, forget_set, retain_set, test_set, label_column, seed=config.seed
                 )
             for name, values in measured.items():
                 rows[f"{name}@{step}"] = {**values, "avg_gap": avg_gap(values, measured["retrain"])}
-            rows[f"hf_amnesia@{step}"].update(seconds=seconds, scale=report.scale, repair_steps=report.repair_steps)
+            for name, (report, seconds) in reports.items():
+                rows[f"{name}@{step}"].update(seconds=seconds, scale=report.scale, repair_steps=report.repair_steps)
             log(f"{SEQUENCE}: request {step}: Avg. Gap {rows[f'hf_amnesia@{step}']['avg_gap']:.2f}")
         return rows
 
@@ -514,6 +523,18 @@ def _no_neighbours():
         yield
     finally:
         amnesia_trainer.unsupported_by_neighbours = saved
+
+
+@contextmanager
+def _ceiling_10():
+    """forget's defaults with the scale search's ceiling at 1 / sqrt(p) instead of 4 / sqrt(p): the
+    norm of the request's whole change (`calibrate.scale_ceiling`), a candidate."""
+    saved = amnesia_trainer.scale_ceiling
+    amnesia_trainer.scale_ceiling = lambda keep_fraction: 1.0 / math.sqrt(keep_fraction)
+    try:
+        yield
+    finally:
+        amnesia_trainer.scale_ceiling = saved
 
 
 @contextmanager
