@@ -60,6 +60,7 @@ RESEARCH_METHODS = (
     "hf_amnesia_anchor",
     "hf_amnesia_no_neighbours",
     "hf_amnesia_ceil10",
+    "hf_amnesia_ceil_memorised",
 )
 LIVE_REFRESH = 8  # steps between two measurements of the held-out losses (hf_amnesia_quantile_live)
 
@@ -330,6 +331,7 @@ def run_study(
             ("hf_amnesia_no_neighbours", {"patch": _no_neighbours}),
             ("hf_amnesia_probe_slack", {"patch": _probe_slack}),
             ("hf_amnesia_ceil10", {"patch": _ceiling_10}),
+            ("hf_amnesia_ceil_memorised", {"patch": _ceiling_by_memorised}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [
@@ -447,10 +449,11 @@ def run_study(
 
     def run_sequence() -> dict:
         """Five requests one after another on one model, each a fifth of the canaries, with the
-        defaults (and `hf_amnesia_ceil10` on a second copy when named)."""
+        defaults (and the ceiling candidates, each on a copy of its own, when named)."""
         variants = {"hf_amnesia": nullcontext}
-        if wanted("hf_amnesia_ceil10"):
-            variants["hf_amnesia_ceil10"] = _ceiling_10
+        for name, patch in (("hf_amnesia_ceil10", _ceiling_10), ("hf_amnesia_ceil_memorised", _ceiling_by_memorised)):
+            if wanted(name):
+                variants[name] = patch
         candidates = {name: copy.deepcopy(original) for name in variants}
         servers = {name: forgetter(model_k) for name, model_k in candidates.items()}
         rows: dict[str, dict] = {}
@@ -535,6 +538,29 @@ def _ceiling_10():
         yield
     finally:
         amnesia_trainer.scale_ceiling = saved
+
+
+@contextmanager
+def _ceiling_by_memorised():
+    """A candidate: the ceiling at 1 / sqrt(p), unless at least half of the request's rows are flagged
+    by the neighbour check (memorised rows, whose retained neighbours outvote their label): then
+    the default 4 / sqrt(p)."""
+    choose, default = AmnesiacTrainer._choose_scale, amnesia_trainer.scale_ceiling
+
+    def choose_with_ceiling(self, params, snapshot, update, auto, max_harm, keep_fraction):
+        flags = auto.unsupported
+        memorised = flags is not None and len(flags) > 0 and float(np.mean(flags)) >= 0.5
+        amnesia_trainer.scale_ceiling = default if memorised else (lambda p: 1.0 / math.sqrt(p))
+        try:
+            return choose(self, params, snapshot, update, auto, max_harm, keep_fraction)
+        finally:
+            amnesia_trainer.scale_ceiling = default
+
+    AmnesiacTrainer._choose_scale = choose_with_ceiling
+    try:
+        yield
+    finally:
+        AmnesiacTrainer._choose_scale = choose
 
 
 @contextmanager
