@@ -533,11 +533,16 @@ def _ceiling_10():
     """forget's defaults with the scale search's ceiling at 1 / sqrt(p) instead of 4 / sqrt(p): the
     norm of the request's whole change (`calibrate.scale_ceiling`), a candidate."""
     saved = amnesia_trainer.scale_ceiling
-    amnesia_trainer.scale_ceiling = lambda keep_fraction: 1.0 / math.sqrt(keep_fraction)
+    amnesia_trainer.scale_ceiling = _whole_change_ceiling
     try:
         yield
     finally:
         amnesia_trainer.scale_ceiling = saved
+
+
+def _whole_change_ceiling(keep_fraction: float) -> float:
+    """1 / sqrt(p): the scale at which the kept entries carry the norm of the request's whole change."""
+    return 1.0 / math.sqrt(keep_fraction)
 
 
 @contextmanager
@@ -550,7 +555,7 @@ def _ceiling_by_memorised():
     def choose_with_ceiling(self, params, snapshot, update, auto, max_harm, keep_fraction):
         flags = auto.unsupported
         memorised = flags is not None and len(flags) > 0 and float(np.mean(flags)) >= 0.5
-        amnesia_trainer.scale_ceiling = default if memorised else (lambda p: 1.0 / math.sqrt(p))
+        amnesia_trainer.scale_ceiling = default if memorised else _whole_change_ceiling
         try:
             return choose(self, params, snapshot, update, auto, max_harm, keep_fraction)
         finally:
