@@ -17,7 +17,9 @@ the user has (docs/method.md, "Choosing the scale"; measurements in docs/results
   the original model's level, for at most a tenth of the training's steps (when whole classes go,
   for all of them, which measured closer to Retrain). If it is not back by then, the
   subtraction was more than the repair can mend: start again from the original weights with half
-  the harm budget (at most `HARM_RETRIES` times). Unless whole classes go,
+  the harm budget (at most `HARM_RETRIES` times). If it is back but a removed class is
+  recognisable again, start again from the original weights at twice the scale (at most
+  `CLASS_RETRIES` times, never above the ceiling). Unless whole classes go,
   the repair's loss also holds the forget rows unseen (`unseen_targets`): no forget row may fit
   better than the held-out row of its rank, nor better than the subtraction left it; and a
   forget row whose nearest retained rows (in the original model's features) mostly carry
@@ -38,6 +40,7 @@ REPAIR_SHARE = 0.1  # the repair runs for at most this share of the training's o
 RETAINED_SAMPLE = 1024  # retained rows whose accuracy decides when the repair is done
 CLASS_ACCURACY_TARGET = 1.0  # a removed class counts as forgotten at <= 1 % accuracy on its rows
 HARM_RETRIES = 3  # halvings of max_harm tried when the repair cannot mend a subtraction within its budget
+CLASS_RETRIES = 3  # doublings of the scale tried when a repair that mended the subtraction brought a removed class back
 NEIGHBOURS = 10  # retained rows that vote on whether a forget row's label is supported by the rest of the data
 NEIGHBOUR_ROWS = 20000  # at most this many retained rows (a seeded sample) are candidate neighbours
 

@@ -28,6 +28,7 @@ from transformers.utils import logging
 from .attribution import open_tail_bound
 from .calibrate import (
     CLASS_ACCURACY_TARGET,
+    CLASS_RETRIES,
     HARM_RETRIES,
     NEIGHBOUR_ROWS,
     accuracy_points,
@@ -528,7 +529,8 @@ class AmnesiacTrainer(Trainer):
         budget that gives no smaller scale is skipped, as it would repeat the same attempt. When an
         attempt brings a removed class back and an earlier (unmended) attempt kept it forgotten, the
         search stops there and keeps the latest such attempt: smaller scales only leave more of
-        the class."""
+        the class. When a mended attempt brings the class back, `_push_class_out` tries larger
+        scales."""
         trace: list[tuple[float, float]] = []
         both_auto = scale == "auto" and repair_steps == "auto" and len(todo) > 0
         limits = [max_harm / 2**k for k in range(HARM_RETRIES + 1)] if both_auto else [max_harm]
@@ -585,6 +587,10 @@ class AmnesiacTrainer(Trainer):
                         "on the original weights with a smaller max_harm or a fixed repair_steps.",
                         chosen,
                     )
+                elif both_auto and _class_back(recognised):
+                    return self._push_class_out(
+                        params, snapshot, update, chosen, steps, recognised, auto, keep_fraction, trace
+                    )
                 self._warn_if_class_is_back(auto, recognised, steps)
                 return chosen, int(steps), trace
             failed = (chosen, steps, [p.detach().clone() for p in params], recognised)
@@ -598,6 +604,40 @@ class AmnesiacTrainer(Trainer):
                 limits[attempt + 1],
             )
         raise AssertionError("unreachable: the last attempt always returns")
+
+    def _push_class_out(self, params, snapshot, update, scale, steps, recognised, auto, keep_fraction, trace):
+        """The repair brought retained accuracy back, and a removed class with it. Try again from the
+        original weights at twice the scale, at most CLASS_RETRIES times and never above the ceiling,
+        and keep the first attempt that leaves the class forgotten (warned if its repair did not bring
+        retained accuracy back); if none does, keep the first attempt, warned. Returns as
+        `_subtract_and_repair` does."""
+        first = (scale, steps, [p.detach().clone() for p in params], recognised)
+        ceiling = scale_ceiling(keep_fraction)
+        for _ in range(CLASS_RETRIES):
+            if scale >= ceiling:
+                break
+            scale = min(2.0 * scale, ceiling)
+            logger.warning(
+                "forget: the repair brought the removed class back (%.1f %% of its sampled training rows "
+                "classified correctly); trying again from the original weights at scale %.3g.",
+                recognised,
+                scale,
+            )
+            _restore(params, snapshot)
+            apply_update(params, update, scale)
+            steps, restored = self._repair_until_restored(auto)
+            recognised = self._recognised_class(auto, steps)
+            if not _class_back(recognised):
+                if not restored:
+                    logger.warning(
+                        "forget: the model keeps the attempt at scale %.3g, which keeps the class forgotten but "
+                        "whose repair did not bring retained accuracy back. Check it on held-out data.",
+                        scale,
+                    )
+                return scale, int(steps), trace
+        _restore(params, first[2])
+        self._warn_if_class_is_back(auto, first[3], first[1])
+        return first[0], int(first[1]), trace
 
     def _recognised_class(self, auto: _AutoData | None, repair_steps) -> float | None:
         """Accuracy (%) on the removed classes' sampled training rows after a repair; None when no

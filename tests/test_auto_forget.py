@@ -12,6 +12,7 @@ from tiny import TinyCNN, image_dataset, text_dataset, tiny_bert, tiny_config
 from hf_amnesia import AmnesiacTrainer, ForgetRequestError, StoreReader
 from hf_amnesia import trainer as trainer_module
 from hf_amnesia.calibrate import (
+    CLASS_RETRIES,
     HARM_RETRIES,
     ScaleChoice,
     forgotten_classes,
@@ -554,14 +555,49 @@ def test_an_attempt_that_brings_the_class_back_yields_to_an_earlier_one_that_kep
     trainer.forget(class_ids, scale=1.5, repair_steps=0)  # attempt 1, made directly (its repair changed nothing)
     assert torch.equal(_weights(trainer), kept)
 
-    # with no earlier attempt that kept the class forgotten, the repaired attempt stays, with the warning
-    _script_attempts(monkeypatch, outcomes=[(7, False), (3, True)], recognised=[30.0, 50.0])
+    # with no earlier attempt that kept the class forgotten, the repaired attempt is tried again at
+    # twice the scale (below); when every doubling brings the class back too, it stays, with the warning
+    _script_attempts(monkeypatch, outcomes=[(7, False)] + [(3, True)] * 4, recognised=[30.0, 50.0, 40.0, 40.0, 40.0])
     _reset(trainer, theta)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         report = trainer.forget(class_ids)
     assert report.scale == 0.75 and report.repair_steps == 3
-    assert "brought the removed class back" not in caplog.text
+    assert "keeps the earlier attempt" not in caplog.text and "the class is not forgotten" in caplog.text
+    assert [f"at scale {s:.3g}." in caplog.text for s in (1.5, 3.0, 6.0)] == [True] * CLASS_RETRIES
+
+
+def test_a_class_the_mended_repair_brings_back_is_tried_again_at_twice_the_scale(trained, monkeypatch, caplog):
+    """Attempt 1's repair brings retained accuracy back and the removed class with it: forget tries
+    again from the original weights at twice the scale until the class stays forgotten, and keeps
+    that attempt, exactly as made directly, even though its repair ran out of budget (warned)."""
+    trainer, train, holdout, theta = trained
+    labels = np.asarray(train["labels"])
+    class_ids = np.asarray(train["dataset_id"])[labels == 1]
+    _script_attempts(monkeypatch, outcomes=[(3, True), (4, True), (5, False)], recognised=[50.0, 20.0, 0.0])
+    _reset(trainer, theta)
+    with caplog.at_level(logging.WARNING):
+        report = trainer.forget(class_ids)
+    kept = _weights(trainer)
+    assert report.scale == 6.0 and report.repair_steps == 5
+    assert "trying again from the original weights at scale 3." in caplog.text
+    assert "keeps the attempt at scale 6, which keeps the class forgotten" in caplog.text
+    assert "the class is not forgotten" not in caplog.text
+    _reset(trainer, theta)
+    trainer.forget(class_ids, scale=6.0, repair_steps=0)  # the doubled attempt, made directly
+    assert torch.equal(_weights(trainer), kept)
+
+    # never above the ceiling: from 5, one try at the ceiling (8.94 at keep_fraction 0.2), then the first attempt stays
+    ceiling = scale_ceiling(0.2)
+    _script_attempts(monkeypatch, outcomes=[(3, True)] * 2, recognised=[50.0, 50.0])
+    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", lambda *args: ScaleChoice(scale=5.0, trace=[]))
+    _reset(trainer, theta)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        report = trainer.forget(class_ids)
+    assert math.isclose(report.scale, 5.0) and f"at scale {ceiling:.3g}." in caplog.text
+    assert caplog.text.count("trying again from the original weights at scale") == 1
+    assert "the class is not forgotten" in caplog.text
 
 
 def test_the_search_stops_at_the_first_attempt_that_brings_the_class_back(trained, monkeypatch, caplog):
