@@ -544,7 +544,6 @@ class AmnesiacTrainer(Trainer):
                 choice = self._choose_scale(params, snapshot, update, auto, limit, keep_fraction)
                 chosen = choice.scale
                 trace.extend(choice.trace)
-                _restore(params, snapshot)
             chosen = float(chosen)
             if failed is not None and chosen >= failed[0]:  # no smaller scale (e.g. the ceiling, or a class's
                 if not last:  # fallback scale): no need to repeat that attempt
@@ -557,10 +556,8 @@ class AmnesiacTrainer(Trainer):
                 )
                 self._warn_if_class_is_back(auto, failed[3], failed[1])  # measured on these weights
                 return failed[0], int(failed[1]), trace
-            apply_update(params, update, chosen)
+            self._subtract(params, snapshot, update, chosen, auto)
             self._set_forgotten(sorted(done | set(todo.tolist())))
-            if auto is not None and auto.forget_rows is not None:
-                auto.after_subtraction = self._row_losses(auto.forget_rows)
             steps, restored = repair_steps, True
             if repair_steps == "auto":
                 steps, restored = self._repair_until_restored(auto) if len(todo) else (0, True)
@@ -605,6 +602,14 @@ class AmnesiacTrainer(Trainer):
             )
         raise AssertionError("unreachable: the last attempt always returns")
 
+    def _subtract(self, params, snapshot, update, scale: float, auto: _AutoData | None) -> None:
+        """The original weights (`snapshot`) minus `scale * update`, and the forget rows' losses right
+        after it, where the repair holds them (the cap of `unseen_targets`)."""
+        _restore(params, snapshot)
+        apply_update(params, update, scale)
+        if auto is not None and auto.forget_rows is not None:
+            auto.after_subtraction = self._row_losses(auto.forget_rows)
+
     def _push_class_out(self, params, snapshot, update, scale, steps, recognised, auto, keep_fraction, trace):
         """The repair brought retained accuracy back, and a removed class with it. Try again from the
         original weights at twice the scale, at most CLASS_RETRIES times and never above the ceiling,
@@ -623,8 +628,7 @@ class AmnesiacTrainer(Trainer):
                 recognised,
                 scale,
             )
-            _restore(params, snapshot)
-            apply_update(params, update, scale)
+            self._subtract(params, snapshot, update, scale, auto)
             steps, restored = self._repair_until_restored(auto)
             recognised = self._recognised_class(auto, steps)
             if not _class_back(recognised):
