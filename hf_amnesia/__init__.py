@@ -1,10 +1,8 @@
 """hf_amnesia: per-sample amnesiac unlearning for Hugging Face training."""
 
-__version__ = "0.1.0"
-
-from .config import AmnesiaConfig  # noqa: E402
-from .data import ids_of_label  # noqa: E402
-from .errors import (  # noqa: E402
+from .config import AmnesiaConfig
+from .data import ids_of_label
+from .errors import (
     AmnesiaError,
     ConfigError,
     ForgetRequestError,
@@ -13,9 +11,10 @@ from .errors import (  # noqa: E402
     UnsupportedOptimizerError,
     UnsupportedTrainingError,
 )
-from .forget import ForgetReport  # noqa: E402
-from .store import StoreReader  # noqa: E402
-from .trainer import AmnesiacTrainer, influence_holders, last_complete_checkpoint  # noqa: E402
+from .forget import ForgetReport
+from .store import StoreReader
+from .trainer import AmnesiacTrainer, influence_holders, last_complete_checkpoint
+from .version import __version__
 
 __all__ = [
     "AmnesiaConfig",

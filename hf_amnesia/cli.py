@@ -82,7 +82,7 @@ def cmd_forget(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .journal import read_audit
+    from .store.journal import read_audit
 
     records = read_audit(args.store)
     if args.json:

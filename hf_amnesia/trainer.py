@@ -59,10 +59,12 @@ from .errors import (
     UnsupportedOptimizerError,
     UnsupportedTrainingError,
 )
-from .evaluation import folder_bytes
 from .faults import crash_point
 from .forget import ForgetReport, apply_update, forget_update, kept_share_weights, normalize_ids
-from .journal import (
+from .layout import ParamLayout
+from .recorder import Recorder
+from .store import Manifest, StoreReader, folder_bytes, recording_marker
+from .store.journal import (
     audit_record,
     commit,
     prepare,
@@ -73,9 +75,6 @@ from .journal import (
     store_lock,
     weights_fingerprint,
 )
-from .layout import ParamLayout
-from .recorder import Recorder
-from .store import Manifest, StoreReader, recording_marker
 
 try:  # datasets is a dependency, but the trainer also takes torch datasets
     import datasets

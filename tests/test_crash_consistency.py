@@ -16,7 +16,7 @@ from tiny import text_dataset, tiny_bert, tiny_config
 from transformers import BertForSequenceClassification
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader
-from hf_amnesia.journal import JOURNAL, read_audit, recover, weights_fingerprint
+from hf_amnesia.store.journal import JOURNAL, read_audit, recover, weights_fingerprint
 
 SCRIPTS = Path(__file__).parent / "scripts"
 TOL = 1e-6
@@ -216,7 +216,7 @@ def test_audit_log_and_cli(tmp_path, trained_bert, capsys):
 
 
 def test_two_jobs_on_one_store_are_serialised(tmp_path, trained_bert):
-    from hf_amnesia.journal import store_lock
+    from hf_amnesia.store.journal import store_lock
 
     root, _ = trained_bert
     model_dir, store = _copy_case(root, tmp_path)

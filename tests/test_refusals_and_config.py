@@ -17,7 +17,7 @@ from hf_amnesia import (
     UnsupportedOptimizerError,
     UnsupportedTrainingError,
 )
-from hf_amnesia.journal import weights_fingerprint
+from hf_amnesia.store.journal import weights_fingerprint
 
 
 def _args(tmp_path, **kw):

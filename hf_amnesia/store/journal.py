@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import StoreError
-from .store import Manifest, ShardState, _private_open, purge_rows, write_atomic
+from ..errors import StoreError
+from . import Manifest, ShardState, _private_open, purge_rows, write_atomic
 
 JOURNAL = "forget-journal.json"
 AUDIT = "audit.jsonl"

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import StoreError
-from .faults import crash_point
-from .layout import ParamLayout
+from ..errors import StoreError
+from ..faults import crash_point
+from ..layout import ParamLayout
+from ..version import __version__
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -202,6 +202,11 @@ def _decode(raw: np.ndarray, dtype: str) -> torch.Tensor:
 
 def _raw_dtype(dtype: str) -> np.dtype:
     return np.dtype("<f4") if dtype == "float32" else np.dtype("<u2")
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file under a folder (what a method keeps on disk)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def _private_open(path: Path, flags: int) -> int:
