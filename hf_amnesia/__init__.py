@@ -11,7 +11,7 @@ from .errors import (
     UnsupportedOptimizerError,
     UnsupportedTrainingError,
 )
-from .forget import ForgetReport
+from .forgetting import ForgetConfig, ForgetReport
 from .store import StoreReader
 from .trainer import AmnesiacTrainer, influence_holders, last_complete_checkpoint
 from .version import __version__
@@ -21,6 +21,7 @@ __all__ = [
     "AmnesiaError",
     "AmnesiacTrainer",
     "ConfigError",
+    "ForgetConfig",
     "ForgetReport",
     "ForgetRequestError",
     "StoreError",

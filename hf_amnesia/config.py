@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -15,6 +16,12 @@ DEFAULT_STORE_DTYPE = "float16"
 DEFAULT_KEEP_SEED = 0
 DEFAULT_KEEP_LAYOUT = "rows"
 STORE_FOLDER = "_amnesia_store"
+
+
+def training_fields(args: TrainingArguments) -> dict:
+    """The `TrainingArguments` fields of `args` (an `AmnesiaConfig` or not), by name: the one
+    conversion between the two (values kept as they are, tokens included, unlike `to_dict()`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
 @dataclass

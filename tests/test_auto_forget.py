@@ -9,22 +9,26 @@ import pytest
 import torch
 from tiny import TinyCNN, image_dataset, text_dataset, tiny_bert, tiny_config
 
-from hf_amnesia import AmnesiacTrainer, ForgetRequestError, StoreReader
-from hf_amnesia import trainer as trainer_module
-from hf_amnesia.calibrate import (
-    CLASS_RETRIES,
-    HARM_RETRIES,
-    ScaleChoice,
+from hf_amnesia import AmnesiacTrainer, ForgetConfig, ForgetRequestError, StoreReader
+from hf_amnesia.forgetting import ForgetPolicy, Measurer, set_forgotten
+from hf_amnesia.forgetting import repair as repair_module
+from hf_amnesia.forgetting.attempts import ModelAttempts
+from hf_amnesia.forgetting.hold import (
     forgotten_classes,
-    largest_safe_scale,
     misfit_loss,
-    repair_budget,
     retained_sample,
-    scale_ceiling,
     unseen_targets,
     unsupported_by_neighbours,
 )
-from hf_amnesia.forget import forget_update, kept_share_weights
+from hf_amnesia.forgetting.prepare import gather, prepare_unseen_hold
+from hf_amnesia.forgetting.repair import HoldUnseenLoss, repair_until_restored
+from hf_amnesia.forgetting.scale import ScaleChoice, largest_safe_scale
+from hf_amnesia.forgetting.subtraction import forget_update, kept_share_weights
+
+DEFAULTS = ForgetConfig()
+CLASS_RETRIES, HARM_RETRIES = DEFAULTS.class_retries, DEFAULTS.harm_retries
+scale_ceiling, repair_budget = DEFAULTS.scale_ceiling, DEFAULTS.repair_budget
+UNWEIGHTED = ForgetConfig(weight_by_kept_share=False)  # the raw stored sum, as a fixed scale subtracts it
 
 # -- the search (pure) --------------------------------------------------------------------------
 
@@ -80,7 +84,43 @@ def trained(tmp_path_factory):
 def _reset(trainer, theta):
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(theta.to(trainer.args.device).clone(), trainer.model.parameters())
-    trainer._set_forgotten([])
+    set_forgotten(trainer.model, [])
+
+
+def _measure(trainer) -> Measurer:
+    """What forget measures the trainer's model with."""
+    return Measurer(
+        trainer.model, trainer.data_collator, trainer.args.per_device_eval_batch_size, "dataset_id", trainer._rows
+    )
+
+
+def _data(trainer, ids, need_holdout, hold_unseen=False, whole_class=None, holdout=None):
+    """The data forget's automatic choice gathers for `ids`."""
+    return gather(
+        trainer.train_dataset,
+        "dataset_id",
+        trainer.args.seed,
+        trainer._planned_training_steps(),
+        np.asarray(ids),
+        trainer.forgotten_ids(),
+        trainer.eval_dataset if holdout is None else holdout,
+        whole_class,
+        need_holdout,
+        hold_unseen,
+        DEFAULTS,
+    )
+
+
+def _hold(trainer, data, ids):
+    prepare_unseen_hold(
+        data, _measure(trainer), trainer.train_dataset, "dataset_id", trainer.args.seed, np.asarray(ids), DEFAULTS
+    )
+
+
+def _repair(trainer, data, after_subtraction=None):
+    return repair_until_restored(
+        trainer.model, data, after_subtraction, _measure(trainer), trainer.args, DEFAULTS, "dataset_id"
+    )
 
 
 def _weights(trainer):
@@ -143,32 +183,32 @@ def test_a_subtraction_the_repair_cannot_mend_is_retried_with_half_the_harm(trai
     trainer, train, holdout, theta = trained
     ids = [int(i) for i in train["dataset_id"][:6]]
     _reset(trainer, theta)
-    alone = trainer.forget(ids, max_harm=10.0)
+    alone = trainer.forget(ids, config=ForgetConfig(max_harm=10.0))
     expected = _weights(trainer)
     _reset(trainer, theta)
     limits, outcomes = [], []
-    choose, repair = AmnesiacTrainer._choose_scale, AmnesiacTrainer._repair_until_restored
+    choose, repair = ForgetPolicy.choose_scale, ModelAttempts.repair
 
-    def spy_choose(self, params, snapshot, update, auto, max_harm, keep_fraction):
+    def spy_choose(self, max_harm):
         limits.append(max_harm)
-        return choose(self, params, snapshot, update, auto, max_harm, keep_fraction)
+        return choose(self, max_harm)
 
-    def failing_first_repair(self, auto):  # the first attempt's repair reports failure
-        steps, restored = repair(self, auto)
+    def failing_first_repair(self):  # the first attempt's repair reports failure
+        steps, restored = repair(self)
         outcomes.append(restored)
         return steps, restored and len(outcomes) > 1
 
-    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", spy_choose)
-    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", failing_first_repair)
-    report = trainer.forget(ids, max_harm=20.0)
+    monkeypatch.setattr(ForgetPolicy, "choose_scale", spy_choose)
+    monkeypatch.setattr(ModelAttempts, "repair", failing_first_repair)
+    report = trainer.forget(ids, config=ForgetConfig(max_harm=20.0))
     assert limits == [20.0, 10.0]
     assert report.scale == alone.scale and report.repair_steps == alone.repair_steps
     assert torch.equal(_weights(trainer), expected)
     # never more than HARM_RETRIES halvings, and the last attempt is kept
     _reset(trainer, theta)
     limits.clear()
-    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", lambda self, auto: (repair(self, auto)[0], False))
-    trainer.forget(ids, max_harm=40.0)
+    monkeypatch.setattr(ModelAttempts, "repair", lambda self: (repair(self)[0], False))
+    trainer.forget(ids, config=ForgetConfig(max_harm=40.0))
     assert limits == [40.0 / 2**k for k in range(HARM_RETRIES + 1)]
     assert sorted(trainer.forgotten_ids()) == sorted(ids)
 
@@ -180,22 +220,21 @@ def test_a_retry_that_cannot_lower_the_scale_keeps_the_failed_attempt(trained, m
     trainer, train, holdout, theta = trained
     ids = [int(i) for i in train["dataset_id"][:6]]
     limits, repairs = [], []
-    repair = AmnesiacTrainer._repair_until_restored
+    repair = ModelAttempts.repair
 
-    def fixed_choice(self, params, snapshot, update, auto, max_harm, keep_fraction):
+    def fixed_choice(self, max_harm):
         limits.append(max_harm)
         return ScaleChoice(scale=1.5, trace=[(1.5, 0.0)])
 
-    def failing_repair(self, auto):
+    def failing_repair(self):
         repairs.append(1)
-        return repair(self, auto)[0], False
+        return repair(self)[0], False
 
     _reset(trainer, theta)
+    monkeypatch.setattr(ForgetPolicy, "choose_scale", fixed_choice)
+    monkeypatch.setattr(ModelAttempts, "repair", failing_repair)
     # unweighted tensors, so that the automatic attempt and the direct call below subtract the same sum
-    monkeypatch.setattr(trainer_module, "kept_share_weights", lambda m: torch.ones(m.num_params, dtype=torch.float64))
-    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", fixed_choice)
-    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", failing_repair)
-    report = trainer.forget(ids)
+    report = trainer.forget(ids, config=UNWEIGHTED)
     after = _weights(trainer)
     assert limits == [40.0 / 2**k for k in range(HARM_RETRIES + 1)] and len(repairs) == 1
     assert report.scale == 1.5
@@ -210,40 +249,40 @@ def test_a_class_the_repair_brings_back_is_reported(trained, monkeypatch, caplog
     trainer, train, holdout, theta = trained
     labels = np.asarray(train["labels"])
     class_ids = np.asarray(train["dataset_id"])[labels == 1]
-    auto = trainer._auto_data(class_ids, None, None, need_holdout=False)
+    auto = _data(trainer, class_ids, need_holdout=False)
 
     # The real repair: the warning appears exactly when the class rows are recognised again.
     _reset(trainer, theta)
     with caplog.at_level(logging.WARNING):
         report = trainer.forget(class_ids)
-    back = trainer._accuracy(auto.class_rows) > 1.0
+    back = _measure(trainer).accuracy(auto.class_rows) > 1.0
     assert ("the class is not forgotten" in caplog.text) == (back and report.repair_steps > 0)
 
     # A repair that restores everything, the class included, is reported.
-    def repair_to_original(self, auto):
+    def repair_to_original(self):
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(theta.to(self.args.device).clone(), self.model.parameters())
         return 5, True
 
     _reset(trainer, theta)
-    assert trainer._accuracy(auto.class_rows) > 1.0  # the original recognises the class
+    assert _measure(trainer).accuracy(auto.class_rows) > 1.0  # the original recognises the class
     caplog.clear()
-    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", repair_to_original)
+    monkeypatch.setattr(ModelAttempts, "repair", repair_to_original)
     with caplog.at_level(logging.WARNING):
         trainer.forget(class_ids)
     assert "after 5 repair steps" in caplog.text and "the class is not forgotten" in caplog.text
 
     # The same when every attempt's repair fails and forget keeps its one attempt (no smaller scale).
-    def failing_repair_to_original(self, auto):
-        return repair_to_original(self, auto)[0], False
+    def failing_repair_to_original(self):
+        return repair_to_original(self)[0], False
 
-    def fixed_choice(self, params, snapshot, update, auto, max_harm, keep_fraction):
+    def fixed_choice(self, max_harm):
         return ScaleChoice(scale=1.5, trace=[(1.5, 0.0)])
 
     _reset(trainer, theta)
     caplog.clear()
-    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", fixed_choice)
-    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", failing_repair_to_original)
+    monkeypatch.setattr(ForgetPolicy, "choose_scale", fixed_choice)
+    monkeypatch.setattr(ModelAttempts, "repair", failing_repair_to_original)
     with caplog.at_level(logging.WARNING):
         report = trainer.forget(class_ids)
     assert report.scale == 1.5 and "keeps the attempt at scale" in caplog.text
@@ -259,13 +298,13 @@ def test_auto_reads_only_the_holdout_and_training_rows(trained, monkeypatch):
         tuple(np.round(np.asarray(x).ravel(), 5)) for x in holdout["pixel_values"]
     }
     seen = []
-    measure = AmnesiacTrainer._predict
+    measure = Measurer.predict
 
-    def spy(self, dataset):
+    def spy(self, dataset):  # observes what forget reads
         seen.extend(tuple(np.round(np.asarray(dataset[i]["pixel_values"]).ravel(), 5)) for i in range(len(dataset)))
         return measure(self, dataset)
 
-    monkeypatch.setattr(AmnesiacTrainer, "_predict", spy)
+    monkeypatch.setattr(Measurer, "predict", spy)
     trainer.forget([int(train["dataset_id"][0])], holdout=holdout)
     assert seen and set(seen) <= allowed and not set(seen) & test_rows
 
@@ -319,7 +358,7 @@ def test_misfit_loss_and_the_targets_of_unsupported_rows():
 def test_features_are_the_classifier_layers_input(trained):
     trainer, train, holdout, theta = trained
     _reset(trainer, theta)
-    features, labels = trainer._features(holdout)
+    features, labels = _measure(trainer).features(holdout)
     model = trainer.model
     with torch.no_grad():
         x = torch.stack([torch.as_tensor(r) for r in holdout["pixel_values"]]).to(next(model.parameters()).device)
@@ -343,12 +382,12 @@ def test_the_neighbour_check_is_skipped_with_a_warning_when_features_are_not_one
     trainer = AmnesiacTrainer(
         model=_TokenwiseHead(), args=tiny_config(tmp_path), train_dataset=train, eval_dataset=holdout, record=False
     )
-    features, labels = trainer._features(holdout)
+    features, labels = _measure(trainer).features(holdout)
     assert features is None and np.array_equal(labels, np.asarray(holdout["labels"]))
     ids = np.asarray(train["dataset_id"][:3])
-    auto = trainer._auto_data(ids, None, None, need_holdout=True, hold_unseen=True)
+    auto = _data(trainer, ids, need_holdout=True, hold_unseen=True)
     with caplog.at_level(logging.WARNING):
-        trainer._prepare_unseen_hold(auto, ids)
+        _hold(trainer, auto, ids)
     assert auto.unsupported is None and len(auto.held_out_losses) == 10  # the quantile hold stays
     assert "does not take one feature vector per row" in caplog.text
 
@@ -357,27 +396,28 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
     trainer, train, holdout, theta = trained
     ids = [int(i) for i in train["dataset_id"][:6]]
     repairs = []
-    finetune = trainer_module.finetune
+    finetune = repair_module.finetune
 
-    def spy(*args, trainer_class=None, **kwargs):
-        repairs.append(trainer_class)
-        return finetune(*args, trainer_class=trainer_class, **kwargs)
+    def spy(*args, compute_loss_func=None, **kwargs):  # observes which loss each repair trains with
+        repairs.append(compute_loss_func)
+        return finetune(*args, compute_loss_func=compute_loss_func, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "finetune", spy)
+    monkeypatch.setattr(repair_module, "finetune", spy)
     _reset(trainer, theta)
-    auto = trainer._auto_data(np.array(ids), None, None, need_holdout=True, hold_unseen=True)
-    auto.original_accuracy = trainer._accuracy(auto.retained_sample)
-    trainer._prepare_unseen_hold(auto, np.array(ids))
+    measure = _measure(trainer)
+    auto = _data(trainer, ids, need_holdout=True, hold_unseen=True)
+    auto.original_accuracy = measure.accuracy(auto.retained_sample)
+    _hold(trainer, auto, ids)
     assert sorted(np.asarray(auto.forget_rows["dataset_id"]).tolist()) == sorted(ids)
-    assert np.array_equal(auto.held_out_losses, np.sort(trainer._row_losses(holdout)))
-    features, labels = trainer._features(auto.forget_rows)
-    retained_features, retained_labels = trainer._features(auto.retained)  # fewer rows than NEIGHBOUR_ROWS: all
+    assert np.array_equal(auto.held_out_losses, np.sort(measure.row_losses(holdout)))
+    features, labels = measure.features(auto.forget_rows)
+    retained_features, retained_labels = measure.features(auto.retained)  # fewer rows than neighbour_rows: all
     assert np.array_equal(
         auto.unsupported, unsupported_by_neighbours(features, labels, retained_features, retained_labels)
     )
-    logits, held_labels = trainer._predict(holdout)
+    logits, held_labels = measure.predict(holdout)
     assert auto.misfit_loss == misfit_loss(
-        trainer._row_losses(holdout), logits.argmax(-1).numpy() == held_labels.numpy()
+        measure.row_losses(holdout), logits.argmax(-1).numpy() == held_labels.numpy()
     )
     auto.unsupported = np.array([True, False, False, True, False, False])  # known flags for the loss below
     auto.misfit_loss = 5.0
@@ -385,19 +425,19 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
     with torch.no_grad():  # a damaged model, so that the repair runs
         for p in trainer.model.parameters():
             p.add_(torch.randn(p.shape, generator=noise).to(p.device) * p.abs().mean())
-    assert trainer._accuracy(auto.retained_sample) < auto.original_accuracy - 5
-    auto.after_subtraction = trainer._row_losses(auto.forget_rows)
-    trainer._repair_until_restored(auto)
-    assert repairs and repairs[-1].func is trainer_module._HoldingUnseen and repairs[-1].keywords["unseen"] is auto
+    assert measure.accuracy(auto.retained_sample) < auto.original_accuracy - 5
+    after_subtraction = measure.row_losses(auto.forget_rows)
+    _repair(trainer, auto, after_subtraction)
+    assert repairs and isinstance(repairs[-1], HoldUnseenLoss) and repairs[-1].data is auto
 
     # the repair's loss: the retained rows' loss plus the hinge on a batch of forget rows
-    holder = trainer_module._HoldingUnseen(
-        model=trainer.model, args=trainer.args, train_dataset=auto.retained, record=False, unseen=auto
+    hold = HoldUnseenLoss(
+        trainer.model, auto, after_subtraction, measure, trainer.args.per_device_train_batch_size, trainer.args.seed
     )
-    retained = holder.data_collator([holder._model_rows(auto.retained)[i] for i in range(8)])
-    retained.pop("dataset_id", None)  # training_step takes the ids out before the loss
-    retained = holder._prepare_inputs(retained)  # onto the model's device
-    total = holder.compute_loss(trainer.model, dict(retained))
+    retained = trainer.data_collator([trainer._rows(auto.retained)[i] for i in range(8)])
+    retained.pop("dataset_id", None)  # the repair keeps the ids out of the model
+    retained = trainer._prepare_inputs(retained)  # onto the model's device
+    total = hold(trainer.model(pixel_values=retained["pixel_values"]), retained["labels"])
     base = torch.nn.functional.cross_entropy(
         trainer.model(pixel_values=retained["pixel_values"])["logits"], retained["labels"]
     )
@@ -412,7 +452,7 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
     )
     targets = unseen_targets(
         losses.detach().cpu().numpy(),
-        auto.after_subtraction[order],
+        after_subtraction[order],
         auto.held_out_losses,
         auto.unsupported[order],
         auto.misfit_loss,
@@ -425,15 +465,15 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
     labels = np.asarray(train["labels"])
     class_ids = np.asarray(train["dataset_id"])[labels == 1]
     _reset(trainer, theta)
-    auto = trainer._auto_data(class_ids, None, None, need_holdout=True, hold_unseen=True)  # as forget asks
-    trainer._prepare_unseen_hold(auto, class_ids)
+    auto = _data(trainer, class_ids, need_holdout=True, hold_unseen=True)  # as forget asks
+    _hold(trainer, auto, class_ids)
     assert auto.classes == [1] and auto.forget_rows is None
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(torch.randn(p.shape, generator=noise).to(p.device) * p.abs().mean())
     repairs.clear()
     auto.original_accuracy = 0.0  # back from the start: a class's repair still runs its whole budget
-    steps, back = trainer._repair_until_restored(auto)
+    steps, back = _repair(trainer, auto)
     assert repairs and all(kind is None for kind in repairs)
     assert steps == repair_budget(auto.planned_steps) and back
 
@@ -446,18 +486,19 @@ def test_the_unseen_hold_on_a_text_model(tmp_path):
     trainer = AmnesiacTrainer(model=tiny_bert(), args=args, train_dataset=train, eval_dataset=holdout)
     trainer.train()
     ids = np.array([1, 4, 9])
-    auto = trainer._auto_data(ids, None, None, need_holdout=True, hold_unseen=True)
-    trainer._prepare_unseen_hold(auto, ids)
-    auto.after_subtraction = trainer._row_losses(auto.forget_rows)
-    assert len(auto.after_subtraction) == 3 and len(auto.held_out_losses) == 12
-    holder = trainer_module._HoldingUnseen(
-        model=trainer.model, args=trainer.args, train_dataset=auto.retained, record=False, unseen=auto
-    )
-    retained = holder.data_collator([holder._model_rows(auto.retained)[i] for i in range(4)])
+    measure = _measure(trainer)
+    auto = _data(trainer, ids, need_holdout=True, hold_unseen=True)
+    _hold(trainer, auto, ids)
+    after_subtraction = measure.row_losses(auto.forget_rows)
+    assert len(after_subtraction) == 3 and len(auto.held_out_losses) == 12
+    hold = HoldUnseenLoss(trainer.model, auto, after_subtraction, measure, 4, trainer.args.seed)
+    retained = trainer.data_collator([trainer._rows(auto.retained)[i] for i in range(4)])
     retained.pop("dataset_id", None)
-    retained = holder._prepare_inputs(retained)  # onto the model's device
-    base = trainer_module.AmnesiacTrainer.compute_loss(holder, trainer.model, dict(retained))
-    total = holder.compute_loss(trainer.model, dict(retained))
+    retained = trainer._prepare_inputs(retained)  # onto the model's device
+    labels = retained.pop("labels")
+    outputs = trainer.model(**retained)
+    base = torch.nn.functional.cross_entropy(outputs.logits, labels)
+    total = hold(outputs, labels)
     assert torch.isfinite(total) and total >= base
     report = trainer.forget(ids)
     assert report.forgotten == [1, 4, 9] and trainer.forgotten_ids() == [1, 4, 9]
@@ -468,12 +509,12 @@ def test_whole_class_is_detected_and_held_out_harm_counts_only_kept_classes(trai
     _reset(trainer, theta)
     labels = np.asarray(train["labels"])
     class_ids = np.asarray(train["dataset_id"])[labels == 1]
-    auto = trainer._auto_data(class_ids, None, None, need_holdout=True)
+    auto = _data(trainer, class_ids, need_holdout=True)
     assert auto.classes == [1]
     assert 1 not in set(np.asarray(auto.holdout["labels"]).tolist())
     assert len(auto.retained) == int((labels != 1).sum())
-    assert trainer._auto_data(class_ids, None, False, need_holdout=True).classes == []
-    assert trainer._auto_data(class_ids[:-1], None, None, need_holdout=True).classes == []
+    assert _data(trainer, class_ids, need_holdout=True, whole_class=False).classes == []
+    assert _data(trainer, class_ids[:-1], need_holdout=True).classes == []
 
 
 def test_auto_refuses_without_its_data_and_changes_nothing(trained, tmp_path):
@@ -492,7 +533,9 @@ def test_auto_refuses_without_its_data_and_changes_nothing(trained, tmp_path):
         trainer.forget([int(train["dataset_id"][0])], whole_class=True)
     for bad in (-1, 100, "5", True):
         with pytest.raises(ForgetRequestError, match="max_harm"):
-            trainer.forget([int(train["dataset_id"][0])], max_harm=bad)
+            trainer.forget([int(train["dataset_id"][0])], config=ForgetConfig(max_harm=bad))
+    with pytest.raises(ForgetRequestError, match="config must be a ForgetConfig"):
+        trainer.forget([int(train["dataset_id"][0])], config={"max_harm": 10})
     with pytest.raises(ForgetRequestError, match="scale must be"):
         trainer.forget([int(train["dataset_id"][0])], scale="Auto")
     with pytest.raises(ForgetRequestError, match="repair_steps must be"):
@@ -517,22 +560,19 @@ def test_auto_refuses_without_its_data_and_changes_nothing(trained, tmp_path):
 
 
 def _script_attempts(monkeypatch, outcomes, recognised, limits=None):
-    """Script forget's attempts on unweighted tensors: scale 1.5 * max_harm / 40, each repair
-    returns the next (steps, restored) of `outcomes` without touching the weights, and the class
-    check after it the next of `recognised`; every max_harm tried is appended to `limits`."""
+    """Script forget's attempts (run them with `config=UNWEIGHTED`): scale 1.5 * max_harm / 40, each
+    repair returns the next (steps, restored) of `outcomes` without touching the weights, and the
+    class check after it the next of `recognised`; every max_harm tried is appended to `limits`."""
     outcomes, recognised = iter(outcomes), iter(recognised)
 
-    def choice_by_harm(self, params, snapshot, update, auto, max_harm, keep_fraction):
+    def choice_by_harm(self, max_harm):
         if limits is not None:
             limits.append(max_harm)
         return ScaleChoice(scale=max_harm / 40.0 * 1.5, trace=[])
 
-    monkeypatch.setattr(trainer_module, "kept_share_weights", lambda m: torch.ones(m.num_params, dtype=torch.float64))
-    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", choice_by_harm)
-    monkeypatch.setattr(AmnesiacTrainer, "_repair_until_restored", lambda self, auto: next(outcomes))
-    monkeypatch.setattr(
-        AmnesiacTrainer, "_recognised_class", lambda self, auto, steps: next(recognised) if steps else None
-    )
+    monkeypatch.setattr(ForgetPolicy, "choose_scale", choice_by_harm)
+    monkeypatch.setattr(ModelAttempts, "repair", lambda self: next(outcomes))
+    monkeypatch.setattr(ModelAttempts, "recognised", lambda self, steps: next(recognised) if steps else None)
 
 
 def test_an_attempt_that_brings_the_class_back_yields_to_an_earlier_one_that_kept_it_forgotten(
@@ -547,7 +587,7 @@ def test_an_attempt_that_brings_the_class_back_yields_to_an_earlier_one_that_kep
     _script_attempts(monkeypatch, outcomes=[(7, False), (3, True)], recognised=[0.0, 50.0])
     _reset(trainer, theta)
     with caplog.at_level(logging.WARNING):
-        report = trainer.forget(class_ids)
+        report = trainer.forget(class_ids, config=UNWEIGHTED)
     kept = _weights(trainer)
     assert report.scale == 1.5 and report.repair_steps == 7
     assert "brought the removed class back" in caplog.text and "keeps the earlier attempt at scale 1.5" in caplog.text
@@ -561,7 +601,7 @@ def test_an_attempt_that_brings_the_class_back_yields_to_an_earlier_one_that_kep
     _reset(trainer, theta)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        report = trainer.forget(class_ids)
+        report = trainer.forget(class_ids, config=UNWEIGHTED)
     assert report.scale == 0.75 and report.repair_steps == 3
     assert "keeps the earlier attempt" not in caplog.text and "the class is not forgotten" in caplog.text
     tried = [f"trying again from the original weights at scale {s:.3g}." in caplog.text for s in (1.5, 3.0, 6.0)]
@@ -578,7 +618,7 @@ def test_a_class_the_mended_repair_brings_back_is_tried_again_at_twice_the_scale
     _script_attempts(monkeypatch, outcomes=[(3, True), (4, True), (5, False)], recognised=[50.0, 20.0, 0.0])
     _reset(trainer, theta)
     with caplog.at_level(logging.WARNING):
-        report = trainer.forget(class_ids)
+        report = trainer.forget(class_ids, config=UNWEIGHTED)
     kept = _weights(trainer)
     assert report.scale == 6.0 and report.repair_steps == 5
     assert "trying again from the original weights at scale 3." in caplog.text
@@ -591,11 +631,11 @@ def test_a_class_the_mended_repair_brings_back_is_tried_again_at_twice_the_scale
     # never above the ceiling: from 5, one try at the ceiling (8.94 at keep_fraction 0.2), then the first attempt stays
     ceiling = scale_ceiling(0.2)
     _script_attempts(monkeypatch, outcomes=[(3, True)] * 2, recognised=[50.0, 50.0])
-    monkeypatch.setattr(AmnesiacTrainer, "_choose_scale", lambda *args: ScaleChoice(scale=5.0, trace=[]))
+    monkeypatch.setattr(ForgetPolicy, "choose_scale", lambda *args: ScaleChoice(scale=5.0, trace=[]))
     _reset(trainer, theta)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        report = trainer.forget(class_ids)
+        report = trainer.forget(class_ids, config=UNWEIGHTED)
     assert math.isclose(report.scale, 5.0) and f"at scale {ceiling:.3g}." in caplog.text
     assert caplog.text.count("trying again from the original weights at scale") == 1
     assert "the class is not forgotten" in caplog.text
@@ -613,7 +653,7 @@ def test_the_search_stops_at_the_first_attempt_that_brings_the_class_back(traine
     _script_attempts(monkeypatch, outcomes, recognised=[0.0, 0.0, 6.4, 7.2], limits=limits)
     _reset(trainer, theta)
     with caplog.at_level(logging.WARNING):
-        report = trainer.forget(class_ids)
+        report = trainer.forget(class_ids, config=UNWEIGHTED)
     kept = _weights(trainer)
     assert limits == [40.0, 20.0, 10.0]
     assert report.scale == 0.75 and report.repair_steps == 6

@@ -18,6 +18,7 @@ from hf_amnesia import (
     StoreReader,
     UnsupportedTrainingError,
 )
+from hf_amnesia.forgetting import set_forgotten
 
 
 def _args(out, **kw):
@@ -46,7 +47,7 @@ def trained(tmp_path_factory):
 def guard(trained):
     """Checks that a case changed neither the weights nor the store files."""
     trainer = trained
-    trainer._set_forgotten([])
+    set_forgotten(trainer.model, [])
     weights = [p.detach().clone() for p in trainer.model.parameters()]
     disk = _disk(trainer.args.store_dir)
     yield trainer
@@ -88,7 +89,7 @@ def test_unknown_and_never_trained_ids_are_reported(guard):
 
 def test_duplicates_collapse(trained):
     trainer = trained
-    trainer._set_forgotten([])
+    set_forgotten(trainer.model, [])
     theta = [p.detach().clone() for p in trainer.model.parameters()]
     one = sorted(StoreReader(trainer.args.store_dir).all_ids().tolist())[0]
     report = trainer.forget([one, one, one], scale=1.0, repair_steps=0)
@@ -96,7 +97,7 @@ def test_duplicates_collapse(trained):
     with torch.no_grad():
         for p, t in zip(trainer.model.parameters(), theta):
             p.copy_(t)
-    trainer._set_forgotten([])
+    set_forgotten(trainer.model, [])
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), "1", True, None])
@@ -126,7 +127,7 @@ def test_corrupted_row_is_caught_before_subtracting(tmp_path, trained):
     data[5] ^= 0xFF  # row 0
     rows.write_bytes(bytes(data))
     trainer = AmnesiacTrainer(model=trained.model, args=_args(tmp_path, store_dir=str(store)))
-    trainer._set_forgotten([])
+    set_forgotten(trainer.model, [])
     weights = [p.detach().clone() for p in trained.model.parameters()]
     ids = np.load(next(store.glob("shard-00000.g*.ids.npy")))
     with pytest.raises(StoreError, match="checksum"):

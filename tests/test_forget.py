@@ -12,6 +12,7 @@ from tiny import TinyCNN, image_dataset, text_dataset, tiny_bert, tiny_config
 from transformers import BertForSequenceClassification
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, ForgetReport, ForgetRequestError, StoreError, ids_of_label
+from hf_amnesia.forgetting import set_forgotten
 
 
 def _flat(model):
@@ -33,7 +34,7 @@ def trained_cnn(tmp_path_factory):
 def _fresh(trainer, theta):
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(theta.clone(), trainer.model.parameters())
-    trainer._set_forgotten([])
+    set_forgotten(trainer.model, [])
 
 
 @pytest.mark.parametrize(

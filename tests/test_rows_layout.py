@@ -6,7 +6,7 @@ import torch
 from tiny import TinyCNN, image_dataset, tiny_config
 
 from hf_amnesia import AmnesiacTrainer, ConfigError, StoreReader, recorder
-from hf_amnesia.forget import forget_update
+from hf_amnesia.forgetting import forget_update
 from hf_amnesia.store import manifest_positions, row_plan
 
 REL_TOL = 1e-5

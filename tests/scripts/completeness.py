@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from tiny import TinyCNN, image_dataset, trainer_device  # noqa: E402
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader  # noqa: E402
-from hf_amnesia.forget import forget_update  # noqa: E402
+from hf_amnesia.forgetting import forget_update  # noqa: E402
 
 
 def flat(model):

@@ -1,0 +1,144 @@
+"""The data the automatic scale and repair measure on, gathered and checked before a request changes anything."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from ..data import dataset_ids, labels_of, select_rows, without_ids
+from ..errors import ForgetRequestError
+from .config import ForgetConfig
+from .hold import forgotten_classes, misfit_loss, retained_sample, unsupported_by_neighbours
+from .measure import Measurer, row_losses
+
+logger = logging.getLogger(__name__)
+
+EXACT = "or call forget(ids, scale=1.0, repair_steps=0) for the exact subtraction, which needs no data"
+
+
+@dataclasses.dataclass
+class ForgetData:
+    """What the automatic scale and repair measure on."""
+
+    classes: list[int]  # labels the request removes whole
+    retained: object  # the training rows the request keeps
+    retained_sample: object  # a seeded sample of them: the repair is done when their accuracy is back
+    planned_steps: int  # the training's optimizer steps (the repair's budget is a share of them)
+    holdout: object = None  # held-out rows of the classes the request keeps
+    class_rows: object = None  # a sample of the removed classes' training rows
+    original_accuracy: float = float("nan")  # on retained_sample, before the subtraction
+    forget_rows: object = None  # the request's training rows, held unseen by the repair
+    held_out_losses: np.ndarray | None = None  # the original's losses on the holdout, sorted
+    unsupported: np.ndarray | None = None  # forget rows whose label their retained neighbours outvote
+    misfit_loss: float = 0.0  # the original's median loss on the held-out rows it misclassifies
+
+
+def gather(
+    train_dataset,
+    id_column: str,
+    seed: int,
+    planned_steps: int,
+    ids: np.ndarray,
+    forgotten: list[int],
+    holdout,
+    whole_class: bool | None,
+    need_holdout: bool,
+    hold_unseen: bool,
+    config: ForgetConfig,
+) -> ForgetData:
+    """Check that the automatic choice has the data it needs, and gather it: the holdout for the
+    automatic scale (`need_holdout`), and for the automatic repair of a request that removes no
+    whole class (`hold_unseen`)."""
+    if train_dataset is None:
+        raise ForgetRequestError(
+            "the automatic scale and repair need the retained training rows, but this trainer has no "
+            f"train_dataset. Pass train_dataset=... to the trainer, {EXACT}."
+        )
+    train_ids = dataset_ids(train_dataset, id_column)
+    train_labels = labels_of(train_dataset)
+    if train_labels is None:
+        raise ForgetRequestError(
+            "the automatic scale and repair measure classification accuracy, but the training rows have "
+            f"no `labels` or `label` column of one class per row; {EXACT}, with your own scale."
+        )
+    requested = np.isin(train_ids, np.union1d(ids, np.asarray(forgotten, dtype=np.int64)))
+    if requested.all():
+        raise ForgetRequestError(f"the request leaves no training row to repair on; {EXACT}.")
+    classes = forgotten_classes(train_labels, requested)
+    if whole_class is True and not classes:
+        raise ForgetRequestError(
+            "whole_class=True, but the request (with what this model already forgot) does not hold every "
+            "training row of any label. Request all rows of the class, e.g. ids_of_label(...)."
+        )
+    if whole_class is False:
+        classes = []
+    retained = without_ids(train_dataset, id_column, set(train_ids[requested].tolist()))
+    data = ForgetData(
+        classes=classes,
+        retained=retained,
+        retained_sample=select_rows(retained, retained_sample(len(retained), seed, config.retained_sample_rows)),
+        planned_steps=planned_steps,
+    )
+    if classes:  # the removed classes' training rows: a class request must stop predicting them
+        rows = np.flatnonzero(np.isin(train_labels, classes))
+        data.class_rows = select_rows(
+            train_dataset, rows[retained_sample(len(rows), seed, config.retained_sample_rows)]
+        )
+    if need_holdout or (hold_unseen and not classes):
+        if holdout is None or isinstance(holdout, dict):
+            what = "a dict of eval datasets" if isinstance(holdout, dict) else "no held-out data"
+            needs = 'scale="auto"' if need_holdout else 'repair_steps="auto"'
+            raise ForgetRequestError(
+                f"{needs} measures held-out rows, but got {what}. Pass holdout=<a split "
+                f"never trained on and not your test split> (or eval_dataset=... to the trainer), {EXACT}."
+            )
+        holdout_labels = labels_of(holdout)
+        if holdout_labels is None:
+            raise ForgetRequestError(f"the holdout rows have no `labels` or `label` column; {EXACT}.")
+        kept = np.flatnonzero(~np.isin(holdout_labels, classes))
+        if len(kept) == 0:
+            raise ForgetRequestError(
+                f"the holdout has no rows of the classes the request keeps; add such rows, {EXACT}."
+            )
+        data.holdout = select_rows(holdout, kept)
+    return data
+
+
+def prepare_unseen_hold(
+    data: ForgetData,
+    measure: Measurer,
+    train_dataset,
+    id_column: str,
+    seed: int,
+    todo: np.ndarray,
+    config: ForgetConfig,
+) -> None:
+    """Unless whole classes go, the automatic repair holds the forget rows unseen
+    (`hold.unseen_targets`): it needs the request's rows, the original's held-out losses, and
+    which forget rows their nearest retained rows do not support (`unsupported_by_neighbours`,
+    on the original's features)."""
+    if not config.hold_unseen or data.classes or data.holdout is None or not len(todo):
+        return
+    rows = np.flatnonzero(np.isin(dataset_ids(train_dataset, id_column), todo))
+    data.forget_rows = select_rows(train_dataset, rows)
+    logits, held_labels = measure.predict(data.holdout)  # one pass: the losses and which rows it gets wrong
+    losses = row_losses(logits, held_labels)
+    data.held_out_losses = np.sort(losses)
+    data.misfit_loss = misfit_loss(losses, logits.argmax(-1).numpy() == held_labels.numpy())
+    if not config.neighbour_vote:
+        return
+    features, labels = measure.features(data.forget_rows)
+    neighbours = select_rows(data.retained, retained_sample(len(data.retained), seed, config.neighbour_rows))
+    retained_features, retained_labels = measure.features(neighbours)
+    if features is None or retained_features is None:
+        logger.warning(
+            "forget: the model's classifier layer (its last nn.Linear) does not take one feature vector "
+            "per row, so the repair cannot tell which forget rows the retained data does not support; "
+            "it holds them at held-out losses only."
+        )
+        return
+    data.unsupported = unsupported_by_neighbours(
+        features, labels, retained_features, retained_labels, k=config.neighbours
+    )

@@ -1,0 +1,170 @@
+"""The repair: an unrecorded fine-tune on the retained rows, with a plain `transformers.Trainer`.
+
+`repair_until_restored` fine-tunes until the retained rows' accuracy is back at the original's.
+Unless whole classes go, its loss (`HoldUnseenLoss`, the Trainer's `compute_loss_func`) adds a
+hinge that holds the forget rows no better fitted than held-out rows (`hold.unseen_targets`).
+This module and the trainer are the only ones that know `Trainer`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.data.data_collator import default_data_collator
+
+from ..config import training_fields
+from .config import ForgetConfig
+from .hold import unseen_targets
+from .measure import Measurer, logits_and_labels, logits_of
+from .prepare import ForgetData
+
+
+def finetune(
+    model: nn.Module,
+    train_dataset,
+    steps: int,
+    args: TrainingArguments,
+    data_collator=None,
+    compute_loss_func: Callable | None = None,
+    stop_when: Callable[[], bool] | None = None,
+    check_every: int = 1,
+    id_column: str = "dataset_id",
+) -> int:
+    """Train `model` in place for `steps` optimizer steps at a constant learning rate, unrecorded.
+
+    The repair of `forget`, and the fine-tune baseline of the recipes. `compute_loss_func`, if
+    given, computes the loss from the model's outputs and the batch's labels (a classification
+    loss, a per-batch mean: `HoldUnseenLoss`, or a recipe's NegGrad). With `stop_when`, training
+    stops early once it returns True (checked every `check_every` steps). Rows keep their
+    `id_column` out of the model. Returns the number of steps taken.
+    """
+    collate = data_collator or default_data_collator
+
+    def without_ids(rows):
+        return collate([{k: v for k, v in row.items() if k != id_column} for row in rows])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fields = training_fields(args)
+        fields.update(
+            output_dir=tmp,
+            max_steps=int(steps),
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            logging_strategy="no",
+            push_to_hub=False,
+            disable_tqdm=True,
+            load_best_model_at_end=False,
+        )
+        if compute_loss_func is not None:  # the loss is a per-batch mean: no token averaging across devices
+            fields.update(average_tokens_across_devices=False)
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**fields),
+            train_dataset=train_dataset,
+            data_collator=without_ids,
+            compute_loss_func=compute_loss_func,
+        )
+        if compute_loss_func is not None:
+            trainer.loss_is_scaled_for_ga = False  # so the Trainer divides it by the accumulation steps
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        if stop_when is not None:
+            trainer.add_callback(_StopWhen(stop_when, check_every))
+        trainer.train()
+        return int(trainer.state.global_step)
+
+
+class _StopWhen(TrainerCallback):
+    def __init__(self, done, every: int):
+        self.done, self.every = done, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and self.done():
+            control.should_training_stop = True
+
+
+class HoldUnseenLoss:
+    """The repair's loss when it holds the forget rows unseen: the retained batch's cross-entropy
+    plus, on a batch of forget rows (in a seeded order), mean(relu(target_i - loss_i)) with
+    `hold.unseen_targets` (rows the retained data does not support held at least at a
+    misclassified held-out row's loss)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: ForgetData,
+        after_subtraction: np.ndarray,
+        measure: Measurer,
+        batch_size: int,
+        seed: int,
+    ):
+        self.model, self.data, self.after_subtraction = model, data, after_subtraction
+        self.rows = measure.rows_for_model(data.forget_rows)
+        self.collate, self.id_column, self.batch_size = measure.collate, measure.id_column, batch_size
+        self.order = torch.Generator().manual_seed(seed)
+        self.queue: list[int] = []
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        loss = nn.functional.cross_entropy(logits_of(outputs), labels)
+        if len(self.queue) < self.batch_size:  # the forget rows in a seeded order
+            self.queue += torch.randperm(len(self.rows), generator=self.order).tolist()
+        picked, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
+        batch = self.collate([self.rows[i] for i in picked])
+        # the same rows on every process, so the model itself (not its DDP wrapper) serves
+        logits, targets_of = logits_and_labels(self.model, batch, self.id_column)
+        losses = nn.functional.cross_entropy(logits.float(), targets_of.long().to(logits.device), reduction="none")
+        unsupported = None if self.data.unsupported is None else self.data.unsupported[picked]
+        targets = unseen_targets(
+            losses.detach().cpu().numpy(),
+            self.after_subtraction[picked],
+            self.data.held_out_losses,
+            unsupported,
+            self.data.misfit_loss,
+        )
+        return loss + torch.relu(torch.as_tensor(targets, dtype=losses.dtype, device=losses.device) - losses).mean()
+
+
+def repair_until_restored(
+    model: nn.Module,
+    data: ForgetData,
+    after_subtraction: np.ndarray | None,
+    measure: Measurer,
+    args: TrainingArguments,
+    config: ForgetConfig,
+    id_column: str,
+) -> tuple[int, bool]:
+    """Fine-tune on the retained rows until their accuracy is back at the original's (one row of
+    slack), holding the forget rows unseen where `prepare.prepare_unseen_hold` set that up. When
+    whole classes go, the repair runs its whole budget: stopped at the original's level, class
+    requests ended further from Retrain (docs/history). Returns (steps taken, whether it is back)."""
+    target = data.original_accuracy - 100.0 / len(data.retained_sample)
+
+    def restored() -> bool:
+        return measure.accuracy(data.retained_sample) >= target
+
+    if not data.classes and restored():
+        return 0, True
+    budget = config.repair_budget(data.planned_steps)
+    loss = None
+    if data.forget_rows is not None:
+        loss = HoldUnseenLoss(model, data, after_subtraction, measure, args.per_device_train_batch_size, args.seed)
+    steps = finetune(
+        model,
+        data.retained,
+        budget,
+        args,
+        data_collator=measure.collate,
+        compute_loss_func=loss,
+        stop_when=None if data.classes else restored,
+        check_every=config.repair_check_every(budget),
+        id_column=id_column,
+    )
+    return steps, steps < budget or restored()

@@ -1,0 +1,82 @@
+"""Opening the store for a recording run: its manifest, made from the config or checked against it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from .config import DEFAULT_KEEP_FRACTION, DEFAULT_KEEP_LAYOUT, DEFAULT_KEEP_SEED, DEFAULT_STORE_DTYPE, AmnesiaConfig
+from .errors import ConfigError, StoreError
+from .layout import ParamLayout
+from .store import Manifest, recording_marker
+from .store.journal import weights_fingerprint
+from .validate import model_problems, raise_problems
+
+
+def open_manifest(
+    model: nn.Module, args: AmnesiaConfig, resuming: bool, rank: int, num_processes: int, barrier: Callable[[], None]
+) -> Manifest:
+    """The store's manifest for a run that records `model` (made from `args` when there is no store
+    yet), saved by the main process. Refuses a store of another model, of other settings, of a run
+    that ended with other weights, or one whose last run did not finish (unless `resuming`)."""
+    store_dir = Path(args.store_dir)
+    layout = ParamLayout.from_model(model)
+    if layout.num_params == 0:
+        raise_problems([p for p in model_problems(model) if "no trainable" in p.message])
+    existing = Manifest.load(store_dir)
+    if existing is not None:
+        if existing.layout.fingerprint() != layout.fingerprint():
+            raise StoreError(
+                f"the store at {store_dir} was recorded for another model or set of trainable parameters "
+                f"({existing.num_params} entries, layout {existing.layout.fingerprint()[:12]}) than this one "
+                f"({layout.num_params} entries, layout {layout.fingerprint()[:12]}). Use that model, or a new store_dir."
+            )
+        for name, mine, theirs in (
+            ("keep_fraction", args.keep_fraction, existing.keep_fraction),
+            ("store_dtype", args.store_dtype, existing.dtype),
+            ("keep_seed", args.keep_seed, existing.seed),
+            ("keep_layout", args.keep_layout, existing.keep_layout),
+        ):
+            if mine is not None and mine != theirs:
+                raise ConfigError(
+                    f"{name}={mine!r} conflicts with the existing store at {store_dir}, which fixes "
+                    f"{name}={theirs!r}. Leave {name} unset to use the store's value, or use a new store_dir."
+                )
+        if (
+            existing.final_weights is not None
+            and not resuming
+            and existing.final_weights != weights_fingerprint(layout.params_of(model))
+        ):
+            raise StoreError(
+                f"the store at {store_dir} holds the records of a training run that ended with other weights "
+                "than this model's: recording another run into it would mix the two runs' deltas. Use a new "
+                "store_dir (or output_dir) for a new run, or delete that store; to train the recorded model "
+                "further, load the weights it ended with."
+            )
+        manifest = existing
+    else:
+        manifest = Manifest(
+            layout=layout,
+            keep_fraction=float(args.keep_fraction or DEFAULT_KEEP_FRACTION),
+            dtype=args.store_dtype or DEFAULT_STORE_DTYPE,
+            seed=int(args.keep_seed if args.keep_seed is not None else DEFAULT_KEEP_SEED),
+            keep_layout=args.keep_layout or DEFAULT_KEEP_LAYOUT,
+        )
+    manifest.num_shards = max(manifest.num_shards, num_processes)
+    if rank == 0:
+        try:
+            store_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(store_dir, 0o700)
+            manifest.save(store_dir)
+        except OSError as err:
+            raise StoreError(f"cannot write the store at {store_dir}: {err}. Choose a writable store_dir.") from err
+    barrier()
+    if recording_marker(store_dir, rank).exists() and not resuming:
+        raise StoreError(
+            f"the store at {store_dir} holds records of a training run that did not finish. Resume that run with "
+            "trainer.train(resume_from_checkpoint=...), or start over with a new store_dir."
+        )
+    return manifest

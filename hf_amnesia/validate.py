@@ -1,0 +1,109 @@
+"""What cannot be recorded exactly, found all at once: every refusal of a model, a training setup or an optimizer.
+
+Each check returns `Problem`s (the error type and a message that says what to do);
+`raise_problems` raises them together, so a user learns everything that is wrong in one run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import AmnesiaError, UnsupportedModelError, UnsupportedOptimizerError, UnsupportedTrainingError
+
+SHARDED = (
+    "FSDP and DeepSpeed shard parameters and optimizer state, so per-sample deltas cannot be "
+    "replayed exactly. Train with plain DDP (accelerate launch --multi_gpu) instead."
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    error: type[AmnesiaError]
+    message: str
+
+
+def raise_problems(problems: list[Problem]) -> None:
+    """Raise every problem in one error of the first problem's type (nothing if there is none)."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise problems[0].error(problems[0].message)
+    listed = "\n".join(f"  {n}. {p.message}" for n, p in enumerate(problems, start=1))
+    raise problems[0].error(f"{len(problems)} problems:\n{listed}")
+
+
+def model_problems(model: nn.Module, recording: bool = True) -> list[Problem]:
+    """Layers whose per-sample updates are not defined (batch statistics); no trainable parameter."""
+    problems = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            problems.append(
+                Problem(
+                    UnsupportedModelError,
+                    f"{name or 'model'} is a {type(module).__name__}: batch statistics mix samples, so per-sample "
+                    "deltas are not defined. Replace it with GroupNorm, e.g. "
+                    "`model = opacus.validators.ModuleValidator.fix(model)`.",
+                )
+            )
+    if recording and not any(p.requires_grad for p in model.parameters()):
+        problems.append(
+            Problem(UnsupportedModelError, "the model has no trainable parameters; nothing can be recorded.")
+        )
+    return problems
+
+
+def training_problems(args, sharded: bool = False) -> list[Problem]:
+    """Settings of `TrainingArguments` (and a sharded launch) that break the per-sample replay."""
+    problems = []
+    if args.gradient_checkpointing:
+        problems.append(
+            Problem(
+                UnsupportedTrainingError,
+                "gradient_checkpointing=True re-runs the forward pass inside backward, which breaks the "
+                "per-sample hooks. Set gradient_checkpointing=False (use a smaller batch to save memory).",
+            )
+        )
+    if sharded or args.fsdp or args.deepspeed:
+        problems.append(Problem(UnsupportedTrainingError, SHARDED))
+    if args.n_gpu > 1:
+        problems.append(
+            Problem(
+                UnsupportedTrainingError,
+                f"{args.n_gpu} GPUs in one process (torch DataParallel) are not supported; launch one "
+                "process per GPU with `accelerate launch` or `torchrun`.",
+            )
+        )
+    return problems
+
+
+def optimizer_problems(optimizer: torch.optim.Optimizer) -> list[Problem]:
+    """Optimizers whose update cannot be split exactly per sample (anything but torch Adam/AdamW)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+        return [
+            Problem(
+                UnsupportedOptimizerError,
+                f"{type(inner).__name__} is not supported: exact per-sample deltas are derived for torch Adam and "
+                "AdamW only. Use optim='adamw_torch' (the default) or pass a torch.optim.AdamW.",
+            )
+        ]
+    problems = []
+    for group in inner.param_groups:
+        if group.get("amsgrad") or group.get("maximize"):
+            problems.append(
+                Problem(
+                    UnsupportedOptimizerError, "Adam/AdamW with amsgrad or maximize is not supported; turn them off."
+                )
+            )
+        if type(inner) is torch.optim.Adam and group["weight_decay"] and not group.get("decoupled_weight_decay"):
+            problems.append(
+                Problem(
+                    UnsupportedOptimizerError,
+                    "torch Adam with weight_decay > 0 adds an L2 term to the gradient that cannot be split per "
+                    "sample. Use AdamW (decoupled decay) or weight_decay=0.",
+                )
+            )
+    return list(dict.fromkeys(problems))  # one line per kind of problem, however many groups share it
