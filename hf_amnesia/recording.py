@@ -1,4 +1,5 @@
-"""Opening the store for a recording run: its manifest, made from the config or checked against it."""
+"""Opening the store for a recording run: its manifest, made from the config or checked against it, and
+what the run will cost."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .attribution import open_tail_bound
 from .config import DEFAULT_KEEP_FRACTION, DEFAULT_KEEP_LAYOUT, DEFAULT_KEEP_SEED, DEFAULT_STORE_DTYPE, AmnesiaConfig
 from .errors import ConfigError, StoreError
 from .layout import ParamLayout
@@ -80,3 +82,22 @@ def open_manifest(
             "trainer.train(resume_from_checkpoint=...), or start over with a new store_dir."
         )
     return manifest
+
+
+def recording_plan(manifest: Manifest, recorder, args: AmnesiaConfig, num_rows: int | None) -> str:
+    """One line on what recording will take: entries per sample, the store's size, the open tails' memory."""
+    ledger = recorder.ledger
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    tails = open_tail_bound(ledger.window, per_step, manifest.k, manifest.num_params)
+    store = ""
+    if num_rows is not None:
+        size = num_rows * manifest.k * (4 if manifest.dtype == "float32" else 2)
+        store = f"; the store of {num_rows} samples will take about {size / 2**20:.1f} MiB"
+    sums = recorder.sums
+    return (
+        f"hf_amnesia: recording {manifest.k} of {manifest.num_params} trainable entries per sample "
+        f"(keep_fraction={manifest.keep_fraction}, {manifest.dtype}){store} in {args.store_dir}; "
+        f"the open momentum tails ({ledger.window} steps of {per_step} samples) take up to "
+        f"{tails / 2**20:.1f} MiB on {ledger.ledger.device} (docs/limits.md, Memory)"
+        + (f"; the in-memory sums take {sums.values.numel() * 4 / 2**20:.1f} MiB there." if sums is not None else ".")
+    )

@@ -18,14 +18,13 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .attribution import open_tail_bound
 from .config import AmnesiaConfig, training_fields
 from .data import dataset_ids, with_dataset_ids
 from .errors import ConfigError, StoreError, UnsupportedTrainingError
 from .faults import crash_point
-from .forgetting import ForgetConfig, ForgetReport, Measurer, Served, forgotten_ids, serve
+from .forgetting import ForgetConfig, ForgetContext, ForgetReport, Measurer, forgotten_ids, serve
 from .recorder import Recorder
-from .recording import open_manifest
+from .recording import open_manifest, recording_plan
 from .store import folder_bytes
 from .store.journal import weights_fingerprint
 from .validate import model_problems, optimizer_problems, raise_problems, training_problems
@@ -109,25 +108,9 @@ class AmnesiacTrainer(Trainer):
         )
         if not self._resume_requested:
             self._recorder.shard.begin()  # a resume goes back to its checkpoint's state instead
-        self._log_recording_plan(manifest)
+        rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
+        logger.warning(recording_plan(manifest, self._recorder, self.args, rows))
         self._record_started = time.perf_counter()
-
-    def _log_recording_plan(self, manifest) -> None:
-        ledger = self._recorder.ledger
-        per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-        tails = open_tail_bound(ledger.window, per_step, manifest.k, manifest.num_params)
-        store = ""
-        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
-            size = len(self.train_dataset) * manifest.k * (4 if manifest.dtype == "float32" else 2)
-            store = f"; the store of {len(self.train_dataset)} samples will take about {size / 2**20:.1f} MiB"
-        sums = self._recorder.sums
-        logger.warning(
-            f"hf_amnesia: recording {manifest.k} of {manifest.num_params} trainable entries per sample "
-            f"(keep_fraction={manifest.keep_fraction}, {manifest.dtype}){store} in {self.args.store_dir}; "
-            f"the open momentum tails ({ledger.window} steps of {per_step} samples) take up to "
-            f"{tails / 2**20:.1f} MiB on {ledger.ledger.device} (docs/limits.md, Memory)"
-            + (f"; the in-memory sums take {sums.values.numel() * 4 / 2**20:.1f} MiB there." if sums else ".")
-        )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         ids = inputs.pop(self.args.id_column, None)
@@ -254,7 +237,13 @@ class AmnesiacTrainer(Trainer):
         ids' rows are erased from the store, and an audit record is appended; a crash leaves all
         of it fully before or fully after.
         """
-        served = Served(
+        context = self.forget_context()
+        return serve(context, dataset_ids, config, scale, repair_steps, holdout, whole_class, strict, save_to, purge)
+
+    def forget_context(self) -> ForgetContext:
+        """What `forget` works with: the model, the data, how it measures the model (`measure`) and
+        the training's planned steps; for studies that compose the forgetting package's parts."""
+        return ForgetContext(
             model=self.model,
             args=self.args,
             train_dataset=self.train_dataset,
@@ -267,7 +256,6 @@ class AmnesiacTrainer(Trainer):
             is_main_process=self.accelerator.is_main_process,
             wait_for_everyone=self.accelerator.wait_for_everyone,
         )
-        return serve(served, dataset_ids, config, scale, repair_steps, holdout, whole_class, strict, save_to, purge)
 
     def forgotten_ids(self) -> list[int]:
         """Ids this model has already forgotten (saved with the model's config)."""

@@ -12,7 +12,7 @@
     attempts.py     the policy's operations on a live model
     serve.py        one request top to bottom: checks, policy, the committed transaction
 
-Only `repair.py` knows `transformers`; the trainer builds a `serve.Served` and calls `serve`.
+Only `repair.py` knows `transformers`; the trainer builds a `serve.ForgetContext` and calls `serve`.
 """
 
 from .config import ForgetConfig
@@ -21,17 +21,17 @@ from .policy import ForgetPolicy, Outcome
 from .prepare import ForgetData
 from .repair import finetune
 from .request import ForgetReport, forgotten_ids, normalize_ids, set_forgotten
-from .serve import Served, serve
+from .serve import ForgetContext, serve
 from .subtraction import apply_update, forget_update, kept_share_weights
 
 __all__ = [
     "ForgetConfig",
+    "ForgetContext",
     "ForgetData",
     "ForgetPolicy",
     "ForgetReport",
     "Measurer",
     "Outcome",
-    "Served",
     "apply_update",
     "finetune",
     "forget_update",

@@ -1,6 +1,6 @@
 """Serving one forget request, top to bottom: check it, subtract and repair, commit it.
 
-`serve` takes the request's ids and the training side's `Served` (built by the trainer):
+`serve` takes the request's ids and the training side's `ForgetContext` (built by the trainer):
 
 1. check everything before anything changes (ids, choices, `save_to`, the data the automatic
    choice needs, the store and the model it serves);
@@ -49,7 +49,7 @@ from .subtraction import forget_update, kept_share_weights
 
 
 @dataclass
-class Served:
+class ForgetContext:
     """What a forget request needs from the training side."""
 
     model: nn.Module
@@ -64,7 +64,7 @@ class Served:
 
 
 def serve(
-    served: Served,
+    served: ForgetContext,
     dataset_ids,
     config: ForgetConfig | None,
     scale: float | str,
@@ -125,7 +125,9 @@ def serve(
     return report
 
 
-def _serve_locked(served: Served, ids, config, scale, repair_steps, strict, save_to, purge, data) -> ForgetReport:
+def _serve_locked(
+    served: ForgetContext, ids, config, scale, repair_steps, strict, save_to, purge, data
+) -> ForgetReport:
     model, args = served.model, served.args
     store_dir = Path(args.store_dir)
     reader = StoreReader(store_dir)
@@ -223,7 +225,7 @@ def _serve_locked(served: Served, ids, config, scale, repair_steps, strict, save
     return report
 
 
-def _repair_fixed(served: Served, steps: int) -> None:
+def _repair_fixed(served: ForgetContext, steps: int) -> None:
     """A fine-tune of exactly `steps` steps on the training rows the model has not forgotten."""
     retained = without_ids(served.train_dataset, served.args.id_column, set(forgotten_ids(served.model)))
     finetune(
@@ -234,5 +236,3 @@ def _repair_fixed(served: Served, steps: int) -> None:
         data_collator=served.measure.collate,
         id_column=served.args.id_column,
     )
-
-
