@@ -9,6 +9,9 @@ A committed forget request (`forget(..., save_to=DIR)`) runs under the store's l
 3. roll forward (idempotent, completed by `recover()` after a crash): the staged model replaces
    DIR, the forgotten ids' rows are overwritten with zeros in place and recorded as purged in
    each shard's state, the audit record is appended, the journal removed.
+
+The audit log (`audit.jsonl`) holds one record per completed request: a digest of the ids, never
+the ids themselves (`audit_record`, `append_audit`, `read_audit`).
 """
 
 from __future__ import annotations
@@ -27,20 +30,48 @@ import numpy as np
 import torch
 
 from ..errors import StoreError
-from . import Manifest, ShardState, _private_open, purge_rows, write_atomic
+from .files import (
+    AUDIT,
+    JOURNAL,
+    LOCK,
+    REPLACED_SUFFIX,
+    STAGING_SUFFIX,
+    open_private,
+    recording_marker,
+    replaced_dir,
+    staging_dir,
+    write_atomic,
+)
+from .manifest import Manifest
+from .purge import purge_rows
+from .shards import ShardState, remove_newer_generations
 
-JOURNAL = "forget-journal.json"
-AUDIT = "audit.jsonl"
-LOCK = ".lock"
-STAGING_SUFFIX = ".amnesia-staging"
-REPLACED_SUFFIX = ".amnesia-replaced"
+__all__ = [
+    "AUDIT",
+    "JOURNAL",
+    "LOCK",
+    "REPLACED_SUFFIX",
+    "STAGING_SUFFIX",
+    "append_audit",
+    "audit_record",
+    "commit",
+    "ids_digest",
+    "prepare",
+    "read_audit",
+    "recover",
+    "roll_back",
+    "roll_forward",
+    "staging_dir",
+    "store_lock",
+    "weights_fingerprint",
+]
 
 
 @contextmanager
 def store_lock(store_dir: str | os.PathLike):
     """Exclusive lock on a store: concurrent forget jobs on one store run one after another."""
     path = Path(store_dir) / LOCK
-    fd = _private_open(path, os.O_RDWR | os.O_CREAT)
+    fd = open_private(path, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -59,11 +90,6 @@ def weights_fingerprint(params: list[torch.Tensor]) -> str:
     for p in params:
         digest.update(p.detach().cpu().float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
-
-
-def staging_dir(save_to: str | os.PathLike) -> Path:
-    target = Path(save_to)
-    return target.with_name(target.name + STAGING_SUFFIX)
 
 
 def prepare(save_to: Path, purged_ids: np.ndarray | None, audit: dict) -> dict:
@@ -86,7 +112,7 @@ def roll_forward(store_dir: Path, entry: dict, crash_at=None) -> None:
     """Complete a committed request (safe to repeat)."""
     target = Path(entry["save_to"])
     staged_model = staging_dir(target)
-    replaced = target.with_name(target.name + REPLACED_SUFFIX)
+    replaced = replaced_dir(target)
     if staged_model.exists():
         if target.exists():
             if replaced.exists():
@@ -136,18 +162,9 @@ def recover(store_dir: str | os.PathLike) -> bool:
     if manifest is not None:
         for rank in range(manifest.num_shards):
             state = ShardState.load(store_dir, rank)
-            if state is not None and not (store_dir / f"shard-{rank:05d}.recording").exists():
-                _discard_newer(store_dir, rank, state.generation)
+            if state is not None and not recording_marker(store_dir, rank).exists():
+                remove_newer_generations(store_dir, rank, state.generation)
     return False
-
-
-def _discard_newer(store_dir: Path, rank: int, current: int) -> None:
-    for rows_path in Path(store_dir).glob(f"shard-{rank:05d}.g*.rows"):
-        generation = int(rows_path.name.split(".g")[1].split(".")[0])
-        if generation > current:
-            stem = rows_path.name[: -len(".rows")]
-            for suffix in (".rows", ".ids.npy", ".sums.npy"):
-                (Path(store_dir) / (stem + suffix)).unlink(missing_ok=True)
 
 
 def append_audit(store_dir: str | os.PathLike, record: dict) -> None:
@@ -155,7 +172,7 @@ def append_audit(store_dir: str | os.PathLike, record: dict) -> None:
     path = Path(store_dir) / AUDIT
     if any(r.get("request") == record["request"] for r in read_audit(store_dir)):
         return
-    fd = _private_open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode())
         os.fsync(fd)
