@@ -18,7 +18,7 @@ the optimizer consumed at step s. The bracket needs the future, so each step's c
     sum_{t=s..T} b1^(t-s) x_t = b1^(e-s) (L_T - L_{s-1}).
 
 Stored deltas omit the factor `Q_T`; `forget` multiplies by the current `Q`.
-See docs/attribution.md for the derivation and the memory bound of the open tails.
+See docs/method.md for the derivation and docs/limits.md for the memory bound of the open tails.
 """
 
 from __future__ import annotations

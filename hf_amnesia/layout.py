@@ -64,8 +64,3 @@ class ParamLayout:
                 raise KeyError(name)
             params.append(found[name])
         return params
-
-
-def strip_wrapper_prefix(name: str) -> str:
-    """Parameter names as the unwrapped model reports them (DDP adds `module.`)."""
-    return name[len("module.") :] if name.startswith("module.") else name

@@ -6,7 +6,9 @@ The `Recorder` is driven by `AmnesiacTrainer` (it knows nothing of `transformers
     end_microbatch(scale)   after its backward pass (scale: the loss scale of mixed precision)
     set_clip_coef(c)        when the gradient is clipped before the optimizer step
     (optimizer step)        a post-step hook turns the step's contributions into open tails
-    finish()                closes every tail and folds the shard's log into its rows
+    close_tails()           end of training: closes every open tail and appends it to the log
+    compact()               folds the shard's log into its rows (the run's commit for the shard)
+    close()                 removes the hooks and closes the log
 
 Closed deltas go to the shard's log at every step, or, with `sum_ids`, into per-id sums in memory
 (`DeltaSums`) that are written to the log at checkpoints and at the end.
