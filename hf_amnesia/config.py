@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from .errors import ConfigError, UnsupportedTrainingError
 from .store import KEEP_LAYOUTS, STORE_DTYPES
+from .validate import SHARDED
 
 DEFAULT_KEEP_FRACTION = 0.01
 DEFAULT_STORE_DTYPE = "float16"
@@ -83,11 +84,8 @@ class AmnesiaConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.fsdp or self.deepspeed:
-            raise UnsupportedTrainingError(
-                "FSDP and DeepSpeed shard parameters and optimizer state, so per-sample deltas cannot be "
-                "replayed exactly. Train with plain DDP (accelerate launch --multi_gpu) instead."
-            )
+        if self.fsdp or self.deepspeed:  # refused before TrainingArguments sets the sharding up
+            raise UnsupportedTrainingError(SHARDED)
         super().__post_init__()
         if self.keep_fraction is not None and not (0.0 < float(self.keep_fraction) <= 1.0):
             raise ConfigError(f"keep_fraction must satisfy 0 < keep_fraction <= 1, got {self.keep_fraction}.")

@@ -64,6 +64,53 @@ def test_rules_of_thumb():
     assert np.array_equal(retained_sample(10, seed=0), np.arange(10))
 
 
+class _ScriptedAttempts:
+    """`policy.Attempts` with no model: harm grows linearly with the scale, each repair returns the
+    next of `repairs`, and the "weights" are the scale last subtracted."""
+
+    has_classes, sampled, ceiling = False, 0, 40.0
+
+    def __init__(self, repairs, harm_per_scale=10.0):
+        self.repairs, self.harm_per_scale = iter(repairs), harm_per_scale
+        self.weights, self.subtracted = 0.0, []
+
+    def harm(self, scale):
+        return self.harm_per_scale * scale
+
+    def subtract(self, scale):
+        self.weights = scale
+        self.subtracted.append(scale)
+
+    def repair(self):
+        return next(self.repairs)
+
+    def recognised(self, steps):
+        return None
+
+    def keep(self):
+        return self.weights
+
+    def restore(self, kept):
+        self.weights = kept
+
+
+def test_the_policy_halves_the_harm_budget_until_a_repair_mends_the_subtraction():
+    attempts = _ScriptedAttempts(repairs=[(9, False), (9, False), (4, True)])
+    outcome = ForgetPolicy(ForgetConfig(max_harm=40.0), attempts).run("auto", "auto", count=3)
+    # harm is 10 per unit of scale, so max_harm 40, 20, 10 allow scales 4, 2, 1 (the search lands within its resolution)
+    for scale, boundary in zip(attempts.subtracted, (4.0, 2.0, 1.0), strict=True):
+        assert boundary * 2 ** (-10 / 2**7) <= scale <= boundary
+    assert outcome.repair_steps == 4 and outcome.scale == attempts.subtracted[-1] == attempts.weights
+    assert all(harm <= 40.0 for scale, harm in outcome.trace if scale <= attempts.subtracted[0])
+    # no retries allowed: the first attempt stays, however its repair went
+    attempts = _ScriptedAttempts(repairs=[(9, False)])
+    outcome = ForgetPolicy(ForgetConfig(harm_retries=0), attempts).run("auto", "auto", count=3)
+    assert len(attempts.subtracted) == 1 and outcome.repair_steps == 9
+    # a fixed scale is subtracted as given, and a request of no new ids is not repaired
+    attempts = _ScriptedAttempts(repairs=[])
+    assert ForgetPolicy(DEFAULTS, attempts).run(2.5, "auto", count=0).scale == 2.5 and attempts.weights == 2.5
+
+
 # -- forget(ids) with its defaults ---------------------------------------------------------------
 
 

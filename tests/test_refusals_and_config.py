@@ -184,3 +184,37 @@ def test_second_train_on_the_same_trainer_is_refused_and_a_new_trainer_continues
     manifest = StoreReader(args.store_dir).manifest
     assert manifest.final_weights == weights_fingerprint(manifest.layout.params_of(model))
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_every_problem_of_a_model_and_its_training_is_reported_at_once(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(UnsupportedModelError) as caught:
+        AmnesiacTrainer(model=model, args=_args(tmp_path, gradient_checkpointing=True))
+    message = str(caught.value)
+    assert message.startswith("3 problems:")
+    assert "1. 1 is a BatchNorm1d" in message and "2. 3 is a BatchNorm1d" in message
+    assert "3. gradient_checkpointing=True" in message
+
+
+def test_every_problem_of_an_optimizer_is_reported_at_once():
+    from hf_amnesia.validate import optimizer_problems
+
+    layers = [nn.Linear(2, 2), nn.Linear(2, 2)]
+    groups = [{"params": layers[0].parameters()}, {"params": layers[1].parameters()}]
+    problems = optimizer_problems(torch.optim.Adam(groups, lr=0.1, amsgrad=True, weight_decay=0.1))
+    assert [p.error for p in problems] == [UnsupportedOptimizerError] * 2  # one line per kind, not per group
+    assert "amsgrad" in problems[0].message and "L2 term" in problems[1].message
+
+
+def test_forget_config_names_every_bad_field():
+    from hf_amnesia import ForgetConfig, ForgetRequestError
+
+    with pytest.raises(ForgetRequestError) as caught:
+        ForgetConfig(max_harm="5", harm_retries=-1, neighbours=0, hold_unseen=1)
+    message = str(caught.value)
+    for field in ("max_harm", "harm_retries", "neighbours", "hold_unseen"):
+        assert field in message
+    for bad in ({"ceiling_factor": 0.0}, {"repair_share": -0.1}, {"class_accuracy_target": 100.0}):
+        with pytest.raises(ForgetRequestError, match=next(iter(bad))):
+            ForgetConfig(**bad)
+    assert ForgetConfig(harm_retries=0).harm_retries == 0  # no retry is a valid policy
