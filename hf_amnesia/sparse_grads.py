@@ -8,19 +8,79 @@ Opacus' dense [B, *param.shape] tensor. Layers without a rule use the dense Opac
 
 Every rule has the signature `rule(layer, inputs, backprops, name, rows, local) -> [n]` where
 `rows` are sample indices in the microbatch and `local` flat indices into parameter `name`.
+A rule is registered for its layer types with `@register_sparse_rule(nn.Linear, ...)` (as Opacus
+registers its grad samplers); a whole-row rule of the `rows` layout with
+`@register_rows_rule(...)`. Lookup is one dictionary access by `type(layer)`: a subclass needs its
+own registration.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+# HF's transposed linear layer (GPT-2's `transformers.pytorch_utils.Conv1D`) is registered under
+# this name instead of its class, so that this module never imports transformers: `layer_key`
+# maps any class named Conv1D from a transformers module to it.
+HF_CONV1D = "transformers.Conv1D"
 
-def _is_hf_conv1d(layer: nn.Module) -> bool:
-    """HF's transposed linear layer (GPT-2's Conv1D), recognised without importing transformers."""
+LayerKey = type[nn.Module] | str
+
+
+@dataclass(frozen=True)
+class SparseRule:
+    """One layer type's way of computing kept entries of its per-sample gradient."""
+
+    entries: Callable  # rule(layer, inputs, backprops, name, rows, local) -> [n]
+    output_units: Callable[[nn.Module], int]  # the output feature dimension of the backprops
+    supports: Callable[[nn.Module], bool]  # False: this layer's settings need the dense sampler
+
+
+SPARSE_RULES: dict[LayerKey, SparseRule] = {}
+ROWS_RULES: dict[LayerKey, Callable] = {}  # rule(layer, inputs, backprops, name, idx) -> [B, r, columns]
+
+
+def register_sparse_rule(
+    *layer_types: LayerKey,
+    output_units: Callable[[nn.Module], int],
+    supports: Callable[[nn.Module], bool] = lambda layer: True,
+):
+    """Register the decorated function as the sparse rule of `layer_types`.
+
+    `output_units(layer)` is the size of the layer's output feature dimension (the backprops hold
+    positions x this per sample); `supports(layer)` says whether the rule covers this instance's
+    settings (when it does not, the dense Opacus sampler is used).
+    """
+
+    def decorator(rule: Callable) -> Callable:
+        for kind in layer_types:
+            SPARSE_RULES[kind] = SparseRule(rule, output_units, supports)
+        return rule
+
+    return decorator
+
+
+def register_rows_rule(*layer_types: LayerKey):
+    """Register the decorated function as the whole-row rule (`rows` layout) of `layer_types`."""
+
+    def decorator(rule: Callable) -> Callable:
+        for kind in layer_types:
+            ROWS_RULES[kind] = rule
+        return rule
+
+    return decorator
+
+
+def layer_key(layer: nn.Module) -> LayerKey:
+    """The key of a layer in the registries: its type, or `HF_CONV1D` for HF's Conv1D."""
     kind = type(layer)
-    return kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers")
+    if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers"):
+        return HF_CONV1D
+    return kind
 
 
 def _tokens(x: torch.Tensor, features: int) -> torch.Tensor:
@@ -28,6 +88,7 @@ def _tokens(x: torch.Tensor, features: int) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, features)
 
 
+@register_sparse_rule(nn.Linear, output_units=lambda layer: layer.out_features)
 def linear(layer: nn.Linear, inputs, g, name, rows, local):
     a = _tokens(inputs[0].to(g.dtype), layer.in_features)
     g = _tokens(g, layer.out_features)
@@ -37,6 +98,7 @@ def linear(layer: nn.Linear, inputs, g, name, rows, local):
     return (g[rows, :, r] * a[rows, :, c]).sum(-1)
 
 
+@register_sparse_rule(HF_CONV1D, output_units=lambda layer: int(layer.weight.shape[1]))
 def hf_conv1d(layer, inputs, g, name, rows, local):
     n_in, n_out = layer.weight.shape
     a = _tokens(inputs[0].to(g.dtype), n_in)
@@ -66,6 +128,12 @@ def _patches(layer, x: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, positi
     return padded[rows[:, None, None], ci[:, None, None], ys, xs].reshape(len(rows), -1)
 
 
+def _plain_conv(layer: nn.Module) -> bool:
+    """Ungrouped, zero-padded, with numeric padding: the convolutions `conv` and `conv_rows` cover."""
+    return layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+
+
+@register_sparse_rule(nn.Conv1d, nn.Conv2d, output_units=lambda layer: layer.out_channels, supports=_plain_conv)
 def conv(layer, inputs, g, name, rows, local):
     g = g.reshape(g.shape[0], layer.out_channels, -1)  # [B, cout, L]
     if name == "bias":
@@ -76,6 +144,9 @@ def conv(layer, inputs, g, name, rows, local):
     return (g[rows, co, :] * patches).sum(-1)
 
 
+@register_sparse_rule(
+    nn.Embedding, output_units=lambda layer: layer.embedding_dim, supports=lambda layer: layer.max_norm is None
+)
 def embedding(layer: nn.Embedding, inputs, g, name, rows, local):
     ids = inputs[0].reshape(inputs[0].shape[0], -1)  # [B, T]
     g = _tokens(g, layer.embedding_dim)
@@ -86,6 +157,7 @@ def embedding(layer: nn.Embedding, inputs, g, name, rows, local):
     return values
 
 
+@register_sparse_rule(nn.LayerNorm, output_units=lambda layer: int(torch.Size(layer.normalized_shape).numel()))
 def layer_norm(layer: nn.LayerNorm, inputs, g, name, rows, local):
     features = layer.weight.numel() if layer.weight is not None else layer.bias.numel()
     g = _tokens(g, features)
@@ -95,6 +167,7 @@ def layer_norm(layer: nn.LayerNorm, inputs, g, name, rows, local):
     return (g[rows, :, local] * normed[rows, :, local]).sum(-1)
 
 
+@register_sparse_rule(nn.GroupNorm, output_units=lambda layer: layer.num_channels)
 def group_norm(layer: nn.GroupNorm, inputs, g, name, rows, local):
     g = g.reshape(g.shape[0], layer.num_channels, -1)
     if name == "bias":
@@ -109,6 +182,7 @@ def group_norm(layer: nn.GroupNorm, inputs, g, name, rows, local):
 # weight) of its gradient, as one batched product of the selected output gradients with the inputs.
 
 
+@register_rows_rule(nn.Linear)
 def linear_rows(layer: nn.Linear, inputs, g, name, idx):
     a = _tokens(inputs[0].to(g.dtype), layer.in_features)
     g = _tokens(g, layer.out_features)
@@ -116,6 +190,7 @@ def linear_rows(layer: nn.Linear, inputs, g, name, idx):
     return torch.einsum("btr,bti->bri", picked, a)
 
 
+@register_rows_rule(HF_CONV1D)
 def hf_conv1d_rows(layer, inputs, g, name, idx):
     n_in, n_out = layer.weight.shape  # rows are input features
     a = _tokens(inputs[0].to(g.dtype), n_in)
@@ -124,6 +199,7 @@ def hf_conv1d_rows(layer, inputs, g, name, idx):
     return torch.einsum("btr,bto->bro", picked, g)
 
 
+@register_rows_rule(nn.Conv1d, nn.Conv2d)
 def conv_rows(layer, inputs, g, name, idx):
     """The kept output channels' kernels of every sample as one depthwise correlation.
 
@@ -148,6 +224,7 @@ def conv_rows(layer, inputs, g, name, idx):
     return grads.reshape(grads.shape[0], batch, kept, -1).permute(1, 2, 0, 3).reshape(batch, kept, -1)
 
 
+@register_rows_rule(nn.Embedding)
 def embedding_rows(layer: nn.Embedding, inputs, g, name, idx):
     ids = inputs[0].reshape(inputs[0].shape[0], -1)  # [B, T]
     g = _tokens(g, layer.embedding_dim)
@@ -158,42 +235,17 @@ def embedding_rows(layer: nn.Embedding, inputs, g, name, idx):
     return out
 
 
+def rule_for(layer: nn.Module):
+    """The sparse rule for this layer, or None when the dense Opacus sampler must be used."""
+    registered = SPARSE_RULES.get(layer_key(layer))
+    return registered.entries if registered is not None and registered.supports(layer) else None
+
+
 def rows_rule_for(layer: nn.Module):
     """The whole-row rule for this layer's 2-D+ weight, or None (its rows then go entry by entry)."""
-    rule = rule_for(layer)
-    return {linear: linear_rows, conv: conv_rows, embedding: embedding_rows, hf_conv1d: hf_conv1d_rows}.get(rule)
+    return ROWS_RULES.get(layer_key(layer)) if rule_for(layer) is not None else None
 
 
 def output_units(layer: nn.Module) -> int:
     """Size of the layer's output feature dimension: the backprops hold positions x this per sample."""
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        return layer.out_channels
-    if isinstance(layer, nn.Embedding):
-        return layer.embedding_dim
-    if isinstance(layer, nn.GroupNorm):
-        return layer.num_channels
-    if isinstance(layer, nn.LayerNorm):
-        return int(torch.Size(layer.normalized_shape).numel())
-    return int(layer.weight.shape[1])  # HF Conv1D
-
-
-def rule_for(layer: nn.Module):
-    """The sparse rule for this layer, or None when the dense Opacus sampler must be used."""
-    kind = type(layer)
-    if kind is nn.Linear:
-        return linear
-    if kind in (nn.Conv1d, nn.Conv2d):
-        if layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
-            return conv
-        return None
-    if kind is nn.Embedding:
-        return None if layer.max_norm is not None else embedding
-    if kind is nn.LayerNorm:
-        return layer_norm
-    if kind is nn.GroupNorm:
-        return group_norm
-    if _is_hf_conv1d(layer):
-        return hf_conv1d
-    return None
+    return SPARSE_RULES[layer_key(layer)].output_units(layer)

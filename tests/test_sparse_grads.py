@@ -173,9 +173,10 @@ def test_rows_layout_equals_dense_oracle(name, keep_fraction, monkeypatch):
     calls = []
     import hf_amnesia.sparse_grads as sg
 
-    for rule in ("linear_rows", "conv_rows", "embedding_rows", "hf_conv1d_rows"):
-        original = getattr(sg, rule)
-        monkeypatch.setattr(sg, rule, lambda *a, _f=original, _n=rule: calls.append(_n) or _f(*a))
+    for kind, original in list(sg.ROWS_RULES.items()):
+        monkeypatch.setitem(
+            sg.ROWS_RULES, kind, lambda *a, _f=original, _n=original.__name__: calls.append(_n) or _f(*a)
+        )
     rows = _capture(model, batch, positions, sparse=True, plan=plan)
     err = (rows - dense).norm(dim=1) / dense.norm(dim=1).clamp_min(1e-30)
     assert err.max() <= REL_TOL, err.max()
