@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-import run  # noqa: E402
-from cifar100 import ResNet18GN  # noqa: E402
-from gpu_resnet18 import cifar_like  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+if __package__ in (None, ""):  # run as a file, not with -m: make `benchmarks` and `recipes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hf_amnesia import sparse_grads  # noqa: E402
-from hf_amnesia.layout import ParamLayout  # noqa: E402
-from hf_amnesia.store import row_plan  # noqa: E402
+from benchmarks import run
+from benchmarks.gpu_resnet18 import cifar_like
+from hf_amnesia import sparse_grads
+from hf_amnesia.layout import ParamLayout
+from hf_amnesia.store import row_plan
+from recipes.cifar100 import ResNet18GN
 
 
 def conv_rows_unfold(layer, inputs, g, name, idx):

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from datasets import Array3D, Dataset, Features, Value
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-import run  # noqa: E402
-from cifar100 import ResNet18GN  # noqa: E402
+if __package__ in (None, ""):  # run as a file, not with -m: make `benchmarks` and `recipes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import run
+from recipes.cifar100 import ResNet18GN
 
 
 def cifar_like(n: int) -> Dataset:

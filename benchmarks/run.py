@@ -29,12 +29,11 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "recipes"))
+if __package__ in (None, ""):  # run as a file, not with -m: make `benchmarks` and `recipes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist import MnistCNN, MnistMLP  # noqa: E402
-
-from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader  # noqa: E402
+from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader
+from recipes.mnist import MnistCNN, MnistMLP
 
 
 def cnn():
@@ -242,9 +241,8 @@ def opacus_dense(batch, steps):
 
 
 PEAK = """
-import os, sys, threading, time
-sys.path.insert(0, {bench!r})
-import run
+import os, threading, time
+from benchmarks import run
 data = run.images(64 * 12)
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
@@ -265,8 +263,9 @@ def peak_memory_ratio():
     sampled every 2 ms from just before training starts, so imports do not set the peak)."""
     peaks = {}
     for record in (False, True):
-        code = PEAK.format(bench=str(Path(__file__).parent), record=record)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        code = PEAK.format(record=record)
+        root = Path(__file__).resolve().parent.parent  # `python -c` imports from its working folder
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
         peaks[record] = int(out.stdout.strip().splitlines()[-1]) // 1024
     return peaks[True] / peaks[False], peaks
 

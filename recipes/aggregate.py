@@ -13,10 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from hf_amnesia.evaluation import GAP_METRICS
+if __package__ in (None, ""):  # run as a file, not with -m: make `recipes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from recipes.evaluation import GAP_METRICS
 
 METRICS = [
     "ua",

@@ -13,9 +13,9 @@ per sample. Writes results.json, results.md, results.png and run.json to --outpu
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,11 +24,12 @@ from datasets import Dataset
 from torch import nn
 from transformers import HfArgumentParser
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import load_image_dataset  # noqa: E402
-from study import StudyArguments, run_study, write_outputs  # noqa: E402
+if __package__ in (None, ""):  # run as a file, not with -m: make `recipes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hf_amnesia import AmnesiaConfig  # noqa: E402
+from hf_amnesia import AmnesiaConfig
+from recipes.data import load_image_dataset
+from recipes.study import StudyArguments, run_study, write_outputs
 
 MEAN = np.array([0.5071, 0.4865, 0.4409], dtype=np.float32)
 STD = np.array([0.2673, 0.2564, 0.2762], dtype=np.float32)

@@ -11,9 +11,9 @@ Writes results.json, results.md, results.png and run.json to --output_dir and pr
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,11 +22,12 @@ from datasets import Dataset
 from torch import nn
 from transformers import HfArgumentParser
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import load_image_dataset  # noqa: E402
-from study import StudyArguments, run_study, write_outputs  # noqa: E402
+if __package__ in (None, ""):  # run as a file, not with -m: make `recipes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hf_amnesia import AmnesiaConfig  # noqa: E402
+from hf_amnesia import AmnesiaConfig
+from recipes.data import load_image_dataset
+from recipes.study import StudyArguments, run_study, write_outputs
 
 MEAN, STD = 0.1307, 0.3081
 DEFAULTS = dict(

@@ -14,17 +14,19 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mnist import MnistCNN  # noqa: E402
-from study import StudyArguments, run_study, write_outputs  # noqa: E402
+if __package__ in (None, ""):  # run as a file, not with -m: make `recipes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hf_amnesia import AmnesiaConfig  # noqa: E402
+from hf_amnesia import AmnesiaConfig
+from recipes.mnist import MnistCNN
+from recipes.study import StudyArguments, run_study, write_outputs
 
 DEFAULTS = dict(
     output_dir="outputs/quickstart",

@@ -29,9 +29,12 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer
 from hf_amnesia import trainer as amnesia_trainer
 from hf_amnesia.calibrate import repair_budget
-from hf_amnesia.evaluation import (
+from hf_amnesia.forget import forget_update
+from hf_amnesia.layout import ParamLayout
+from hf_amnesia.store import StoreReader, folder_bytes, num_kept
+from hf_amnesia.trainer import finetune
+from recipes.evaluation import (
     avg_gap,
-    folder_bytes,
     markdown_table,
     plot_results,
     predict_proba,
@@ -39,10 +42,6 @@ from hf_amnesia.evaluation import (
     true_label_confidence,
     unlearning_metrics,
 )
-from hf_amnesia.forget import forget_update
-from hf_amnesia.layout import ParamLayout
-from hf_amnesia.store import StoreReader, num_kept
-from hf_amnesia.trainer import finetune
 
 SCENARIOS = ("class", "random_10", "random_1", "canary_1")
 SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_amnesia.evaluation import (
+from recipes import aggregate
+from recipes.evaluation import (
     accuracy,
     avg_gap,
     cross_entropy,
@@ -66,19 +67,9 @@ def test_markdown_table_lists_every_row():
     assert table.splitlines()[3] == "| class | original | 1.23 |"
 
 
-def _recipes_module(name: str):
-    import importlib
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-    return importlib.import_module(name)
-
-
 def test_aggregate_over_seeds(tmp_path):
     import json
 
-    aggregate = _recipes_module("aggregate")
     for seed, gap in [(0, 1.0), (1, 3.0)]:
         (tmp_path / str(seed)).mkdir()
         (tmp_path / str(seed) / "results.json").write_text(json.dumps({"class": {"retrain": {"avg_gap": gap}}}))
@@ -88,7 +79,6 @@ def test_aggregate_over_seeds(tmp_path):
 
 
 def test_aggregate_keeps_a_method_missing_from_some_runs():
-    aggregate = _recipes_module("aggregate")
     runs = [
         {"random_1": {"retrain": {"avg_gap": 0.0}, "a": {"avg_gap": 1.0}}},
         {"random_1": {"retrain": {"avg_gap": 0.0}, "a": {"avg_gap": 3.0}, "b": {"avg_gap": 5.0}}},
@@ -101,7 +91,6 @@ def test_aggregate_keeps_a_method_missing_from_some_runs():
 def test_count_parts_against_hand_computed_values(tmp_path):
     import json
 
-    aggregate = _recipes_module("aggregate")
     runs = [  # (|dUA| + |dMIA|) / 4 of "m": (4 + 0) / 4 = 1 and (0 + 8) / 4 = 2; "h" only in the first run
         {
             "random_1": {

@@ -4,7 +4,6 @@ import gzip
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from PIL import Image as PILImage
 from tiny import run_two_processes
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes")
-sys.path.insert(0, RECIPES)
 
 METHODS = {
     "original",
@@ -122,7 +120,7 @@ def _check_outputs(out, scenarios=("class", "random_10", "random_1", "canary_1")
 
 
 def test_mnist_recipe_from_parquet(tmp_path):
-    import mnist
+    from recipes import mnist
 
     data = make_mnist_parquet(tmp_path / "data")
     out = tmp_path / "out"
@@ -131,8 +129,8 @@ def test_mnist_recipe_from_parquet(tmp_path):
 
 
 def test_mnist_recipe_from_idx_files(tmp_path):
-    import mnist
-    from study import RESEARCH_METHODS
+    from recipes import mnist
+    from recipes.study import RESEARCH_METHODS
 
     data = make_mnist_idx(tmp_path / "idx")
     out = tmp_path / "out"
@@ -161,7 +159,8 @@ def _check_sequence(results):
 
 def test_canaries_get_a_wrong_label():
     from datasets import Dataset
-    from study import plant_canaries
+
+    from recipes.study import plant_canaries
 
     data = Dataset.from_dict({"x": list(range(400)), "labels": [i % 4 for i in range(400)]}).with_format("torch")
     planted, rows = plant_canaries(data, "labels", 0.01, seed=0)
@@ -172,7 +171,7 @@ def test_canaries_get_a_wrong_label():
 
 
 def test_mnist_idx_reader_round_trips(tmp_path):
-    from data import read_idx
+    from recipes.data import read_idx
 
     images, _ = _mnist_rows(5, 0)
     (tmp_path / "x.gz").write_bytes(gzip.compress(_idx_bytes(images)))
@@ -180,7 +179,7 @@ def test_mnist_idx_reader_round_trips(tmp_path):
 
 
 def test_cifar100_recipe_from_parquet(tmp_path):
-    import cifar100
+    from recipes import cifar100
 
     data = make_cifar_parquet(tmp_path / "data")
     out = tmp_path / "out"
@@ -189,8 +188,9 @@ def test_cifar100_recipe_from_parquet(tmp_path):
 
 
 def test_cifar100_from_save_to_disk(tmp_path):
-    import cifar100
     from datasets import DatasetDict, load_dataset
+
+    from recipes import cifar100
 
     parquet = make_cifar_parquet(tmp_path / "pq", n_train=12, n_test=6)
     splits = load_dataset(
@@ -202,14 +202,14 @@ def test_cifar100_from_save_to_disk(tmp_path):
 
 
 def test_bad_dataset_folder_says_what_to_do(tmp_path):
-    from data import load_image_dataset
+    from recipes.data import load_image_dataset
 
     with pytest.raises(FileNotFoundError, match="train-\\*.parquet"):
         load_image_dataset(str(tmp_path))
 
 
 def test_quickstart_runs_shortened(tmp_path):
-    import quickstart
+    from recipes import quickstart
 
     results = quickstart.main(["--output_dir", str(tmp_path), "--num_train_epochs", "2", "--max_train_samples", "300"])
     assert set(results) == {"class", "random_10", "random_1", "canary_1"}

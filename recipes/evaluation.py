@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,11 +111,6 @@ def relative_distance(
 def rte_speedup(retrain_seconds: float, method_seconds: float) -> float:
     """How many times faster than retraining a method is (run-time efficiency)."""
     return float(retrain_seconds / max(method_seconds, 1e-12))
-
-
-def folder_bytes(path: str | os.PathLike) -> int:
-    """Bytes of every file under a folder (what a method keeps on disk)."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def unlearning_metrics(
