@@ -10,13 +10,13 @@ process writes them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,42 +26,25 @@ from accelerate import PartialState
 from torch import nn
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
-from hf_amnesia import AmnesiaConfig, AmnesiacTrainer
-from hf_amnesia import trainer as amnesia_trainer
-from hf_amnesia.calibrate import repair_budget
-from hf_amnesia.forget import forget_update
+from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, ForgetConfig
+from hf_amnesia.forgetting import finetune, forget_update, forgotten_ids, set_forgotten
+from hf_amnesia.forgetting.prepare import gather
+from hf_amnesia.forgetting.repair import repair_until_restored
 from hf_amnesia.layout import ParamLayout
 from hf_amnesia.store import StoreReader, folder_bytes, num_kept
-from hf_amnesia.trainer import finetune
-from recipes.evaluation import (
-    avg_gap,
-    markdown_table,
-    plot_results,
-    predict_proba,
-    relative_distance,
-    true_label_confidence,
-    unlearning_metrics,
-)
+from recipes.evaluation import avg_gap, markdown_table, plot_results, relative_distance, unlearning_metrics
 
 SCENARIOS = ("class", "random_10", "random_1", "canary_1")
 SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries
-# Run only when named in --methods (not in `all`): candidate rules, each costing another repair,
-# and a third Retrain.
+# Run only when named in --methods (not in `all`): the ablations, each a ForgetConfig that turns one
+# part of the policy off (or a fixed repair), and a third Retrain.
 RESEARCH_METHODS = (
     "retrain_third_seed",
     "hf_amnesia_unweighted",
     "hf_amnesia_plain_repair",
-    "hf_amnesia_probe_slack",
     "hf_amnesia_auto+repair",
-    "hf_amnesia_unseen",
-    "hf_amnesia_quantile",
-    "hf_amnesia_quantile_live",
-    "hf_amnesia_anchor",
     "hf_amnesia_no_neighbours",
-    "hf_amnesia_ceil10",
-    "hf_amnesia_ceil_memorised",
 )
-LIVE_REFRESH = 8  # steps between two measurements of the held-out losses (hf_amnesia_quantile_live)
 
 
 @dataclass
@@ -151,12 +134,9 @@ class StudyTrainer(AmnesiacTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-class _GradientAscent(AmnesiacTrainer):
-    """NegGrad: maximise the loss on the forget set."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return (-out[0], out[1]) if return_outputs else -out
+def _negated_cross_entropy(outputs, labels, num_items_in_batch=None):
+    """NegGrad's loss: maximise the cross-entropy on the forget set."""
+    return -nn.functional.cross_entropy(outputs["logits"], labels)
 
 
 def plan_forget_sets(
@@ -267,8 +247,13 @@ def run_study(
     def retrain(seed: int, retain_set) -> tuple[nn.Module, float]:
         set_seed(seed)
         fresh = make_model()
-        args = AmnesiaConfig(
-            **{**_init_fields(config), "seed": seed, "output_dir": os.path.join(config.output_dir, "_retrain")}
+        args = dataclasses.replace(
+            config,
+            seed=seed,
+            output_dir=os.path.join(config.output_dir, "_retrain"),
+            save_strategy="no",
+            report_to=[],
+            push_to_hub=False,
         )
         began = time.perf_counter()
         retrainer = AmnesiacTrainer(model=fresh, args=args, train_dataset=retain_set, record=False)
@@ -312,11 +297,10 @@ def run_study(
         if wanted("original"):
             rows["original"] = {**evaluate(original), "seconds": 0.0, "storage_bytes": 0, "_model": original}
 
-        def amnesia(patch=nullcontext, **kwargs):
+        def amnesia(**kwargs):
             candidate = copy.deepcopy(original)
             began = time.perf_counter()
-            with patch():
-                report = forgetter(candidate).forget(forget_ids, **kwargs)
+            report = forgetter(candidate).forget(forget_ids, **kwargs)
             return candidate, time.perf_counter() - began, report
 
         variants = [
@@ -325,12 +309,9 @@ def run_study(
             ("hf_amnesia_exact+repair", {"scale": 1.0, "repair_steps": repair_steps}),
             ("hf_amnesia_auto_no_repair", {"repair_steps": 0}),
             ("hf_amnesia_auto+repair", {"repair_steps": repair_steps}),
-            ("hf_amnesia_unweighted", {"patch": _unweighted_tensors}),
-            ("hf_amnesia_plain_repair", {"patch": _plain_repair}),
-            ("hf_amnesia_no_neighbours", {"patch": _no_neighbours}),
-            ("hf_amnesia_probe_slack", {"patch": _probe_slack}),
-            ("hf_amnesia_ceil10", {"patch": _ceiling_10}),
-            ("hf_amnesia_ceil_memorised", {"patch": _ceiling_by_memorised}),
+            ("hf_amnesia_unweighted", {"config": ForgetConfig(weight_by_kept_share=False)}),
+            ("hf_amnesia_plain_repair", {"config": ForgetConfig(hold_unseen=False)}),
+            ("hf_amnesia_no_neighbours", {"config": ForgetConfig(neighbour_vote=False)}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [
@@ -338,7 +319,7 @@ def run_study(
                 (f"hf_amnesia_s{scale:g}+repair", {"scale": scale, "repair_steps": repair_steps}),
             ]
         for harm in [float(x) for x in study.extra_harms.split(",") if x.strip()]:
-            variants.append((f"hf_amnesia_h{harm:g}", {"max_harm": harm}))
+            variants.append((f"hf_amnesia_h{harm:g}", {"config": ForgetConfig(max_harm=harm)}))
         for name, kwargs in variants:
             if not (wanted(name) or name.startswith(("hf_amnesia_s", "hf_amnesia_h"))):
                 continue
@@ -359,28 +340,6 @@ def run_study(
                 **evaluate(candidate),
                 "seconds": time.perf_counter() - began,
                 "storage_bytes": store_bytes,
-                "repair_steps": steps,
-                "_model": candidate,
-            }
-
-        for name, match in (
-            ("hf_amnesia_unseen", "mean"),
-            ("hf_amnesia_quantile", "quantiles"),
-            ("hf_amnesia_quantile_live", "live quantiles"),
-            ("hf_amnesia_anchor", "anchor"),
-        ):
-            if not wanted(name):
-                continue
-            candidate = copy.deepcopy(original)
-            began = time.perf_counter()
-            scale, steps = _unseen_rule_forget(
-                forgetter(candidate), forget_ids, forget_set, validation, label_column, config, match
-            )
-            rows[name] = {
-                **evaluate(candidate),
-                "seconds": time.perf_counter() - began,
-                "storage_bytes": store_bytes,
-                "scale": scale,
                 "repair_steps": steps,
                 "_model": candidate,
             }
@@ -426,7 +385,7 @@ def run_study(
             candidate = copy.deepcopy(original)
             began = time.perf_counter()
             ascent_steps = max(1, math.ceil(len(forget_set) / per_step))
-            finetune(candidate, forget_set, ascent_steps, config, trainer_class=_GradientAscent)
+            finetune(candidate, forget_set, ascent_steps, config, compute_loss_func=_negated_cross_entropy)
             seconds = time.perf_counter() - began
             rows["neggrad"] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": 0, "_model": candidate}
             repaired = copy.deepcopy(candidate)
@@ -447,21 +406,15 @@ def run_study(
         return rows
 
     def run_sequence() -> dict:
-        """Five requests one after another on one model, each a fifth of the canaries, with the
-        defaults (and the ceiling candidates, each on a copy of its own, when named)."""
-        variants = {"hf_amnesia": nullcontext}
-        for name, patch in (("hf_amnesia_ceil10", _ceiling_10), ("hf_amnesia_ceil_memorised", _ceiling_by_memorised)):
-            if wanted(name):
-                variants[name] = patch
-        candidates = {name: copy.deepcopy(original) for name in variants}
+        """Five requests one after another on one model, each a fifth of the canaries, with the defaults."""
+        candidates = {"hf_amnesia": copy.deepcopy(original)}
         servers = {name: forgetter(model_k) for name, model_k in candidates.items()}
         rows: dict[str, dict] = {}
         for step, request in enumerate(np.array_split(planned[SEQUENCE], 5), start=1):
             reports = {}
-            for name, patch in variants.items():
+            for name, server in servers.items():
                 began = time.perf_counter()
-                with patch():
-                    reports[name] = (servers[name].forget(request), time.perf_counter() - began)
+                reports[name] = (server.forget(request), time.perf_counter() - began)
             forget_set, retain_set, test_set = split(np.concatenate(np.array_split(planned[SEQUENCE], 5)[:step]), "")
             gold, _ = retrain(config.seed, retain_set)
             measured = {}
@@ -491,207 +444,40 @@ def run_study(
     return results, meta
 
 
-@contextmanager
-def _unweighted_tensors():
-    """forget's automatic choice on the raw stored sums, every tensor weighted 1 (the rule before
-    `kept_share_weights`), for comparison."""
-    saved = amnesia_trainer.kept_share_weights
-    amnesia_trainer.kept_share_weights = lambda manifest: torch.ones(manifest.num_params, dtype=torch.float64)
-    try:
-        yield
-    finally:
-        amnesia_trainer.kept_share_weights = saved
-
-
-@contextmanager
-def _plain_repair():
-    """forget's automatic choice with a repair on the retained rows alone (the rule before the
-    repair held forget rows unseen), for comparison."""
-    saved = AmnesiacTrainer._prepare_unseen_hold
-    AmnesiacTrainer._prepare_unseen_hold = lambda self, auto, todo: None
-    try:
-        yield
-    finally:
-        AmnesiacTrainer._prepare_unseen_hold = saved
-
-
-@contextmanager
-def _no_neighbours():
-    """forget's defaults, but the repair holds no forget row at a misclassified row's loss (the rule
-    before `unsupported_by_neighbours`), for comparison."""
-    saved = amnesia_trainer.unsupported_by_neighbours
-    amnesia_trainer.unsupported_by_neighbours = lambda features, labels, *rest: np.zeros(len(labels), dtype=bool)
-    try:
-        yield
-    finally:
-        amnesia_trainer.unsupported_by_neighbours = saved
-
-
-@contextmanager
-def _ceiling_10():
-    """forget's defaults with the scale search's ceiling at 1 / sqrt(p) instead of 4 / sqrt(p): the
-    norm of the request's whole change (`calibrate.scale_ceiling`), a candidate."""
-    saved = amnesia_trainer.scale_ceiling
-    amnesia_trainer.scale_ceiling = _whole_change_ceiling
-    try:
-        yield
-    finally:
-        amnesia_trainer.scale_ceiling = saved
-
-
-def _whole_change_ceiling(keep_fraction: float) -> float:
-    """1 / sqrt(p): the scale at which the kept entries carry the norm of the request's whole change."""
-    return 1.0 / math.sqrt(keep_fraction)
-
-
-@contextmanager
-def _ceiling_by_memorised():
-    """A candidate: the ceiling at 1 / sqrt(p), unless at least half of the request's rows are flagged
-    by the neighbour check (memorised rows, whose retained neighbours outvote their label): then
-    the default 4 / sqrt(p)."""
-    choose, default = AmnesiacTrainer._choose_scale, amnesia_trainer.scale_ceiling
-
-    def choose_with_ceiling(self, params, snapshot, update, auto, max_harm, keep_fraction):
-        flags = auto.unsupported
-        memorised = flags is not None and len(flags) > 0 and float(np.mean(flags)) >= 0.5
-        amnesia_trainer.scale_ceiling = default if memorised else _whole_change_ceiling
-        try:
-            return choose(self, params, snapshot, update, auto, max_harm, keep_fraction)
-        finally:
-            amnesia_trainer.scale_ceiling = default
-
-    AmnesiacTrainer._choose_scale = choose_with_ceiling
-    try:
-        yield
-    finally:
-        AmnesiacTrainer._choose_scale = choose
-
-
-@contextmanager
-def _probe_slack():
-    """forget's defaults, but the repair is done once retained accuracy reaches what the same
-    repair budget of fine-tuning reaches from the original weights, if that is below the
-    original's own accuracy (a fresh optimizer alone can cost more than the one-row slack).
-    A candidate, for comparison: one extra repair budget of steps per request."""
-    saved = AmnesiacTrainer._prepare_unseen_hold
-
-    def prepare_and_probe(self, auto, todo):
-        saved(self, auto, todo)
-        probe = copy.deepcopy(self.model)
-        finetune(probe, auto.retained, repair_budget(auto.planned_steps), self.args, data_collator=self.data_collator)
-        measure = AmnesiacTrainer(model=probe, args=self.args, train_dataset=auto.retained, record=False)
-        auto.original_accuracy = min(auto.original_accuracy, measure._accuracy(auto.retained_sample))
-
-    AmnesiacTrainer._prepare_unseen_hold = prepare_and_probe
-    try:
-        yield
-    finally:
-        AmnesiacTrainer._prepare_unseen_hold = saved
-
-
 def _norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial: nn.Module, num_train: int) -> int:
-    """The per-tensor closed form `s_l = (|F| / N) * ||theta_T,l - theta_0,l|| / ||u_l||`, then the automatic repair.
-
-    A candidate rule for comparison: it needs the initial weights, which the store does not keep.
-    """
-    auto = trainer._auto_data(forget_ids, None, None, need_holdout=False)
-    auto.original_accuracy = trainer._accuracy(auto.retained_sample)
-    update = forget_update(StoreReader(trainer.args.store_dir), forget_ids)
-    layout = ParamLayout.from_model(trainer.model)
+    """The per-tensor closed form `s_l = (|F| / N) * ||theta_T,l - theta_0,l|| / ||u_l||`, then the automatic repair
+    (a plain one, as for a request without a holdout). A rule for comparison: it needs the initial weights, which
+    the store does not keep. Built from the forgetting package's parts; returns the repair's steps."""
+    context, policy = trainer.forget_context(), ForgetConfig()
+    model, args = context.model, context.args
+    data = gather(
+        context.train_dataset,
+        args.id_column,
+        args.seed,
+        context.planned_steps(),
+        forget_ids,
+        forgotten_ids(model),
+        None,
+        None,
+        need_holdout=False,
+        hold_unseen=False,
+        config=policy,
+    )
+    data.original_accuracy = context.measure.accuracy(data.retained_sample)
+    update = forget_update(StoreReader(args.store_dir), forget_ids)
+    layout = ParamLayout.from_model(model)
     starts = dict(initial.named_parameters())
     offset = 0
     with torch.no_grad():
-        for name, param in zip(layout.names, layout.params_of(trainer.model)):
+        for name, param in zip(layout.names, layout.params_of(model)):
             piece = update[offset : offset + param.numel()].view(param.shape).to(param.dtype)
             offset += param.numel()
             norm = float(piece.norm())
             if norm > 0:
                 change = float((param - starts[name]).norm())
                 param.sub_(len(forget_ids) / num_train * change / norm * piece)
-    trainer._set_forgotten(sorted(set(trainer.forgotten_ids()) | set(forget_ids.tolist())))
-    return trainer._repair_until_restored(auto)[0]
-
-
-def _row_losses(model: nn.Module, dataset, label_column: str) -> np.ndarray:
-    return -np.log(
-        np.clip(true_label_confidence(*predict_proba(model, dataset, label_column=label_column)), 1e-12, None)
-    )
-
-
-def _unseen_rule_forget(
-    trainer: AmnesiacTrainer, forget_ids: np.ndarray, forget_set, holdout, label_column: str, config, match: str
-) -> tuple[float, int]:
-    """The automatic scale; then, unless a whole class goes, a repair that keeps the forget rows
-    looking unseen (Retrain never saw them, so they should fit no better than held-out rows).
-    The repair's loss is the retained rows' loss plus, on a batch of forget rows:
-    - match="mean": relu(target - their mean loss), target = the original's mean held-out loss;
-    - match="quantiles": the mean of relu(h_q - loss) over the batch, each row's h_q being the
-      original's held-out loss at that row's quantile within the batch (1-D quantile matching:
-      only rows fitting better than their held-out counterpart are pushed, and only up to it);
-    - match="live quantiles": the same with the held-out losses of the model being repaired,
-      measured again every LIVE_REFRESH steps;
-    - match="anchor": the mean of relu(a_i - loss_i), a_i being row i's loss right after the
-      subtraction (the repair may not fit a forget row better than the subtraction left it);
-      forget's own repair takes min(a_i, h_q) (`calibrate.unseen_targets`).
-    Candidate rules for comparison; returns (scale, repair steps)."""
-    from torch.utils.data import DataLoader
-
-    auto = trainer._auto_data(forget_ids, None, None, need_holdout=False)
-    auto.original_accuracy = trainer._accuracy(auto.retained_sample)
-    model = trainer.model
-    held_out = np.sort(_row_losses(model, holdout, label_column))
-    report = trainer.forget(forget_ids, repair_steps=0)
-    if auto.classes:
-        return report.scale, trainer._repair_until_restored(auto)[0]
-    id_column = config.id_column
-    anchors = {}  # match="anchor": each forget row's loss right after the subtraction
-    if match == "anchor":
-        anchors = dict(
-            zip(np.asarray(forget_set[id_column]).tolist(), _row_losses(model, forget_set, label_column).tolist())
-        )
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(forget_set, batch_size=config.per_device_train_batch_size, shuffle=True, generator=generator)
-
-    def forget_batches():
-        while True:
-            yield from loader
-
-    batches = forget_batches()
-    calls = 0
-
-    def gap(losses: torch.Tensor, ids) -> torch.Tensor:
-        nonlocal held_out, calls
-        if match == "live quantiles" and calls % LIVE_REFRESH == 0:
-            with torch.no_grad():
-                held_out = np.sort(_row_losses(model, holdout, label_column))
-        calls += 1
-        if match == "mean":
-            return torch.relu(float(held_out.mean()) - losses.mean())
-        ranks = torch.argsort(torch.argsort(losses.detach())).cpu().numpy()
-        targets = np.quantile(held_out, (ranks + 0.5) / len(ranks))
-        if match == "anchor":
-            targets = np.array([anchors[int(i)] for i in ids])
-        return torch.relu(torch.as_tensor(targets, dtype=losses.dtype, device=losses.device) - losses).mean()
-
-    class KeepingUnseen(AmnesiacTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
-            batch = next(batches)
-            ids = batch[id_column].tolist()
-            batch = {k: v.to(loss.device) for k, v in batch.items() if k != id_column}
-            labels = batch.pop(label_column)
-            logits = model(**batch)["logits"]
-            return loss + gap(nn.functional.cross_entropy(logits, labels, reduction="none"), ids)
-
-    return report.scale, trainer._repair_until_restored(auto, trainer_class=KeepingUnseen)[0]
-
-
-def _init_fields(config: AmnesiaConfig) -> dict:
-    import dataclasses
-
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    values.update(save_strategy="no", report_to=[], push_to_hub=False)
-    return values
+    set_forgotten(model, sorted(set(forgotten_ids(model)) | set(forget_ids.tolist())))
+    return repair_until_restored(model, data, None, context.measure, args, policy, args.id_column)[0]
 
 
 def write_outputs(results: dict, meta: dict, output_dir: str) -> str:

@@ -2,7 +2,6 @@
 
 import gzip
 import json
-import math
 import os
 
 import numpy as np
@@ -136,16 +135,11 @@ def test_mnist_recipe_from_idx_files(tmp_path):
     out = tmp_path / "out"
     mnist.main(
         ["--dataset_name", str(data), "--output_dir", str(out), "--scenarios", "class,sequence_5", "--model", "mlp"]
-        + ["--methods", ",".join(["all", *RESEARCH_METHODS])]  # candidate rules run only when named
+        + ["--methods", ",".join(["all", *RESEARCH_METHODS])]  # the ablations run only when named
         + TINY
     )
     results = _check_outputs(out, scenarios=("class", "sequence_5"), methods=METHODS | set(RESEARCH_METHODS))
     _check_sequence(results)
-    for name, factor in (("hf_amnesia_ceil10", 1.0), ("hf_amnesia_ceil_memorised", 4.0)):  # in the sequence too
-        ceiling = factor / math.sqrt(0.05)  # TINY's keep_fraction
-        for row in [results["class"][name], *(results["sequence_5"][f"{name}@{k}"] for k in range(1, 6))]:
-            assert 0 <= row["scale"] <= ceiling * (1 + 1e-9) and np.isfinite(row["avg_gap"])
-    assert results["class"]["hf_amnesia_ceil_memorised"]["scale"] <= 1 / math.sqrt(0.05) * (1 + 1e-9)  # no flags
     third, other = results["class"]["retrain_third_seed"], results["class"]["retrain_other_seed"]
     assert third["dist_retrain"] > 0 and third["dist_retrain"] != other["dist_retrain"]  # a third seed, its own model
 
