@@ -1,16 +1,11 @@
 """Resuming from a checkpoint gives the same store and weights as an uninterrupted run."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
+from scripts.crash_train import SUMS_IN_MEMORY, config
 from tiny import TinyCNN, image_dataset
 from transformers import TrainerCallback
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from crash_train import SUMS_IN_MEMORY, config  # noqa: E402
 
 from hf_amnesia import AmnesiacTrainer, StoreReader
 from hf_amnesia.recorder import DeltaSums

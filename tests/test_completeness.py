@@ -3,13 +3,10 @@ written every step or summed in memory)."""
 
 import json
 import os
-import sys
 
 import pytest
+from scripts.completeness import run
 from tiny import run_two_processes
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from completeness import run  # noqa: E402
 
 REL_TOL = 1e-4
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "completeness.py")
