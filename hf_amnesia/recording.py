@@ -15,7 +15,7 @@ from .errors import ConfigError, StoreError
 from .layout import ParamLayout
 from .store import Manifest, recording_marker
 from .store.journal import weights_fingerprint
-from .validate import model_problems, raise_problems
+from .validate import nothing_to_record, raise_problems
 
 
 def open_manifest(
@@ -27,7 +27,7 @@ def open_manifest(
     store_dir = Path(args.store_dir)
     layout = ParamLayout.from_model(model)
     if layout.num_params == 0:
-        raise_problems([p for p in model_problems(model) if "no trainable" in p.message])
+        raise_problems([nothing_to_record()])
     existing = Manifest.load(store_dir)
     if existing is not None:
         if existing.layout.fingerprint() != layout.fingerprint():

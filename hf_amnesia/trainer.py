@@ -27,7 +27,7 @@ from .recorder import Recorder
 from .recording import open_manifest, recording_plan
 from .store import folder_bytes
 from .store.journal import weights_fingerprint
-from .validate import model_problems, optimizer_problems, raise_problems, training_problems
+from .validate import launch_problems, model_problems, optimizer_problems, raise_problems, training_problems
 
 try:  # datasets is a dependency, but the trainer also takes torch datasets
     import datasets
@@ -48,14 +48,14 @@ class AmnesiacTrainer(Trainer):
 
     def __init__(self, model=None, args=None, train_dataset=None, *, record: bool = True, **kwargs):
         args = _as_amnesia_config(args)
-        raise_problems((model_problems(model, recording=False) if model is not None else []) + training_problems(args))
+        raise_problems((model_problems(model) if model is not None else []) + training_problems(args))
         self._record = record
         self._recorder: Recorder | None = None
         self._resume_requested = False
         self._trained = False  # a recorded run finished on this trainer
         train_dataset = with_dataset_ids(train_dataset, args.id_column)
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
-        raise_problems(training_problems(args, sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled))
+        raise_problems(launch_problems(self.is_fsdp_enabled or self.is_deepspeed_enabled, args.n_gpu))
 
     # -- ids stay out of the model ---------------------------------------------------------------
 
@@ -226,7 +226,7 @@ class AmnesiacTrainer(Trainer):
         `strict=True`, before any change).
 
         With the defaults (`scale="auto"`, `repair_steps="auto"`), `config` (a `ForgetConfig`;
-        docs/method.md, "The forget policy") chooses the scale on `holdout` (default: the
+        docs/method.md, "The forget policy, step by step") chooses the scale on `holdout` (default: the
         trainer's `eval_dataset`; rows never trained on, not the test data you report) and
         repairs on the retained training rows. A request holding every training row of a label
         removes that class; this is detected from the labels, or stated with
@@ -237,8 +237,18 @@ class AmnesiacTrainer(Trainer):
         ids' rows are erased from the store, and an audit record is appended; a crash leaves all
         of it fully before or fully after.
         """
-        context = self.forget_context()
-        return serve(context, dataset_ids, config, scale, repair_steps, holdout, whole_class, strict, save_to, purge)
+        return serve(
+            self.forget_context(),
+            dataset_ids,
+            config=config,
+            scale=scale,
+            repair_steps=repair_steps,
+            holdout=holdout,
+            whole_class=whole_class,
+            strict=strict,
+            save_to=save_to,
+            purge=purge,
+        )
 
     def forget_context(self) -> ForgetContext:
         """What `forget` works with: the model, the data, how it measures the model (`measure`) and

@@ -35,8 +35,8 @@ def raise_problems(problems: list[Problem]) -> None:
     raise problems[0].error(f"{len(problems)} problems:\n{listed}")
 
 
-def model_problems(model: nn.Module, recording: bool = True) -> list[Problem]:
-    """Layers whose per-sample updates are not defined (batch statistics); no trainable parameter."""
+def model_problems(model: nn.Module) -> list[Problem]:
+    """Layers whose per-sample updates are not defined (batch statistics)."""
     problems = []
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -48,15 +48,16 @@ def model_problems(model: nn.Module, recording: bool = True) -> list[Problem]:
                     "`model = opacus.validators.ModuleValidator.fix(model)`.",
                 )
             )
-    if recording and not any(p.requires_grad for p in model.parameters()):
-        problems.append(
-            Problem(UnsupportedModelError, "the model has no trainable parameters; nothing can be recorded.")
-        )
     return problems
 
 
-def training_problems(args, sharded: bool = False) -> list[Problem]:
-    """Settings of `TrainingArguments` (and a sharded launch) that break the per-sample replay."""
+def nothing_to_record() -> Problem:
+    """The model to record has no trainable entry."""
+    return Problem(UnsupportedModelError, "the model has no trainable parameters; nothing can be recorded.")
+
+
+def training_problems(args) -> list[Problem]:
+    """Settings of `TrainingArguments` that break the per-sample replay."""
     problems = []
     if args.gradient_checkpointing:
         problems.append(
@@ -66,13 +67,22 @@ def training_problems(args, sharded: bool = False) -> list[Problem]:
                 "per-sample hooks. Set gradient_checkpointing=False (use a smaller batch to save memory).",
             )
         )
-    if sharded or args.fsdp or args.deepspeed:
+    if args.fsdp or args.deepspeed:
         problems.append(Problem(UnsupportedTrainingError, SHARDED))
-    if args.n_gpu > 1:
+    return problems
+
+
+def launch_problems(sharded: bool, n_gpu: int) -> list[Problem]:
+    """How the Trainer set the run up: sharded by accelerate, or several GPUs driven by one process
+    (a model placed across GPUs counts as one)."""
+    problems = []
+    if sharded:
+        problems.append(Problem(UnsupportedTrainingError, SHARDED))
+    if n_gpu > 1:
         problems.append(
             Problem(
                 UnsupportedTrainingError,
-                f"{args.n_gpu} GPUs in one process (torch DataParallel) are not supported; launch one "
+                f"{n_gpu} GPUs in one process (torch DataParallel) are not supported; launch one "
                 "process per GPU with `accelerate launch` or `torchrun`.",
             )
         )

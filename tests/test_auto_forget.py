@@ -49,8 +49,10 @@ def test_bisection_finds_the_largest_safe_scale(boundary):
 
 
 def test_bisection_edges():
-    assert largest_safe_scale(lambda s: 0.0, 5.0, ceiling=40.0).scale == 40.0  # harmless: the ceiling
-    none = largest_safe_scale(lambda s: 100.0, 5.0, ceiling=40.0)
+    assert (
+        largest_safe_scale(lambda s: 0.0, 5.0, ceiling=40.0, octaves=10, steps=7).scale == 40.0
+    )  # harmless: the ceiling
+    none = largest_safe_scale(lambda s: 100.0, 5.0, ceiling=40.0, octaves=10, steps=7)
     assert none.scale == 0.0 and len(none.trace) == 2  # harmful even at ceiling / 2**10: subtract nothing
 
 
@@ -59,9 +61,9 @@ def test_rules_of_thumb():
     assert repair_budget(600) == 60 and repair_budget(3) == 1
     assert forgotten_classes(np.array([0, 1, 1, 2, 2]), np.array([True, True, False, True, True])) == [0, 2]
     assert forgotten_classes(np.array([0, 1]), np.array([False, False])) == []
-    a, b = retained_sample(5000, seed=3), retained_sample(5000, seed=3)
+    a, b = retained_sample(5000, seed=3, size=1024), retained_sample(5000, seed=3, size=1024)
     assert np.array_equal(a, b) and len(a) == 1024 and len(np.unique(a)) == 1024
-    assert np.array_equal(retained_sample(10, seed=0), np.arange(10))
+    assert np.array_equal(retained_sample(10, seed=0, size=1024), np.arange(10))
 
 
 class _ScriptedAttempts:
@@ -145,29 +147,33 @@ def _data(trainer, ids, need_holdout, hold_unseen=False, whole_class=None, holdo
     """The data forget's automatic choice gathers for `ids`."""
     return gather(
         trainer.train_dataset,
-        "dataset_id",
-        trainer.args.seed,
-        trainer._planned_training_steps(),
-        np.asarray(ids),
-        trainer.forgotten_ids(),
-        trainer.eval_dataset if holdout is None else holdout,
-        whole_class,
-        need_holdout,
-        hold_unseen,
-        DEFAULTS,
+        id_column="dataset_id",
+        seed=trainer.args.seed,
+        planned_steps=trainer._planned_training_steps(),
+        ids=np.asarray(ids),
+        forgotten=trainer.forgotten_ids(),
+        holdout=trainer.eval_dataset if holdout is None else holdout,
+        whole_class=whole_class,
+        need_holdout=need_holdout,
+        hold_unseen=hold_unseen,
+        config=DEFAULTS,
     )
 
 
 def _hold(trainer, data, ids):
     prepare_unseen_hold(
-        data, _measure(trainer), trainer.train_dataset, "dataset_id", trainer.args.seed, np.asarray(ids), DEFAULTS
+        data,
+        _measure(trainer),
+        train_dataset=trainer.train_dataset,
+        id_column="dataset_id",
+        seed=trainer.args.seed,
+        todo=np.asarray(ids),
+        config=DEFAULTS,
     )
 
 
 def _repair(trainer, data, after_subtraction=None):
-    return repair_until_restored(
-        trainer.model, data, after_subtraction, _measure(trainer), trainer.args, DEFAULTS, "dataset_id"
-    )
+    return repair_until_restored(trainer.model, data, after_subtraction, _measure(trainer), trainer.args, DEFAULTS)
 
 
 def _weights(trainer):
@@ -375,17 +381,21 @@ def test_neighbours_outvote_a_mislabeled_row_and_not_a_typical_one():
     retained = centres[retained_labels] + rng.normal(size=(120, 8))
     rows = centres[[0, 1, 2, 2]] + rng.normal(size=(4, 8))
     labels = np.array([0, 1, 2, 0])  # the last row lies among the 2s but carries label 0
-    flagged = unsupported_by_neighbours(rows, labels, retained, retained_labels)
+    flagged = unsupported_by_neighbours(rows, labels, retained, retained_labels, k=10)
     assert flagged.tolist() == [False, False, False, True]
     # chunking changes nothing; scale does not matter (cosine similarity)
-    assert np.array_equal(unsupported_by_neighbours(rows, labels, retained, retained_labels, chunk=1), flagged)
-    assert np.array_equal(unsupported_by_neighbours(rows * 3, labels, retained, retained_labels), flagged)
+    assert np.array_equal(unsupported_by_neighbours(rows, labels, retained, retained_labels, k=10, chunk=1), flagged)
+    assert np.array_equal(unsupported_by_neighbours(rows * 3, labels, retained, retained_labels, k=10), flagged)
     # fewer than half of the votes is too little support; half is enough
     near = np.zeros((10, 2))
     near[:, 0] = 1.0
-    assert unsupported_by_neighbours(np.array([[1.0, 0.0]]), np.array([0]), near, np.array([0] * 4 + [1] * 6)).all()
-    assert not unsupported_by_neighbours(np.array([[1.0, 0.0]]), np.array([0]), near, np.array([0] * 5 + [1] * 5)).any()
-    assert not unsupported_by_neighbours(rows, labels, np.zeros((0, 8)), np.zeros(0)).any()
+    assert unsupported_by_neighbours(
+        np.array([[1.0, 0.0]]), np.array([0]), near, np.array([0] * 4 + [1] * 6), k=10
+    ).all()
+    assert not unsupported_by_neighbours(
+        np.array([[1.0, 0.0]]), np.array([0]), near, np.array([0] * 5 + [1] * 5), k=10
+    ).any()
+    assert not unsupported_by_neighbours(rows, labels, np.zeros((0, 8)), np.zeros(0), k=10).any()
 
 
 def test_misfit_loss_and_the_targets_of_unsupported_rows():
@@ -460,7 +470,7 @@ def test_the_automatic_repair_holds_forget_rows_unseen_unless_a_class_goes(train
     features, labels = measure.features(auto.forget_rows)
     retained_features, retained_labels = measure.features(auto.retained)  # fewer rows than neighbour_rows: all
     assert np.array_equal(
-        auto.unsupported, unsupported_by_neighbours(features, labels, retained_features, retained_labels)
+        auto.unsupported, unsupported_by_neighbours(features, labels, retained_features, retained_labels, k=10)
     )
     logits, held_labels = measure.predict(holdout)
     assert auto.misfit_loss == misfit_loss(
@@ -710,3 +720,28 @@ def test_the_search_stops_at_the_first_attempt_that_brings_the_class_back(traine
     _reset(trainer, theta)
     trainer.forget(class_ids, scale=0.75, repair_steps=0)  # attempt 2, made directly
     assert torch.equal(_weights(trainer), kept)
+
+
+@pytest.mark.parametrize("with_loss_func", [False, True], ids=["model_loss", "compute_loss_func"])
+def test_the_repair_divides_its_loss_by_the_accumulation_steps(tmp_path, with_loss_func):
+    """One repair step of 2 microbatches of 4 rows moves the weights as one batch of 8 does, with the
+    model's own loss and with a per-batch mean given as `compute_loss_func` (as the hold's is)."""
+
+    def mean_cross_entropy(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs["logits"], labels)
+
+    rows = image_dataset(8, classes=3, seed=0, with_ids=True)
+    moved = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = TinyCNN()
+        args = tiny_config(
+            tmp_path,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=1e-2,
+            max_grad_norm=0.0,
+        )
+        repair_module.finetune(model, rows, 1, args, compute_loss_func=mean_cross_entropy if with_loss_func else None)
+        moved.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu())
+    assert torch.allclose(moved[0], moved[1], rtol=1e-5, atol=1e-6)

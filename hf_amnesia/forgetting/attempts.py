@@ -25,6 +25,7 @@ class ModelAttempts:
 
     def __init__(
         self,
+        *,
         model: nn.Module,
         params: list[torch.Tensor],
         update: torch.Tensor,
@@ -64,7 +65,7 @@ class ModelAttempts:
 
     def repair(self) -> tuple[int, bool]:
         return repair_until_restored(
-            self.model, self.data, self.after_subtraction, self.measure, self.args, self.config, self.measure.id_column
+            self.model, self.data, self.after_subtraction, self.measure, self.args, self.config
         )
 
     def repair_fixed(self, steps: int) -> None:

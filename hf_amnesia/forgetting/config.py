@@ -10,7 +10,7 @@ from ..errors import ForgetRequestError
 
 @dataclass(frozen=True)
 class ForgetConfig:
-    """How `forget(ids)` chooses its scale and repair (docs/method.md, "The forget policy").
+    """How `forget(ids)` chooses its scale and repair (docs/method.md, "The forget policy, step by step").
 
     Pass it as `trainer.forget(ids, config=ForgetConfig(max_harm=20.0))`. The defaults are the
     measured policy of docs/results.md; the switches `weight_by_kept_share`, `hold_unseen` and
@@ -46,7 +46,10 @@ class ForgetConfig:
     )
     retained_sample_rows: int = field(
         default=1024,
-        metadata={"help": "Retained rows (a seeded sample) whose accuracy decides when the repair is done."},
+        metadata={
+            "help": "Retained rows (a seeded sample) whose accuracy decides when the repair is done; a removed "
+            "class's training rows are sampled to the same size to check that it stays forgotten."
+        },
     )
     class_accuracy_target: float = field(
         default=1.0,

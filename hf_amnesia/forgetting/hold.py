@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def retained_sample(num_rows: int, seed: int, size: int = 1024) -> np.ndarray:
+def retained_sample(num_rows: int, seed: int, size: int) -> np.ndarray:
     """Fixed (seeded) row indices of the retained data on which repair progress is measured."""
     if num_rows <= size:
         return np.arange(num_rows)
@@ -32,7 +32,7 @@ def unsupported_by_neighbours(
     labels: np.ndarray,
     retained_features: np.ndarray,
     retained_labels: np.ndarray,
-    k: int = 10,
+    k: int,
     chunk: int = 1024,
 ) -> np.ndarray:
     """Rows whose own label gets fewer than half of the votes of their k nearest retained rows.
@@ -40,8 +40,9 @@ def unsupported_by_neighbours(
     Nearest by cosine similarity of the features (the original model's input to its classifier
     layer). Retrain predicts a forget row from the rest of the data; when the rows closest to it
     mostly carry another label (a mislabeled or atypical row the model memorised), Retrain most
-    likely misclassifies it. Measured on MNIST 5k (docs/results.md): 33-36 of 36 mislabeled rows
-    flagged (seeds 22-24, 28), and fewer random rows than Retrain misclassifies (seed 24).
+    likely misclassifies it. Measured on MNIST 5k (docs/history/2026-11-results-notebook.md): 33-36
+    of 36 mislabeled rows flagged (seeds 22-24, 28), and fewer random rows than Retrain
+    misclassifies (seed 24).
     """
     labels, retained_labels = np.asarray(labels), np.asarray(retained_labels)
     if len(retained_labels) == 0 or len(labels) == 0:

@@ -135,7 +135,8 @@ class ForgetPolicy:
                     logger.warning(
                         "forget: the repair did not bring retained accuracy back within its budget; the model "
                         "keeps the last attempt (scale %.3g). Check it on held-out data, or call forget again "
-                        "on the original weights with a smaller max_harm or a fixed repair_steps.",
+                        "on the original weights with config=ForgetConfig(max_harm=...) smaller, or a fixed "
+                        "repair_steps.",
                         chosen,
                     )
                 elif both_auto and self.class_back(recognised):

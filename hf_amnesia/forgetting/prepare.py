@@ -37,6 +37,7 @@ class ForgetData:
 
 def gather(
     train_dataset,
+    *,
     id_column: str,
     seed: int,
     planned_steps: int,
@@ -109,6 +110,7 @@ def gather(
 def prepare_unseen_hold(
     data: ForgetData,
     measure: Measurer,
+    *,
     train_dataset,
     id_column: str,
     seed: int,

@@ -1,9 +1,11 @@
 """The repair: an unrecorded fine-tune on the retained rows, with a plain `transformers.Trainer`.
 
 `repair_until_restored` fine-tunes until the retained rows' accuracy is back at the original's.
-Unless whole classes go, its loss (`HoldUnseenLoss`, the Trainer's `compute_loss_func`) adds a
-hinge that holds the forget rows no better fitted than held-out rows (`hold.unseen_targets`).
-This module and the trainer are the only ones that know `Trainer`.
+Unless whole classes go, its loss (`HoldUnseenLoss`, the Trainer's `compute_loss_func`) is the
+retained batch's cross-entropy (label-smoothed as the Trainer would) plus a hinge that holds the
+forget rows no better fitted than held-out rows (`hold.unseen_targets`); the sum is a per-batch
+mean, divided by the gradient accumulation steps like any such loss. This module and the trainer
+are the only ones that know `Trainer`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.data.data_collator import default_data_collator
+from transformers.trainer_pt_utils import LabelSmoother
 
 from ..config import training_fields
 from .config import ForgetConfig
@@ -33,19 +36,20 @@ def finetune(
     compute_loss_func: Callable | None = None,
     stop_when: Callable[[], bool] | None = None,
     check_every: int = 1,
-    id_column: str = "dataset_id",
 ) -> int:
     """Train `model` in place for `steps` optimizer steps at a constant learning rate, unrecorded.
 
     The repair of `forget`, and the fine-tune baseline of the recipes. `compute_loss_func`, if
     given, computes the loss from the model's outputs and the batch's labels (a classification
     loss, a per-batch mean: `HoldUnseenLoss`, or a recipe's NegGrad). With `stop_when`, training
-    stops early once it returns True (checked every `check_every` steps). Rows keep their
-    `id_column` out of the model. Returns the number of steps taken.
+    stops early once it returns True (checked every `check_every` steps). Rows keep their id
+    column (`args.id_column`, for an `AmnesiaConfig`) out of the model. Returns the number of steps
+    taken.
     """
     collate = data_collator or default_data_collator
+    id_column = getattr(args, "id_column", "dataset_id")
 
-    def without_ids(rows):
+    def collate_without_ids(rows):
         return collate([{k: v for k, v in row.items() if k != id_column} for row in rows])
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,12 +68,13 @@ def finetune(
             load_best_model_at_end=False,
         )
         if compute_loss_func is not None:  # the loss is a per-batch mean: no token averaging across devices
+            _require_loss_scaling_attribute()
             fields.update(average_tokens_across_devices=False)
         trainer = Trainer(
             model=model,
             args=TrainingArguments(**fields),
             train_dataset=train_dataset,
-            data_collator=without_ids,
+            data_collator=collate_without_ids,
             compute_loss_func=compute_loss_func,
         )
         if compute_loss_func is not None:
@@ -80,6 +85,18 @@ def finetune(
             trainer.add_callback(_StopWhen(stop_when, check_every))
         trainer.train()
         return int(trainer.state.global_step)
+
+
+def _require_loss_scaling_attribute() -> None:
+    """`Trainer.loss_is_scaled_for_ga` says that a `compute_loss_func`'s per-batch mean is still to be
+    divided by the accumulation steps; a Trainer without it would skip that division silently."""
+    if not hasattr(Trainer, "loss_is_scaled_for_ga"):
+        import transformers
+
+        raise ImportError(
+            f"transformers {transformers.__version__} has no Trainer.loss_is_scaled_for_ga, which the repair's "
+            "loss needs to be divided by the gradient accumulation steps. Install transformers>=5.19."
+        )
 
 
 class _StopWhen(TrainerCallback):
@@ -105,15 +122,25 @@ class HoldUnseenLoss:
         measure: Measurer,
         batch_size: int,
         seed: int,
+        label_smoothing: float = 0.0,
     ):
         self.model, self.data, self.after_subtraction = model, data, after_subtraction
         self.rows = measure.rows_for_model(data.forget_rows)
         self.collate, self.id_column, self.batch_size = measure.collate, measure.id_column, batch_size
+        self.smoother = LabelSmoother(epsilon=label_smoothing) if label_smoothing else None
         self.order = torch.Generator().manual_seed(seed)
         self.queue: list[int] = []
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
-        loss = nn.functional.cross_entropy(logits_of(outputs), labels)
+        if labels is None:
+            raise ValueError(
+                "the repair's batch has no `labels`: a custom data collator renamed or dropped them. "
+                "Keep the class labels under `labels` in the collated batch."
+            )
+        if self.smoother is not None:
+            loss = self.smoother(outputs, labels)
+        else:
+            loss = nn.functional.cross_entropy(logits_of(outputs), labels)
         if len(self.queue) < self.batch_size:  # the forget rows in a seeded order
             self.queue += torch.randperm(len(self.rows), generator=self.order).tolist()
         picked, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
@@ -139,12 +166,12 @@ def repair_until_restored(
     measure: Measurer,
     args: TrainingArguments,
     config: ForgetConfig,
-    id_column: str,
 ) -> tuple[int, bool]:
     """Fine-tune on the retained rows until their accuracy is back at the original's (one row of
     slack), holding the forget rows unseen where `prepare.prepare_unseen_hold` set that up. When
     whole classes go, the repair runs its whole budget: stopped at the original's level, class
-    requests ended further from Retrain (docs/history). Returns (steps taken, whether it is back)."""
+    requests ended further from Retrain (docs/history/2026-11-results-notebook.md, "A whole class's
+    repair runs its whole budget"). Returns (steps taken, whether it is back)."""
     target = data.original_accuracy - 100.0 / len(data.retained_sample)
 
     def restored() -> bool:
@@ -155,7 +182,15 @@ def repair_until_restored(
     budget = config.repair_budget(data.planned_steps)
     loss = None
     if data.forget_rows is not None:
-        loss = HoldUnseenLoss(model, data, after_subtraction, measure, args.per_device_train_batch_size, args.seed)
+        loss = HoldUnseenLoss(
+            model,
+            data,
+            after_subtraction,
+            measure,
+            args.per_device_train_batch_size,
+            args.seed,
+            label_smoothing=args.label_smoothing_factor,
+        )
     steps = finetune(
         model,
         data.retained,
@@ -165,6 +200,5 @@ def repair_until_restored(
         compute_loss_func=loss,
         stop_when=None if data.classes else restored,
         check_every=config.repair_check_every(budget),
-        id_column=id_column,
     )
     return steps, steps < budget or restored()

@@ -8,7 +8,7 @@ user has: the largest `s` whose subtraction costs at most `max_harm` accuracy po
 rows of the classes the request keeps (harm grows with `s`, so a bisection on `log s` finds it in
 a few evaluations). When the request removes whole classes and that scale still leaves them
 recognisable, the smallest scale that does not is taken instead: Retrain cannot predict a class
-it never saw. docs/method.md, "The forget policy", explains each step.
+it never saw. docs/method.md, "The forget policy, step by step", explains each step.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _bisect(below: Callable[[float], bool], low: float, high: float, steps: int)
 
 
 def largest_safe_scale(
-    harm: Callable[[float], float], max_harm: float, ceiling: float, octaves: int = 10, steps: int = 7
+    harm: Callable[[float], float], max_harm: float, ceiling: float, octaves: int, steps: int
 ) -> ScaleChoice:
     """The largest scale in [ceiling / 2**octaves, ceiling] with `harm(scale) <= max_harm`.
 
@@ -70,14 +70,14 @@ def largest_safe_scale(
 
 
 def smallest_scale_reaching(
-    accuracy: Callable[[float], float], target: float, low: float, high: float, steps: int = 7
+    accuracy: Callable[[float], float], target: float, low: float, high: float, octaves: int, steps: int
 ) -> ScaleChoice:
     """The smallest scale in [low, high] with `accuracy(scale) <= target` (accuracy falls as the
     scale grows): `low` if it already does, `high` if nothing does; else bisection on log2(scale).
     The trace holds (scale, accuracy) pairs."""
     trace: list[tuple[float, float]] = []
     accuracy_at = _probe(accuracy, trace)
-    low, high = math.log2(low if low > 0 else high / 2**10), math.log2(high)
+    low, high = math.log2(low if low > 0 else high / 2**octaves), math.log2(high)
     if accuracy_at(low) <= target:
         return ScaleChoice(2.0**low, trace)
     if accuracy_at(high) > target:
@@ -92,8 +92,8 @@ def choose_scale(
     max_harm: float,
     ceiling: float,
     target: float,
-    octaves: int = 10,
-    steps: int = 7,
+    octaves: int,
+    steps: int,
 ) -> ScaleChoice:
     """The largest scale whose `harm` is at most `max_harm`; when whole classes go
     (`class_accuracy` given), at least the smallest scale that brings their accuracy down to
@@ -101,7 +101,7 @@ def choose_scale(
     choice = largest_safe_scale(harm, max_harm, ceiling, octaves, steps)
     if class_accuracy is None:
         return choice
-    reached = smallest_scale_reaching(class_accuracy, target, choice.scale, ceiling, steps)
+    reached = smallest_scale_reaching(class_accuracy, target, choice.scale, ceiling, octaves, steps)
     choice.trace.extend(reached.trace)
     choice.scale = max(choice.scale, reached.scale)
     return choice

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from ..config import AmnesiaConfig
 from ..data import without_ids
 from ..errors import ForgetRequestError, StoreError
 from ..faults import crash_point
@@ -53,7 +54,7 @@ class ForgetContext:
     """What a forget request needs from the training side."""
 
     model: nn.Module
-    args: object  # the trainer's AmnesiaConfig
+    args: AmnesiaConfig
     train_dataset: object
     eval_dataset: object
     measure: Measurer
@@ -64,8 +65,9 @@ class ForgetContext:
 
 
 def serve(
-    served: ForgetContext,
+    context: ForgetContext,
     dataset_ids,
+    *,
     config: ForgetConfig | None,
     scale: float | str,
     repair_steps: int | str,
@@ -82,13 +84,13 @@ def serve(
     if not isinstance(config, ForgetConfig):
         raise ForgetRequestError(f"config must be a ForgetConfig, got {type(config).__name__}.")
     check_choices(scale, repair_steps)
-    if repair_steps and served.train_dataset is None:
+    if repair_steps and context.train_dataset is None:
         raise ForgetRequestError(
             "repairing fine-tunes on the retained training data, but this trainer has no train_dataset. "
             "Pass train_dataset=... to the trainer, or call forget(ids, scale=1.0, repair_steps=0) for the "
             "exact subtraction, which needs no data."
         )
-    store_dir = Path(served.args.store_dir)
+    store_dir = Path(context.args.store_dir)
     if save_to is not None:
         target = Path(save_to).resolve()
         if target == store_dir.resolve() or store_dir.resolve() in target.parents or target.is_file():
@@ -101,34 +103,34 @@ def serve(
     data = None
     if scale == "auto" or repair_steps == "auto":
         data = gather(
-            served.train_dataset,
-            served.args.id_column,
-            served.args.seed,
-            served.planned_steps() if served.train_dataset is not None else 0,
-            ids,
-            forgotten_ids(served.model),
-            served.eval_dataset if holdout is None else holdout,
-            whole_class,
+            context.train_dataset,
+            id_column=context.args.id_column,
+            seed=context.args.seed,
+            planned_steps=context.planned_steps() if context.train_dataset is not None else 0,
+            ids=ids,
+            forgotten=forgotten_ids(context.model),
+            holdout=context.eval_dataset if holdout is None else holdout,
+            whole_class=whole_class,
             need_holdout=scale == "auto",
             hold_unseen=repair_steps == "auto" and config.hold_unseen,
             config=config,
         )
-    main = served.is_main_process
+    main = context.is_main_process
     committing = save_to is not None and main and store_dir.is_dir()
     with store_lock(store_dir) if committing else nullcontext():
         if committing:
             recover(store_dir)
-        served.wait_for_everyone()
-        report = _serve_locked(served, ids, config, scale, repair_steps, strict, save_to, purge, data)
-        served.wait_for_everyone()
+        context.wait_for_everyone()
+        report = _serve_locked(context, ids, config, scale, repair_steps, strict, save_to, purge, data)
+        context.wait_for_everyone()
     report.seconds = time.perf_counter() - began
     return report
 
 
 def _serve_locked(
-    served: ForgetContext, ids, config, scale, repair_steps, strict, save_to, purge, data
+    context: ForgetContext, ids, config, scale, repair_steps, strict, save_to, purge, data
 ) -> ForgetReport:
-    model, args = served.model, served.args
+    model, args = context.model, context.args
     store_dir = Path(args.store_dir)
     reader = StoreReader(store_dir)
     layout = ParamLayout.from_model(model)
@@ -160,18 +162,26 @@ def _serve_locked(
     if scale == "auto" and config.weight_by_kept_share:  # every tensor at the same share of its whole change
         update = update * kept_share_weights(reader.manifest)
     if repair_steps == "auto":
-        data.original_accuracy = served.measure.accuracy(data.retained_sample)
-        prepare_unseen_hold(data, served.measure, served.train_dataset, args.id_column, args.seed, todo, config)
+        data.original_accuracy = context.measure.accuracy(data.retained_sample)
+        prepare_unseen_hold(
+            data,
+            context.measure,
+            train_dataset=context.train_dataset,
+            id_column=args.id_column,
+            seed=args.seed,
+            todo=todo,
+            config=config,
+        )
     attempts = ModelAttempts(
-        model,
-        params,
-        update,
-        served.measure,
-        data,
-        config,
-        config.scale_ceiling(reader.manifest.keep_fraction),
-        args,
-        repair_fixed=lambda steps: _repair_fixed(served, steps),
+        model=model,
+        params=params,
+        update=update,
+        measure=context.measure,
+        data=data,
+        config=config,
+        ceiling=config.scale_ceiling(reader.manifest.keep_fraction),
+        args=args,
+        repair_fixed=lambda steps: _repair_fixed(context, steps),
     )
     committed = False
     try:
@@ -187,12 +197,12 @@ def _serve_locked(
             calibration=outcome.trace,
         )
         if save_to is not None:
-            if served.is_main_process:
+            if context.is_main_process:
                 roll_back(Path(save_to))
-            served.wait_for_everyone()
-            served.save_model(str(staging_dir(save_to)))
-            served.wait_for_everyone()
-            if served.is_main_process:
+            context.wait_for_everyone()
+            context.save_model(str(staging_dir(save_to)))
+            context.wait_for_everyone()
+            if context.is_main_process:
                 purged = np.array(sorted(i for i in done | set(todo.tolist()) if reader.locate(i)), dtype=np.int64)
                 audit = audit_record(
                     ids,
@@ -219,20 +229,13 @@ def _serve_locked(
         if not committed:
             attempts.restore(attempts.original)
             set_forgotten(model, sorted(done))
-            if save_to is not None and served.is_main_process:
+            if save_to is not None and context.is_main_process:
                 roll_back(Path(save_to))
         raise
     return report
 
 
-def _repair_fixed(served: ForgetContext, steps: int) -> None:
+def _repair_fixed(context: ForgetContext, steps: int) -> None:
     """A fine-tune of exactly `steps` steps on the training rows the model has not forgotten."""
-    retained = without_ids(served.train_dataset, served.args.id_column, set(forgotten_ids(served.model)))
-    finetune(
-        served.model,
-        retained,
-        steps,
-        served.args,
-        data_collator=served.measure.collate,
-        id_column=served.args.id_column,
-    )
+    retained = without_ids(context.train_dataset, context.args.id_column, set(forgotten_ids(context.model)))
+    finetune(context.model, retained, steps, context.args, data_collator=context.measure.collate)
