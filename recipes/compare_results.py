@@ -30,7 +30,8 @@ def differences(before, after, path: tuple = ()) -> list[tuple[str, object, obje
             else:
                 found += differences(before[key], after[key], (*path, key))
         return found
-    return [] if before == after else [("/".join(map(str, path)), before, after)]
+    same = before == after or (before != before and after != after)  # NaN (a metric of no rows) equals NaN
+    return [] if same else [("/".join(map(str, path)), before, after)]
 
 
 def main(argv: list[str] | None = None) -> int:

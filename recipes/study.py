@@ -21,17 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from accelerate import PartialState
 from torch import nn
-from transformers import PrinterCallback, TrainerCallback, set_seed
+from transformers import PrinterCallback, set_seed
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, ForgetConfig
-from hf_amnesia.forgetting import finetune, forget_update, forgotten_ids, set_forgotten
-from hf_amnesia.forgetting.prepare import gather
-from hf_amnesia.forgetting.repair import repair_until_restored
-from hf_amnesia.layout import ParamLayout
-from hf_amnesia.store import StoreReader, folder_bytes, num_kept
+from hf_amnesia.forgetting import finetune
+from hf_amnesia.store import folder_bytes, num_kept
+from recipes.baselines import (
+    PerBatchRecorder,
+    StudyTrainer,
+    flat,
+    negated_cross_entropy,
+    norm_rule_forget,
+    per_batch_forget,
+)
 from recipes.evaluation import avg_gap, markdown_table, plot_results, relative_distance, unlearning_metrics
 
 SCENARIOS = ("class", "random_10", "random_1", "canary_1")
@@ -77,66 +81,6 @@ class StudyArguments:
         default="",
         metadata={"help": "Also run forget's automatic choice with these max_harm values (`hf_amnesia_h{value}`)."},
     )
-
-
-def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
-
-
-def _set_flat(model: nn.Module, theta: torch.Tensor) -> None:
-    with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(theta.to(next(model.parameters()).device), model.parameters())
-
-
-class _PerBatchRecorder(TrainerCallback):
-    """Baseline storage (Graves et al.): the dense change of every step that held a planned forget id."""
-
-    def __init__(self, trainer: StudyTrainer, planned: dict[str, set[int]], folder: Path):
-        self.trainer, self.planned = trainer, planned
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / "per_batch_updates.f32"
-        self.path.unlink(missing_ok=True)
-        self.steps: dict[str, list[int]] = {name: [] for name in planned}
-        self.rows = 0
-        self.previous: torch.Tensor | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.previous = _flat(self.trainer.model)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        ids, self.trainer.step_ids = self.trainer.step_ids, []
-        flags = torch.tensor([float(any(i in self.planned[n] for i in ids)) for n in self.planned])
-        flags = self.trainer.accelerator.reduce(flags.to(self.trainer.accelerator.device), reduction="sum").cpu()
-        now = _flat(self.trainer.model)
-        if flags.any():
-            with open(self.path, "ab") as f:
-                f.write((now - self.previous).numpy().tobytes())
-            for name, flag in zip(self.planned, flags.tolist()):
-                if flag:
-                    self.steps[name].append(self.rows)
-            self.rows += 1
-        self.previous = now
-
-    def updates(self, scenario: str, num_params: int) -> np.ndarray:
-        table = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.rows, num_params))
-        return table[self.steps[scenario]]
-
-
-class StudyTrainer(AmnesiacTrainer):
-    """AmnesiacTrainer that also notes the ids of each step, for the per-batch baselines."""
-
-    step_ids: list[int]
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.step_ids = (
-            getattr(self, "step_ids", []) + torch.as_tensor(inputs[self.args.id_column]).reshape(-1).tolist()
-        )
-        return super().training_step(model, inputs, num_items_in_batch)
-
-
-def _negated_cross_entropy(outputs, labels, num_items_in_batch=None):
-    """NegGrad's loss: maximise the cross-entropy on the forget set."""
-    return -nn.functional.cross_entropy(outputs["logits"], labels)
 
 
 def plan_forget_sets(
@@ -226,10 +170,10 @@ def run_study(
     PartialState().wait_for_everyone()
     set_seed(config.seed)
     model = make_model()
-    theta_init = _flat(model)
+    theta_init = flat(model)
     initial = copy.deepcopy(model)
     trainer = StudyTrainer(model=model, args=config, train_dataset=train_dataset)
-    per_batch = _PerBatchRecorder(
+    per_batch = PerBatchRecorder(
         trainer, {k: set(v.tolist()) for k, v in planned.items()}, Path(config.output_dir) / "_per_batch"
     )
     trainer.add_callback(per_batch)
@@ -237,7 +181,7 @@ def run_study(
     trainer.train()
     train_seconds = time.perf_counter() - began
     original = trainer.model
-    theta_orig = _flat(original)
+    theta_orig = flat(original)
     num_params = theta_orig.numel()
     store_bytes = folder_bytes(config.store_dir)
     world = trainer.accelerator.num_processes
@@ -287,7 +231,7 @@ def run_study(
 
         rows: dict[str, dict] = {}
         gold, gold_seconds = retrain(config.seed, retain_set)
-        theta_gold = _flat(gold)
+        theta_gold = flat(gold)
         rows["retrain"] = {**evaluate(gold), "seconds": gold_seconds, "storage_bytes": 0}
         # the noise floor, and a second draw of it (does Retrain itself meet a target?)
         for name, offset in (("retrain_other_seed", 1), ("retrain_third_seed", 2)):
@@ -335,7 +279,7 @@ def run_study(
         if wanted("hf_amnesia_norm"):
             candidate = copy.deepcopy(original)
             began = time.perf_counter()
-            steps = _norm_rule_forget(forgetter(candidate), forget_ids, initial, len(train_ids))
+            steps = norm_rule_forget(forgetter(candidate), forget_ids, initial, len(train_ids))
             rows["hf_amnesia_norm"] = {
                 **evaluate(candidate),
                 "seconds": time.perf_counter() - began,
@@ -349,20 +293,7 @@ def run_study(
         for name, subset in [("per_batch", False), ("per_batch_subset", True)]:
             if not wanted(name):
                 continue
-            candidate = copy.deepcopy(original)
-            began = time.perf_counter()
-            total = torch.zeros(num_params)
-            rng = np.random.default_rng(config.seed)
-            for row in updates:
-                row = torch.from_numpy(np.array(row))
-                if subset:
-                    mask = torch.zeros(num_params)
-                    mask[torch.from_numpy(rng.choice(num_params, size=keep, replace=False))] = 1.0
-                    row = row * mask
-                total += row
-            _set_flat(candidate, theta_orig - total)
-            seconds = time.perf_counter() - began
-            size = len(updates) * (keep if subset else num_params) * 4
+            candidate, seconds, size = per_batch_forget(original, updates, theta_orig, keep, config.seed, subset)
             rows[name] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": size, "_model": candidate}
             repaired = copy.deepcopy(candidate)
             began = time.perf_counter()
@@ -385,7 +316,7 @@ def run_study(
             candidate = copy.deepcopy(original)
             began = time.perf_counter()
             ascent_steps = max(1, math.ceil(len(forget_set) / per_step))
-            finetune(candidate, forget_set, ascent_steps, config, compute_loss_func=_negated_cross_entropy)
+            finetune(candidate, forget_set, ascent_steps, config, compute_loss_func=negated_cross_entropy)
             seconds = time.perf_counter() - began
             rows["neggrad"] = {**evaluate(candidate), "seconds": seconds, "storage_bytes": 0, "_model": candidate}
             repaired = copy.deepcopy(candidate)
@@ -395,7 +326,7 @@ def run_study(
             rows["neggrad+repair"] = {**evaluate(repaired), "seconds": seconds, "storage_bytes": 0, "_model": repaired}
 
         for name, row in rows.items():
-            theta = _flat(row.pop("_model")) if "_model" in row else theta_gold
+            theta = flat(row.pop("_model")) if "_model" in row else theta_gold
             row["avg_gap"] = avg_gap(row, rows["retrain"])
             row["dist_original"] = relative_distance(theta, theta_orig, theta_orig, theta_init)
             row["dist_retrain"] = relative_distance(theta, theta_gold, theta_orig, theta_init)
@@ -442,42 +373,6 @@ def run_study(
         "store_bytes": store_bytes,
     }
     return results, meta
-
-
-def _norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial: nn.Module, num_train: int) -> int:
-    """The per-tensor closed form `s_l = (|F| / N) * ||theta_T,l - theta_0,l|| / ||u_l||`, then the automatic repair
-    (a plain one, as for a request without a holdout). A rule for comparison: it needs the initial weights, which
-    the store does not keep. Built from the forgetting package's parts; returns the repair's steps."""
-    context, policy = trainer.forget_context(), ForgetConfig()
-    model, args = context.model, context.args
-    data = gather(
-        context.train_dataset,
-        args.id_column,
-        args.seed,
-        context.planned_steps(),
-        forget_ids,
-        forgotten_ids(model),
-        None,
-        None,
-        need_holdout=False,
-        hold_unseen=False,
-        config=policy,
-    )
-    data.original_accuracy = context.measure.accuracy(data.retained_sample)
-    update = forget_update(StoreReader(args.store_dir), forget_ids)
-    layout = ParamLayout.from_model(model)
-    starts = dict(initial.named_parameters())
-    offset = 0
-    with torch.no_grad():
-        for name, param in zip(layout.names, layout.params_of(model)):
-            piece = update[offset : offset + param.numel()].view(param.shape).to(param.dtype)
-            offset += param.numel()
-            norm = float(piece.norm())
-            if norm > 0:
-                change = float((param - starts[name]).norm())
-                param.sub_(len(forget_ids) / num_train * change / norm * piece)
-    set_forgotten(model, sorted(set(forgotten_ids(model)) | set(forget_ids.tolist())))
-    return repair_until_restored(model, data, None, context.measure, args, policy, args.id_column)[0]
 
 
 def write_outputs(results: dict, meta: dict, output_dir: str) -> str:
