@@ -49,6 +49,21 @@ RESEARCH_METHODS = (
     "hf_amnesia_auto+repair",
     "hf_amnesia_no_neighbours",
 )
+# What --methods may name (retrain always runs; a `+repair` variant runs with its method).
+METHODS = (
+    "original",
+    "retrain_other_seed",
+    "hf_amnesia",
+    "hf_amnesia_exact",
+    "hf_amnesia_exact+repair",
+    "hf_amnesia_auto_no_repair",
+    "hf_amnesia_norm",
+    "per_batch",
+    "per_batch_subset",
+    "finetune",
+    "neggrad",
+    *RESEARCH_METHODS,
+)
 
 
 @dataclass
@@ -145,6 +160,11 @@ def run_study(
     """Run every scenario and method; returns (results[scenario][method][metric], run facts)."""
     scenarios = [s.strip() for s in study.scenarios.split(",") if s.strip()]
     chosen = {m.strip() for m in study.methods.split(",") if m.strip()}
+    unknown = sorted(chosen - {"all", "retrain", *METHODS})
+    if unknown:
+        raise ValueError(
+            f"--methods names {unknown}, which the study does not run; choose from all, {', '.join(METHODS)}."
+        )
 
     def wanted(method: str) -> bool:
         return method in chosen or ("all" in chosen and method not in RESEARCH_METHODS)

@@ -225,3 +225,17 @@ def test_mnist_recipe_in_two_processes(tmp_path):
     _check_outputs(out)
     meta = json.loads((out / "run.json").read_text())
     assert meta["world_size"] == 2
+
+
+def test_a_method_the_study_does_not_run_is_refused_before_training(tmp_path):
+    from datasets import Dataset
+
+    from hf_amnesia import AmnesiaConfig
+    from recipes.study import StudyArguments, run_study
+
+    rows = Dataset.from_dict({"x": [[0.0]] * 8, "labels": [0, 1] * 4})
+    config = AmnesiaConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    study = StudyArguments(methods="hf_amnesia,hf_amnesia_ceil10", scenarios="class")
+    with pytest.raises(ValueError, match=r"\['hf_amnesia_ceil10'\], which the study does not run"):
+        run_study(lambda: None, rows, rows, config, study)
+    assert not (tmp_path / "_amnesia_store").exists()
