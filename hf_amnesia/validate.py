@@ -1,7 +1,8 @@
-"""What cannot be recorded exactly, found all at once: every refusal of a model, a training setup or an optimizer.
+"""What cannot be recorded exactly: every refusal of a model, a training setup or an optimizer.
 
-Each check returns `Problem`s (the error type and a message that says what to do);
-`raise_problems` raises them together, so a user learns everything that is wrong in one run.
+Each check returns all the `Problem`s it finds (the error type and a message that says what to
+do); `raise_problems` raises them together. The trainer checks the model and its arguments before
+`Trainer.__init__`, the launch after it, the optimizer when it is created.
 """
 
 from __future__ import annotations

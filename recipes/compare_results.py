@@ -30,6 +30,8 @@ def differences(before, after, path: tuple = ()) -> list[tuple[str, object, obje
             else:
                 found += differences(before[key], after[key], (*path, key))
         return found
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [found for i, (x, y) in enumerate(zip(before, after)) for found in differences(x, y, (*path, i))]
     same = before == after or (before != before and after != after)  # NaN (a metric of no rows) equals NaN
     return [] if same else [("/".join(map(str, path)), before, after)]
 

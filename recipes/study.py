@@ -163,7 +163,8 @@ def run_study(
     unknown = sorted(chosen - {"all", "retrain", *METHODS})
     if unknown:
         raise ValueError(
-            f"--methods names {unknown}, which the study does not run; choose from all, {', '.join(METHODS)}."
+            f"--methods names {unknown}, which the study does not run; choose from all, {', '.join(METHODS)} "
+            "(hf_amnesia_s*/_h* rows come from --extra_scales/--extra_harms; +repair rows run with their method)."
         )
 
     def wanted(method: str) -> bool:

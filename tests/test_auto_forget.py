@@ -745,3 +745,31 @@ def test_the_repair_divides_its_loss_by_the_accumulation_steps(tmp_path, with_lo
         repair_module.finetune(model, rows, 1, args, compute_loss_func=mean_cross_entropy if with_loss_func else None)
         moved.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu())
     assert torch.allclose(moved[0], moved[1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_holds_retained_term_is_label_smoothed_as_the_trainer_would(trained):
+    """With the hinge at zero (targets far below every loss), the hold's loss is the retained batch's
+    cross-entropy, smoothed with `label_smoothing_factor` exactly as the Trainer smooths its own."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    trainer, train, holdout, theta = trained
+    _reset(trainer, theta)
+    measure = _measure(trainer)
+    ids = [int(i) for i in train["dataset_id"][:6]]
+    auto = _data(trainer, ids, need_holdout=True, hold_unseen=True)
+    _hold(trainer, auto, ids)
+    auto.unsupported, auto.misfit_loss = None, 0.0
+    auto.held_out_losses = np.zeros_like(auto.held_out_losses)  # every target 0: the hinge is 0
+    retained = trainer.data_collator([trainer._rows(auto.retained)[i] for i in range(8)])
+    retained.pop("dataset_id", None)
+    retained = trainer._prepare_inputs(retained)
+    labels = retained.pop("labels")
+    with torch.no_grad():
+        outputs = trainer.model(**retained)
+        for smoothing in (0.0, 0.1):
+            hold = HoldUnseenLoss(trainer.model, auto, np.zeros(6), measure, 4, 0, label_smoothing=smoothing)
+            expected = LabelSmoother(epsilon=0.1)(outputs, labels) if smoothing else None
+            if expected is None:
+                expected = torch.nn.functional.cross_entropy(outputs["logits"], labels)
+            assert torch.allclose(hold(outputs, labels), expected, rtol=1e-6, atol=1e-7)
+            assert torch.allclose(hold(outputs["logits"], labels), expected, rtol=1e-6, atol=1e-7)  # a bare tensor

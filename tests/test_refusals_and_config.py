@@ -218,3 +218,12 @@ def test_forget_config_names_every_bad_field():
         with pytest.raises(ForgetRequestError, match=next(iter(bad))):
             ForgetConfig(**bad)
     assert ForgetConfig(harm_retries=0).harm_retries == 0  # no retry is a valid policy
+
+
+def test_the_launch_is_checked_after_the_trainer_set_it_up():
+    from hf_amnesia.validate import launch_problems
+
+    assert launch_problems(sharded=False, n_gpu=1) == []  # one process, one device (or a model placed across GPUs)
+    (problem,) = launch_problems(sharded=False, n_gpu=2)
+    assert problem.error is UnsupportedTrainingError and "2 GPUs in one process" in problem.message
+    assert [p.message.split()[0] for p in launch_problems(sharded=True, n_gpu=2)] == ["FSDP", "2"]

@@ -138,7 +138,7 @@ class HoldUnseenLoss:
                 "Keep the class labels under `labels` in the collated batch."
             )
         if self.smoother is not None:
-            loss = self.smoother(outputs, labels)
+            loss = self.smoother({"logits": logits_of(outputs)}, labels)
         else:
             loss = nn.functional.cross_entropy(logits_of(outputs), labels)
         if len(self.queue) < self.batch_size:  # the forget rows in a seeded order
