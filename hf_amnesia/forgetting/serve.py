@@ -28,6 +28,7 @@ from ..errors import ForgetRequestError, StoreError
 from ..faults import crash_point
 from ..layout import ParamLayout
 from ..store import StoreReader, recording_marker
+from ..store.audit import check_audit
 from ..store.journal import (
     audit_record,
     commit,
@@ -144,6 +145,8 @@ def _serve_locked(
             f"a training run is recording into {store_dir} (or one was interrupted); commit forget requests "
             "after it finished, or resume it first."
         )
+    if save_to is not None and context.is_main_process:
+        check_audit(store_dir)  # its record is appended after the commit point, where nothing may fail
     done = set(forgotten_ids(model))
     if save_to is not None:
         refuse_stale_model(Path(save_to), done)

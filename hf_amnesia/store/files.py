@@ -16,6 +16,7 @@ import numpy as np
 MANIFEST_NAME = "manifest.json"
 JOURNAL = "forget-journal.json"  # a committed forget being rolled forward
 AUDIT = "audit.jsonl"  # one record per completed forget request
+AUDIT_TORN = "audit.jsonl.torn"  # the unfinished last lines of interrupted appends, kept aside
 LOCK = ".lock"  # held by the forget job working on the store
 STAGING_SUFFIX = ".amnesia-staging"  # next to a forget's `save_to`: the new model, before the swap
 REPLACED_SUFFIX = ".amnesia-replaced"  # next to a forget's `save_to`: the old model, during the swap
@@ -74,12 +75,23 @@ def open_private(path: Path, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
+def write_fully(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`: `os.write` may write less than it was given (a signal, a full
+    disk); a write that makes no progress raises `OSError`."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(f"no progress writing {len(view)} more bytes")
+        view = view[written:]
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a small file so that readers see either the old or the new content."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        os.write(fd, data)
+        write_fully(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

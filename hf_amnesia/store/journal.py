@@ -10,19 +10,16 @@ A committed forget request (`forget(..., save_to=DIR)`) runs under the store's l
    DIR, the forgotten ids' rows are overwritten with zeros in place and recorded as purged in
    each shard's state, the audit record is appended, the journal removed.
 
-The audit log (`audit.jsonl`) holds one record per completed request: a digest of the ids, never
-the ids themselves (`audit_record`, `append_audit`, `read_audit`).
+The audit log is `audit.py`'s (`audit_record`, `append_audit`, `read_audit`, re-exported here).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import fcntl
 import hashlib
 import json
 import os
 import shutil
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import StoreError
+from .audit import append_audit, audit_record, ids_digest, read_audit
 from .files import (
     AUDIT,
     JOURNAL,
@@ -78,11 +76,6 @@ def store_lock(store_dir: str | os.PathLike):
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def ids_digest(ids: np.ndarray) -> str:
-    """sha256 of the sorted int64 ids: identifies a request without listing who asked."""
-    return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).astype("<i8").tobytes()).hexdigest()
 
 
 def weights_fingerprint(params: list[torch.Tensor]) -> str:
@@ -165,54 +158,3 @@ def recover(store_dir: str | os.PathLike) -> bool:
             if state is not None and not recording_marker(store_dir, rank).exists():
                 remove_newer_generations(store_dir, rank, state.generation)
     return False
-
-
-def append_audit(store_dir: str | os.PathLike, record: dict) -> None:
-    """Append one record to the audit log (once per request id)."""
-    path = Path(store_dir) / AUDIT
-    if any(r.get("request") == record["request"] for r in read_audit(store_dir)):
-        return
-    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_audit(store_dir: str | os.PathLike) -> list[dict]:
-    path = Path(store_dir) / AUDIT
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def audit_record(
-    ids: np.ndarray,
-    forgotten: list[int],
-    already: list[int],
-    unknown: list[int],
-    delta_norm: float,
-    scale: float,
-    repair_steps: int,
-    before: str,
-    after: str,
-    save_to,
-    purged: bool,
-) -> dict:
-    return {
-        "request": uuid.uuid4().hex,
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "ids_sha256": ids_digest(ids),
-        "count": int(len(ids)),
-        "forgotten": len(forgotten),
-        "already_forgotten": len(already),
-        "unknown": len(unknown),
-        "delta_norm": float(delta_norm),
-        "scale": float(scale),
-        "repair_steps": int(repair_steps),
-        "model_before": before,
-        "model_after": after,
-        "saved_to": str(save_to) if save_to is not None else None,
-        "purged": bool(purged),
-    }
