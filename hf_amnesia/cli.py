@@ -4,6 +4,7 @@ hf-amnesia forget --model saved_model --store run/_amnesia_store --ids 12 40 977
 hf-amnesia forget --model saved_model --store run/_amnesia_store --ids-file request.txt
 hf-amnesia audit run/_amnesia_store
 hf-amnesia verify run/_amnesia_store
+hf-amnesia recover run/_amnesia_store  # finish a forget request a crash interrupted
 hf-amnesia holders run              # checkpoints that may still hold forgotten influence
 """
 
@@ -38,6 +39,11 @@ def _read_ids(args) -> list[int]:
 def _load_model(model_dir: str):
     import transformers
 
+    if not Path(model_dir).is_dir():
+        raise SystemExit(
+            f"hf-amnesia: the model folder {model_dir} does not exist (a local folder written by save_pretrained "
+            "is expected). If a forget request was interrupted, `hf-amnesia recover STORE` finishes it first."
+        )
     config = transformers.AutoConfig.from_pretrained(model_dir)
     names = getattr(config, "architectures", None) or []
     if not names or not hasattr(transformers, names[0]):
@@ -53,6 +59,7 @@ def cmd_forget(args) -> int:
     from .trainer import AmnesiacTrainer
 
     ids = _read_ids(args)
+    _recover(args.store)  # an interrupted request may have left the model folder mid-swap
     model = _load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         config = AmnesiaConfig(output_dir=tmp, store_dir=args.store, report_to="none", use_cpu=True)
@@ -81,19 +88,52 @@ def cmd_forget(args) -> int:
     return 0
 
 
-def cmd_audit(args) -> int:
-    from .store.journal import read_audit
+def _recover(store: str) -> bool:
+    """Finish or undo, under the store's lock, a forget request a crash interrupted."""
+    from .store.journal import recover, store_lock
 
-    records = read_audit(args.store)
+    if not Path(store).is_dir():
+        return False
+    with store_lock(store):
+        return recover(store)
+
+
+def cmd_recover(args) -> int:
+    if not Path(args.store).is_dir():
+        raise SystemExit(f"hf-amnesia: {args.store} is not a store folder.")
+    completed = _recover(args.store)
+    print(json.dumps({"store": args.store, "completed_request": completed}))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from .store.audit import load_audit
+
+    log = load_audit(args.store)
+    records = log.records
+    if log.damaged:
+        print(
+            f"hf-amnesia: warning: line(s) {log.damaged[:10]} of the audit log are not records; the readable "
+            "ones follow. Forget requests that save are refused until the log is repaired.",
+            file=sys.stderr,
+        )
+    if log.torn:
+        print(
+            f"hf-amnesia: warning: the audit log ends with an unfinished record ({len(log.torn)} bytes, an "
+            "interrupted append); the next committed request moves it to audit.jsonl.torn.",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(records, indent=1))
         return 0
     print(f"{len(records)} forget request(s) in {args.store}")
     for r in records:
+        r = {"time": "?", "count": "?", "forgotten": "?", "already_forgotten": "?", "unknown": "?", **r}
         print(
-            f"{r['time']}  request {r['request'][:12]}  ids {r['count']} (forgotten {r['forgotten']}, already "
-            f"{r['already_forgotten']}, unknown {r['unknown']})  |delta| {r['delta_norm']:.4g}  "
-            f"model {r['model_before'][:12]} -> {r['model_after'][:12]}  purged {r['purged']}  saved {r['saved_to']}"
+            f"{r['time']}  request {str(r['request'])[:12]}  ids {r['count']} (forgotten {r['forgotten']}, already "
+            f"{r['already_forgotten']}, unknown {r['unknown']})  |delta| {r.get('delta_norm', float('nan')):.4g}  "
+            f"model {str(r.get('model_before'))[:12]} -> {str(r.get('model_after'))[:12]}  "
+            f"purged {r.get('purged')}  saved {r.get('saved_to')}"
         )
     return 0
 
@@ -137,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     verify = sub.add_parser("verify", help="check every row's checksum")
     verify.add_argument("store")
     verify.set_defaults(run=cmd_verify)
+    recover = sub.add_parser("recover", help="finish (or undo) a forget request a crash interrupted")
+    recover.add_argument("store")
+    recover.set_defaults(run=cmd_recover)
     holders = sub.add_parser("holders", help="list checkpoints that may still hold forgotten influence")
     holders.add_argument("output_dir")
     holders.set_defaults(run=cmd_holders)

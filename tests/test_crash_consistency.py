@@ -289,3 +289,37 @@ def test_training_after_a_purge(tmp_path, trained_bert):
     assert all(state.purged == [] for state in reader.states)
     assert sum(state.rows for state in reader.states) == 13  # the zeroed rows are gone
     assert reader.verify() == 13
+
+
+@pytest.mark.slow
+def test_the_cli_finishes_a_request_killed_inside_the_model_swap(tmp_path, trained_bert, capsys):
+    """Killed between the two renames, the model folder is gone: the CLI recovers before it loads
+    the model, and `hf-amnesia recover` does the same alone."""
+    from hf_amnesia.cli import main
+
+    root, reference = trained_bert
+    for command in ("forget", "recover"):
+        case = tmp_path / command
+        case.mkdir()
+        model_dir, store = _copy_case(root, case)
+        _run(["-c", FORGET, model_dir, store, case / "x"], env={"HF_AMNESIA_CRASH_AT": "swap"}, expect_kill=True)
+        assert not model_dir.exists() and (store / JOURNAL).exists()
+        if command == "forget":
+            assert main(["forget", "--model", str(model_dir), "--store", str(store), "--ids", "2", "5", "11"]) == 0
+            assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["already_forgotten"] == 3
+        else:
+            assert main(["recover", str(store)]) == 0
+            assert json.loads(capsys.readouterr().out)["completed_request"] is True
+            assert main(["recover", str(store)]) == 0  # nothing left to do
+            assert json.loads(capsys.readouterr().out)["completed_request"] is False
+        saved = BertForSequenceClassification.from_pretrained(str(model_dir)).state_dict()
+        assert all(torch.allclose(saved[k], v, rtol=0, atol=1e-6) for k, v in reference.items())
+        assert not (store / JOURNAL).exists() and len(read_audit(store)) == (2 if command == "forget" else 1)
+
+
+def test_the_cli_names_a_missing_model_folder_without_pointing_at_the_hub(tmp_path, capsys):
+    from hf_amnesia.cli import main
+
+    with pytest.raises(SystemExit, match="model folder .* does not exist") as caught:
+        main(["forget", "--model", str(tmp_path / "gone"), "--store", str(tmp_path / "store"), "--ids", "1"])
+    assert "repo" not in str(caught.value).lower() and "hub" not in str(caught.value).lower()
