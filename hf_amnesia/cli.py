@@ -23,14 +23,19 @@ from .errors import AmnesiaError
 def _read_ids(args) -> list[int]:
     tokens = list(args.ids or [])
     if args.ids_file:
-        text = Path(args.ids_file).read_text()
+        try:
+            text = Path(args.ids_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SystemExit(
+                f"hf-amnesia: cannot read the ids file {args.ids_file} ({err}); give a UTF-8 (or ASCII) text file "
+                "of integer ids separated by whitespace or commas."
+            ) from None
         tokens += text.replace(",", " ").split()
     ids = []
     for token in tokens:
-        try:
-            ids.append(int(token))
-        except ValueError:
-            raise SystemExit(f"hf-amnesia: {token!r} is not an integer id; give ids as integers.") from None
+        if not token.isascii() or not token.isdigit():  # int() would also take "1_5", "+3" or " 7"
+            raise SystemExit(f"hf-amnesia: {token!r} is not an integer id; give ids as plain decimal digits.")
+        ids.append(int(token))
     if not ids:
         raise SystemExit("hf-amnesia: no ids given; use --ids 1 2 3 or --ids-file FILE.")
     return ids

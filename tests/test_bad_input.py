@@ -68,6 +68,9 @@ BAD_IDS = {
     "numpy_float": (np.array([1.0, 2.0]), "integers"),
     "torch_float": (torch.tensor([1.0, 2.0]), "integers"),
     "object": (object(), "list, array, tensor"),
+    "uint64_wrapping_negative": (np.array([3, 2**63], dtype=np.uint64), "below 2\\*\\*63"),
+    "mixed_blames_the_string": ([1, 2, "x"], "got str 'x'"),
+    "mixed_blames_the_float": ([1, 2, 5.5], "got float 5.5"),
 }
 
 
@@ -217,3 +220,24 @@ def test_collator_that_drops_the_id_column(tmp_path):
     )
     with pytest.raises(UnsupportedTrainingError, match="no 'dataset_id' column"):
         trainer.train()
+
+
+@pytest.mark.parametrize(
+    "text,encoding,match",
+    [
+        ("1_5\n", "utf-8", "'1_5' is not an integer id"),
+        ("+3 4", "utf-8", "'\\+3' is not an integer id"),
+        ("7 \u0663", "utf-8", "is not an integer id"),  # an Arabic-Indic digit, which int() accepts
+        ("1 2 3", "utf-16", "cannot read the ids file"),
+    ],
+    ids=["underscore", "plus_sign", "non_ascii_digit", "utf16_file"],
+)
+def test_the_cli_refuses_ids_int_would_bend(tmp_path, text, encoding, match):
+    from hf_amnesia.cli import main
+
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text(text, encoding=encoding)
+    with pytest.raises(SystemExit, match=match):
+        main(["forget", "--model", str(tmp_path), "--store", str(tmp_path), "--ids-file", str(ids_file)])
+    with pytest.raises(SystemExit, match="cannot read the ids file"):
+        main(["forget", "--model", str(tmp_path), "--store", str(tmp_path), "--ids-file", str(tmp_path / "missing")])

@@ -42,6 +42,7 @@ def normalize_ids(dataset_ids) -> np.ndarray:
         raise ForgetRequestError("dataset_ids must be integers, got a bool.")
     if isinstance(dataset_ids, (int, np.integer)):
         dataset_ids = [dataset_ids]
+    items = None
     if torch.is_tensor(dataset_ids):
         array = dataset_ids.detach().cpu().numpy()
     else:
@@ -57,13 +58,18 @@ def normalize_ids(dataset_ids) -> np.ndarray:
             f"dataset_ids must be one-dimensional, got shape {tuple(array.shape)}; flatten the nested ids first."
         )
     if array.dtype.kind == "b" or array.dtype.kind not in "iu":
-        example = next((x for x in array.tolist() if not isinstance(x, int) or isinstance(x, bool)), array[0])
+        given = array.tolist() if items is None or isinstance(items, np.ndarray) else items  # as the caller wrote them
+        example = next(
+            (x for x in given if not isinstance(x, (int, np.integer)) or isinstance(x, (bool, np.bool_))), given[0]
+        )
         raise ForgetRequestError(
             f"dataset_ids must be integers, got {type(example).__name__} {example!r} (dtype {array.dtype}). "
             "Pass the integer values of the id column."
         )
     if (array < 0).any():
         raise ForgetRequestError(f"dataset_ids must be non-negative, got {int(array.min())}.")
+    if array.dtype.kind == "u" and int(array.max()) >= 2**63:  # would wrap to a negative int64
+        raise ForgetRequestError(f"dataset_ids must be below 2**63, got {int(array.max())}.")
     return np.unique(array.astype(np.int64))
 
 
