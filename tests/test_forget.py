@@ -100,11 +100,21 @@ def test_malformed_ids_raise_and_change_nothing(trained_cnn, bad):
     assert torch.equal(_flat(trainer.model), theta)
 
 
-def test_empty_request_changes_nothing(trained_cnn):
+def test_empty_request_changes_nothing(trained_cnn, tmp_path):
     trainer, dataset, theta = trained_cnn
     _fresh(trainer, theta)
     report = trainer.forget([], scale=1.0, repair_steps=0)
     assert report.forgotten == [] and report.delta_norm == 0
+    assert torch.equal(_flat(trainer.model), theta)
+    # nothing saved, no audit record, with the defaults too (no data is even read)
+    store = trainer.args.store_dir
+    audit = os.path.join(store, "audit.jsonl")
+    before = open(audit, "rb").read() if os.path.exists(audit) else None
+    for kwargs in ({"scale": 1.0, "repair_steps": 0}, {}):
+        report = trainer.forget([], save_to=tmp_path / "model", **kwargs)
+        assert not report.committed and report.request is None and report.scale == 0.0
+    assert not (tmp_path / "model").exists()
+    assert (open(audit, "rb").read() if os.path.exists(audit) else None) == before
     assert torch.equal(_flat(trainer.model), theta)
 
 

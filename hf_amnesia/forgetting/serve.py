@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -48,6 +49,8 @@ from .prepare import gather, prepare_unseen_hold
 from .repair import finetune
 from .request import ForgetReport, check_choices, forgotten_ids, normalize_ids, refuse_stale_model, set_forgotten
 from .subtraction import forget_update, kept_share_weights
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +104,9 @@ def serve(
             )
     if store_dir.exists() and not store_dir.is_dir():
         raise StoreError(f"store_dir {store_dir} is a file, not a store folder; point it at the store folder.")
+    if ids.size == 0:  # nothing to forget: nothing measured, subtracted, saved or audited
+        logger.warning("forget: the request holds no ids; nothing was changed.")
+        return ForgetReport(scale=0.0, seconds=time.perf_counter() - began)
     data = None
     if scale == "auto" or repair_steps == "auto":
         data = gather(
