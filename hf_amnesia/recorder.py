@@ -16,6 +16,7 @@ Closed deltas go to the shard's log at every step, or, with `sum_ids`, into per-
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .attribution import MomentumLedger, adam_step_weights
 from .errors import UnsupportedOptimizerError, UnsupportedTrainingError
 from .per_sample import PerSampleCapture
 from .store import Manifest, ShardWriter, manifest_positions, row_plan, row_positions, row_positions_torch
+
+logger = logging.getLogger(__name__)
 
 
 class Recorder:
@@ -174,10 +177,18 @@ class Recorder:
         """Fold this process's log into its rows (the run's commit point for this shard)."""
         self.shard.compact()
 
-    def close(self) -> None:
+    def close(self, after_error: bool = False) -> None:
+        """Remove the hooks and close the shard's log. `after_error`: training stopped on an error
+        (a full disk, say), which closing the log (flushing it) may raise again; that second error
+        is logged, so that the first one is what the caller sees."""
         self._hook.remove()
         self.capture.remove()
-        self.shard.close()
+        try:
+            self.shard.close()
+        except OSError as err:
+            if not after_error:
+                raise
+            logger.warning("hf_amnesia: closing the store's log after the error below failed too: %s", err)
 
     # -- checkpoints -----------------------------------------------------------------------------
 

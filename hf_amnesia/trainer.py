@@ -146,14 +146,16 @@ class AmnesiacTrainer(Trainer):
                 "starts fresh; the store accepts a run that starts from the weights the last one ended with)."
             )
         self._resume_requested = resume_from_checkpoint not in (None, False)
+        failed = True
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
             if self._recorder is not None:
                 self._finish_recording()
                 self._trained = True
+            failed = False
         finally:
             if self._recorder is not None:
-                self._recorder.close()
+                self._recorder.close(after_error=failed)  # never hides the error that stopped training
                 self._recorder = None
         return output
 

@@ -168,15 +168,23 @@ def test_store_dir_that_is_a_file(tmp_path):
 
 
 class _DiskFull(TrainerCallback):
-    """Makes the store's log refuse writes from step 2 on, as a full disk would."""
+    """Makes the store's log refuse writes from step 2 on, as a full disk would (with `on_close`,
+    closing it fails too, as flushing a buffered log on a full disk does)."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, trainer, on_close=False):
+        self.trainer, self.on_close = trainer, on_close
 
     def on_step_end(self, args, state, control, **kwargs):
+        on_close = self.on_close
+
         class Full:
             def write(self, data):
                 raise OSError(errno.ENOSPC, "No space left on device")
+
+            def close(self):
+                real.close()
+                if on_close:
+                    raise OSError(errno.ENOSPC, "No space left on device")
 
             def __getattr__(self, name):
                 return getattr(real, name)
@@ -185,12 +193,13 @@ class _DiskFull(TrainerCallback):
         self.trainer._recorder.shard._log = Full()
 
 
-def test_disk_full_during_recording_stops_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize("on_close", [False, True], ids=["log_write", "log_write_and_close"])
+def test_disk_full_during_recording_stops_with_a_clear_error(tmp_path, on_close):
     trainer = AmnesiacTrainer(
         model=TinyCNN(), args=_args(tmp_path, tail_tolerance=0.5), train_dataset=image_dataset(16)
     )
-    trainer.add_callback(_DiskFull(trainer))
-    with pytest.raises(StoreError, match="Free disk space"):
+    trainer.add_callback(_DiskFull(trainer, on_close))
+    with pytest.raises(StoreError, match="Free disk space"):  # not the OSError of closing the log
         trainer.train()
     # The run is marked unfinished: only a resume from its checkpoint may continue it.
     with pytest.raises(StoreError, match="did not finish"):
