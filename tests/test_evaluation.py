@@ -119,3 +119,20 @@ def test_count_parts_against_hand_computed_values(tmp_path):
     assert table[2] == f"| {aggregate.ANOTHER_REQUEST} | 2.00 |"
     assert table[3] == "| m | 1.50 |"
     assert table[4] == "| h | 1.00 (1 of 2 runs) |"
+
+
+def test_compare_results_ignores_timing_and_finds_every_other_difference(tmp_path):
+    import json
+
+    from recipes.compare_results import differences, main
+
+    before = {"class": {"hf_amnesia": {"ua": 1.0, "seconds": 3.0, "mia": float("nan"), "trace": [1, float("nan")]}}}
+    after = {"class": {"hf_amnesia": {"ua": 1.0, "seconds": 9.0, "mia": float("nan"), "trace": [1, float("nan")]}}}
+    assert differences(before, after) == []  # timing keys aside, NaN equals NaN, lists compared by element
+    after["class"]["hf_amnesia"]["ua"] = 2.0
+    after["class"]["retrain"] = {}
+    assert differences(before, after) == [("class/hf_amnesia/ua", 1.0, 2.0), ("class/retrain", "<missing>", {})]
+    for name, data in (("a.json", before), ("b.json", after)):
+        (tmp_path / name).write_text(json.dumps(data))
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
