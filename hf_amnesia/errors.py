@@ -27,3 +27,12 @@ class StoreError(AmnesiaError):
 
 class ForgetRequestError(AmnesiaError, ValueError):
     """The ids given to `forget` are malformed, or `strict=True` found unknown ids."""
+
+
+class ModelLineageError(StoreError):
+    """The model's weights are not ones the store serves: not its run's final weights, nor weights
+    a forget made from them."""
+
+
+class ForgetIncompleteError(AmnesiaError):
+    """A forget request was committed but not finished; `hf-amnesia recover STORE` finishes it."""

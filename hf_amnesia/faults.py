@@ -1,24 +1,33 @@
 """Fault injection for the crash-consistency tests.
 
 `HF_AMNESIA_CRASH_AT=name` (or `name#n` for its n-th passage) makes the process SIGKILL itself
-at that named point of recording, checkpointing, compaction or forgetting. Unset, it costs a
-dictionary lookup.
+at that named point of recording, checkpointing, compaction or forgetting;
+`HF_AMNESIA_FAIL_AT=name` (or `name#n`) raises `OSError(ENOSPC)` there instead, as a full disk
+would. Unset, they cost a dictionary lookup.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 CRASH_ENV = "HF_AMNESIA_CRASH_AT"
-_passes: dict[str, int] = {}
+FAIL_ENV = "HF_AMNESIA_FAIL_AT"
+_passes: dict[tuple[str, str], int] = {}
 
 
 def crash_point(name: str) -> None:
-    wanted = os.environ.get(CRASH_ENV)
-    if not wanted or not wanted.startswith(name):
-        return
-    _passes[name] = _passes.get(name, 0) + 1
-    target, _, nth = wanted.partition("#")
-    if target == name and _passes[name] == int(nth or 1):
+    if _reached(CRASH_ENV, name):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _reached(FAIL_ENV, name):
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
+
+
+def _reached(env: str, name: str) -> bool:
+    wanted = os.environ.get(env)
+    if not wanted or not wanted.startswith(name):
+        return False
+    _passes[env, name] = _passes.get((env, name), 0) + 1
+    target, _, nth = wanted.partition("#")
+    return target == name and _passes[env, name] == int(nth or 1)
