@@ -6,6 +6,9 @@ hf-amnesia audit run/_amnesia_store
 hf-amnesia verify run/_amnesia_store
 hf-amnesia recover run/_amnesia_store  # finish a forget request a crash interrupted
 hf-amnesia holders run              # checkpoints that may still hold forgotten influence
+
+Exit codes: 0 served; 2 refused, nothing changed; 3 committed but not finished (run
+`hf-amnesia recover STORE`); 4 served in part: ids in "purged_elsewhere" still influence the model.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import AmnesiaError
+from .errors import AmnesiaError, ForgetIncompleteError
+from .store.files import JOURNAL
+
+SERVED, REFUSED, INCOMPLETE, PARTLY = 0, 2, 3, 4
+
+
+class CliError(Exception):
+    """A request the command refuses before it changes anything (exit code 2)."""
 
 
 def _read_ids(args) -> list[int]:
@@ -26,37 +36,58 @@ def _read_ids(args) -> list[int]:
         try:
             text = Path(args.ids_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise SystemExit(
-                f"hf-amnesia: cannot read the ids file {args.ids_file} ({err}); give a UTF-8 (or ASCII) text file "
+            raise CliError(
+                f"cannot read the ids file {args.ids_file} ({err}); give a UTF-8 (or ASCII) text file "
                 "of integer ids separated by whitespace or commas."
             ) from None
         tokens += text.replace(",", " ").split()
     ids = []
     for token in tokens:
         if not token.isascii() or not token.isdigit():  # int() would also take "1_5", "+3" or " 7"
-            raise SystemExit(f"hf-amnesia: {token!r} is not an integer id; give ids as plain decimal digits.")
+            raise CliError(f"{token!r} is not an integer id; give ids as plain decimal digits.")
         ids.append(int(token))
     if not ids:
-        raise SystemExit("hf-amnesia: no ids given; use --ids 1 2 3 or --ids-file FILE.")
+        raise CliError("no ids given; use --ids 1 2 3 or --ids-file FILE.")
     return ids
 
 
-def _load_model(model_dir: str):
+def _load_model(model_dir: str, base_dir: str | None):
     import transformers
 
     if not Path(model_dir).is_dir():
-        raise SystemExit(
-            f"hf-amnesia: the model folder {model_dir} does not exist (a local folder written by save_pretrained "
+        raise CliError(
+            f"the model folder {model_dir} does not exist (a local folder written by save_pretrained "
             "is expected). If a forget request was interrupted, `hf-amnesia recover STORE` finishes it first."
         )
+    if (Path(model_dir) / "adapter_config.json").is_file():
+        return _load_adapter(model_dir, base_dir)
     config = transformers.AutoConfig.from_pretrained(model_dir)
     names = getattr(config, "architectures", None) or []
     if not names or not hasattr(transformers, names[0]):
-        raise SystemExit(
-            f"hf-amnesia: cannot tell the model class of {model_dir} (config.architectures={names}); "
+        raise CliError(
+            f"cannot tell the model class of {model_dir} (config.architectures={names}); "
             "forget from Python with AmnesiacTrainer instead."
         )
     return getattr(transformers, names[0]).from_pretrained(model_dir)
+
+
+def _load_adapter(adapter_dir: str, base_dir: str | None):
+    """A PEFT adapter folder on its base model (`--base`, or the adapter's `base_model_name_or_path`)."""
+    try:
+        import peft
+    except ImportError:
+        raise CliError(
+            f"{adapter_dir} holds a PEFT adapter; install peft (pip install peft) to forget from it."
+        ) from None
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    base_dir = base_dir or config.get("base_model_name_or_path")
+    if not base_dir or not Path(base_dir).is_dir():
+        raise CliError(
+            f"the adapter at {adapter_dir} names its base model {base_dir!r}, which is not a local folder; give the "
+            "base model's folder with --base BASE_DIR."
+        )
+    base = _load_model(base_dir, None)
+    return peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)  # trainable: the store's layout
 
 
 def cmd_forget(args) -> int:
@@ -65,7 +96,7 @@ def cmd_forget(args) -> int:
 
     ids = _read_ids(args)
     _recover(args.store)  # an interrupted request may have left the model folder mid-swap
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.base)
     with tempfile.TemporaryDirectory() as tmp:
         config = AmnesiaConfig(output_dir=tmp, store_dir=args.store, report_to="none", use_cpu=True)
         trainer = AmnesiacTrainer(model=model, args=config)
@@ -83,6 +114,7 @@ def cmd_forget(args) -> int:
                 "forgotten": len(report.forgotten),
                 "already_forgotten": len(report.already_forgotten),
                 "unknown": report.unknown,
+                "purged_elsewhere": report.purged_elsewhere,
                 "delta_norm": report.delta_norm,
                 "seconds": round(report.seconds, 3),
                 "saved_to": args.save_to or args.model,
@@ -90,7 +122,14 @@ def cmd_forget(args) -> int:
             }
         )
     )
-    return 0
+    if report.purged_elsewhere:
+        print(
+            f"hf-amnesia: {len(report.purged_elsewhere)} id(s) were purged from the store when another model forgot "
+            "them; this model still holds their influence (see purged_elsewhere). Forget from that model, or retrain.",
+            file=sys.stderr,
+        )
+        return PARTLY
+    return SERVED
 
 
 def _recover(store: str) -> bool:
@@ -105,7 +144,7 @@ def _recover(store: str) -> bool:
 
 def cmd_recover(args) -> int:
     if not Path(args.store).is_dir():
-        raise SystemExit(f"hf-amnesia: {args.store} is not a store folder.")
+        raise CliError(f"{args.store} is not a store folder.")
     completed = _recover(args.store)
     print(json.dumps({"store": args.store, "completed_request": completed}))
     return 0
@@ -166,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     forget = sub.add_parser("forget", help="forget ids from a saved model and purge them from the store")
-    forget.add_argument("--model", required=True, help="folder of the saved model (save_pretrained)")
+    forget.add_argument("--model", required=True, help="folder of the saved model (save_pretrained) or PEFT adapter")
+    forget.add_argument("--base", help="for an adapter folder: its base model's folder (default: from its config)")
     forget.add_argument("--store", required=True, help="the store folder")
     forget.add_argument("--ids", nargs="*", help="integer dataset ids")
     forget.add_argument("--ids-file", help="file of integer ids, separated by whitespace or commas")
@@ -192,9 +232,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.run(args)
-    except AmnesiaError as err:
+    except ForgetIncompleteError as err:
         print(f"hf-amnesia: {err}", file=sys.stderr)
-        return 2
+        return INCOMPLETE
+    except (AmnesiaError, CliError) as err:
+        print(f"hf-amnesia: {err}", file=sys.stderr)
+        return REFUSED
+    except Exception as err:  # a bug or the system's error: told, never as a traceback
+        store = getattr(args, "store", None)
+        if store and (Path(store) / JOURNAL).exists():
+            print(
+                f"hf-amnesia: {type(err).__name__}: {err}; a request is committed but not finished: run "
+                f"`hf-amnesia recover {store}`.",
+                file=sys.stderr,
+            )
+            return INCOMPLETE
+        print(f"hf-amnesia: {type(err).__name__}: {err}; nothing was changed.", file=sys.stderr)
+        return REFUSED
 
 
 if __name__ == "__main__":

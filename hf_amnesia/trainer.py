@@ -22,11 +22,13 @@ from .config import AmnesiaConfig, training_fields
 from .data import dataset_ids, with_dataset_ids
 from .errors import ConfigError, StoreError, UnsupportedTrainingError
 from .faults import crash_point
-from .forgetting import ForgetConfig, ForgetContext, ForgetReport, Measurer, forgotten_ids, serve
+from .forgetting import ForgetConfig, ForgetContext, ForgetReport, Measurer, serve
+from .forgetting.record import Standing, run_start_standing, set_record, stored_forgotten_ids, write_record_file
 from .recorder import Recorder
 from .recording import open_manifest, recording_plan
 from .store import folder_bytes
 from .store.journal import weights_fingerprint
+from .store.lineage import register
 from .validate import launch_problems, model_problems, optimizer_problems, raise_problems, training_problems
 
 try:  # datasets is a dependency, but the trainer also takes torch datasets
@@ -87,10 +89,13 @@ class AmnesiacTrainer(Trainer):
             accelerator.num_processes,
             accelerator.wait_for_everyone,
         )
-        forgotten = set(self.forgotten_ids())
+        self._standing = run_start_standing(
+            self.model, manifest, self.args.store_dir, self._resume_requested, self.accelerator.is_main_process
+        )
+        forgotten = bool(self._standing.digests)
         need_ids = self.train_dataset is not None and (forgotten or self.args.sum_deltas_in_memory)
         train_ids = dataset_ids(self.train_dataset, self.args.id_column) if need_ids else None
-        again = sorted(forgotten & set(train_ids.tolist())) if forgotten and self.train_dataset is not None else []
+        again = train_ids[self._standing.forgotten(train_ids)].tolist() if forgotten and train_ids is not None else []
         if again:
             raise UnsupportedTrainingError(
                 f"{len(again)} training rows have ids this model has forgotten (e.g. {again[:5]}); training on "
@@ -169,6 +174,12 @@ class AmnesiacTrainer(Trainer):
             manifest.decay = self._recorder.decay.tolist()
             manifest.final_weights = weights_fingerprint(manifest.layout.params_of(self.model))
             manifest.save(Path(self.args.store_dir))
+            # The weights the run ended with are served, having forgotten what the start had.
+            self._standing = Standing(
+                manifest.final_weights, self._standing.digests, self._standing.key, manifest.store_id
+            )
+            register(self.args.store_dir, self._standing.weights, self._standing.digests)
+            set_record(self.model, self._standing)
         self.accelerator.wait_for_everyone()
         self._recorder.compact()
         self.accelerator.wait_for_everyone()
@@ -270,8 +281,13 @@ class AmnesiacTrainer(Trainer):
         )
 
     def forgotten_ids(self) -> list[int]:
-        """Ids this model has already forgotten (saved with the model's config)."""
-        return forgotten_ids(self.model)
+        """Ids this model has already forgotten (the store's record of its weights; [] without a store)."""
+        return stored_forgotten_ids(self.model, self.args.store_dir)
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:  # the record travels with whatever was saved, adapter folders too
+            write_record_file(self.model, output_dir if output_dir is not None else self.args.output_dir)
 
     def _rows(self, dataset):
         """The columns of `dataset` the model takes (and the id column), as in training."""

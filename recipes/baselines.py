@@ -18,7 +18,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from hf_amnesia import AmnesiacTrainer, ForgetConfig
-from hf_amnesia.forgetting import forget_update, forgotten_ids, set_forgotten
+from hf_amnesia.forgetting import forget_update
 from hf_amnesia.forgetting.prepare import gather
 from hf_amnesia.forgetting.repair import repair_until_restored
 from hf_amnesia.layout import ParamLayout
@@ -97,7 +97,7 @@ def norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial: 
         seed=args.seed,
         planned_steps=context.planned_steps(),
         ids=forget_ids,
-        forgotten=forgotten_ids(model),
+        forgotten=trainer.forgotten_ids(),
         holdout=None,
         whole_class=None,
         need_holdout=False,
@@ -117,7 +117,6 @@ def norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial: 
             if norm > 0:
                 change = float((param - starts[name]).norm())
                 param.sub_(len(forget_ids) / num_train * change / norm * piece)
-    set_forgotten(model, sorted(set(forgotten_ids(model)) | set(forget_ids.tolist())))
     return repair_until_restored(model, data, None, context.measure, args, policy)[0]
 
 

@@ -10,7 +10,7 @@ import torch
 from tiny import TinyCNN, image_dataset, text_dataset, tiny_bert, tiny_config
 
 from hf_amnesia import AmnesiacTrainer, ForgetConfig, ForgetRequestError, StoreReader
-from hf_amnesia.forgetting import ForgetPolicy, Measurer, set_forgotten
+from hf_amnesia.forgetting import ForgetPolicy, Measurer
 from hf_amnesia.forgetting import repair as repair_module
 from hf_amnesia.forgetting.attempts import ModelAttempts
 from hf_amnesia.forgetting.hold import (
@@ -133,7 +133,6 @@ def trained(tmp_path_factory):
 def _reset(trainer, theta):
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(theta.to(trainer.args.device).clone(), trainer.model.parameters())
-    set_forgotten(trainer.model, [])
 
 
 def _measure(trainer) -> Measurer:

@@ -3,6 +3,7 @@ changes nothing on disk or in the weights."""
 
 import errno
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,6 @@ from hf_amnesia import (
     StoreReader,
     UnsupportedTrainingError,
 )
-from hf_amnesia.forgetting import set_forgotten
 
 
 def _args(out, **kw):
@@ -47,7 +47,6 @@ def trained(tmp_path_factory):
 def guard(trained):
     """Checks that a case changed neither the weights nor the store files."""
     trainer = trained
-    set_forgotten(trainer.model, [])
     weights = [p.detach().clone() for p in trainer.model.parameters()]
     disk = _disk(trainer.args.store_dir)
     yield trainer
@@ -92,7 +91,6 @@ def test_unknown_and_never_trained_ids_are_reported(guard):
 
 def test_duplicates_collapse(trained):
     trainer = trained
-    set_forgotten(trainer.model, [])
     theta = [p.detach().clone() for p in trainer.model.parameters()]
     one = sorted(StoreReader(trainer.args.store_dir).all_ids().tolist())[0]
     report = trainer.forget([one, one, one], scale=1.0, repair_steps=0)
@@ -100,7 +98,6 @@ def test_duplicates_collapse(trained):
     with torch.no_grad():
         for p, t in zip(trainer.model.parameters(), theta):
             p.copy_(t)
-    set_forgotten(trainer.model, [])
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), "1", True, None])
@@ -130,7 +127,6 @@ def test_corrupted_row_is_caught_before_subtracting(tmp_path, trained):
     data[5] ^= 0xFF  # row 0
     rows.write_bytes(bytes(data))
     trainer = AmnesiacTrainer(model=trained.model, args=_args(tmp_path, store_dir=str(store)))
-    set_forgotten(trainer.model, [])
     weights = [p.detach().clone() for p in trained.model.parameters()]
     ids = np.load(next(store.glob("shard-00000.g*.ids.npy")))
     with pytest.raises(StoreError, match="checksum"):
@@ -241,12 +237,13 @@ def test_collator_that_drops_the_id_column(tmp_path):
     ],
     ids=["underscore", "plus_sign", "non_ascii_digit", "utf16_file"],
 )
-def test_the_cli_refuses_ids_int_would_bend(tmp_path, text, encoding, match):
+def test_the_cli_refuses_ids_int_would_bend(tmp_path, capsys, text, encoding, match):
     from hf_amnesia.cli import main
 
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text(text, encoding=encoding)
-    with pytest.raises(SystemExit, match=match):
-        main(["forget", "--model", str(tmp_path), "--store", str(tmp_path), "--ids-file", str(ids_file)])
-    with pytest.raises(SystemExit, match="cannot read the ids file"):
-        main(["forget", "--model", str(tmp_path), "--store", str(tmp_path), "--ids-file", str(tmp_path / "missing")])
+    assert main(["forget", "--model", str(tmp_path), "--store", str(tmp_path), "--ids-file", str(ids_file)]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    missing = str(tmp_path / "missing")
+    assert main(["forget", "--model", str(tmp_path), "--store", str(tmp_path), "--ids-file", missing]) == 2
+    assert "cannot read the ids file" in capsys.readouterr().err

@@ -12,7 +12,6 @@ from tiny import TinyCNN, image_dataset, text_dataset, tiny_bert, tiny_config
 from transformers import BertForSequenceClassification
 
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, ForgetReport, ForgetRequestError, StoreError, ids_of_label
-from hf_amnesia.forgetting import set_forgotten
 
 
 def _flat(model):
@@ -34,7 +33,6 @@ def trained_cnn(tmp_path_factory):
 def _fresh(trainer, theta):
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(theta.clone(), trainer.model.parameters())
-    set_forgotten(trainer.model, [])
 
 
 @pytest.mark.parametrize(
@@ -201,6 +199,7 @@ def test_forget_in_a_new_process_equals_forget_in_training_process(tmp_path):
     assert code.returncode == 0, code.stderr[-3000:]
     assert json.loads((out / "report.json").read_text()) == {"forgotten": [1, 4, 9], "unknown": [200]}
     later = BertForSequenceClassification.from_pretrained(str(out))
-    assert later.config.hf_amnesia_forgotten_ids == [1, 4, 9]  # idempotency travels with the model
+    assert later.config.hf_amnesia_forgotten["count"] == 3  # the count travels with the model, the ids do not
+    assert "hf_amnesia_forgotten_ids" not in later.config.to_dict()
     for name, value in later.state_dict().items():
         assert torch.allclose(value, in_process[name], rtol=0, atol=1e-7), name

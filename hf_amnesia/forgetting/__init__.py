@@ -1,6 +1,7 @@
 """Forgetting: serve a request to forget dataset ids, driven by one policy object (`ForgetConfig`).
 
-    request.py      the ids, the report, the record of ids a model has forgotten
+    request.py      the ids, the choices, the report
+    record.py       which ids a model has forgotten (the store's lineage), the record it carries
     subtraction.py  a request's stored deltas as one dense change; weight snapshots
     measure.py      logits, per-row losses, accuracy and features of a model on rows
     scale.py        the scale search (pure)
@@ -19,8 +20,9 @@ from .config import ForgetConfig
 from .measure import Measurer
 from .policy import ForgetPolicy, Outcome
 from .prepare import ForgetData
+from .record import Standing, model_record, standing
 from .repair import finetune
-from .request import ForgetReport, forgotten_ids, normalize_ids, set_forgotten
+from .request import ForgetReport, normalize_ids
 from .serve import ForgetContext, serve
 from .subtraction import apply_update, forget_update, kept_share_weights
 
@@ -32,12 +34,13 @@ __all__ = [
     "ForgetReport",
     "Measurer",
     "Outcome",
+    "Standing",
     "apply_update",
     "finetune",
     "forget_update",
-    "forgotten_ids",
     "kept_share_weights",
+    "model_record",
     "normalize_ids",
     "serve",
-    "set_forgotten",
+    "standing",
 ]

@@ -1,19 +1,14 @@
-"""A forget request: its ids, its report, and the record of ids a model has forgotten."""
+"""A forget request: its ids, its choices and its report."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import ForgetRequestError
-
-FORGOTTEN_ATTR = "hf_amnesia_forgotten_ids"  # the model config's field that carries the record
 
 
 @dataclass
@@ -23,6 +18,8 @@ class ForgetReport:
     forgotten: list[int] = field(default_factory=list)
     already_forgotten: list[int] = field(default_factory=list)
     unknown: list[int] = field(default_factory=list)
+    # ids whose rows this store purged when another model forgot them: they still influence this one
+    purged_elsewhere: list[int] = field(default_factory=list)
     delta_norm: float = 0.0
     seconds: float = 0.0
     scale: float = 1.0
@@ -90,27 +87,3 @@ def check_choices(scale, repair_steps) -> None:
         not isinstance(repair_steps, (int, np.integer)) or isinstance(repair_steps, bool) or repair_steps < 0
     ):
         raise ForgetRequestError(f'repair_steps must be "auto" or a non-negative integer, got {repair_steps!r}.')
-
-
-def forgotten_ids(model: nn.Module) -> list[int]:
-    """Ids the model has already forgotten (kept in its config, so they travel with `save_pretrained`)."""
-    holder = getattr(model, "config", model)
-    return list(getattr(holder, FORGOTTEN_ATTR, []) or [])
-
-
-def set_forgotten(model: nn.Module, ids) -> None:
-    holder = getattr(model, "config", model)
-    setattr(holder, FORGOTTEN_ATTR, [int(i) for i in ids])
-
-
-def refuse_stale_model(save_to: Path, forgotten: set[int]) -> None:
-    """A model saved at `save_to` that forgot more than the one in memory must not be overwritten."""
-    config = save_to / "config.json"
-    if not config.exists():
-        return
-    saved = set(json.loads(config.read_text()).get(FORGOTTEN_ATTR) or [])
-    if not saved <= forgotten:
-        raise ForgetRequestError(
-            f"the model saved at {save_to} has already forgotten ids this model in memory has not "
-            f"(e.g. {sorted(saved - forgotten)[:5]}): it is newer. Load the model from {save_to} and retry."
-        )

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import AmnesiaConfig
 from ..data import without_ids
-from ..errors import ForgetRequestError, StoreError
+from ..errors import ForgetIncompleteError, ForgetRequestError, StoreError
 from ..faults import crash_point
 from ..layout import ParamLayout
 from ..store import StoreReader, recording_marker
@@ -33,7 +33,6 @@ from ..store.audit import check_audit
 from ..store.journal import (
     audit_record,
     commit,
-    load_key,
     prepare,
     recover,
     roll_back,
@@ -42,13 +41,15 @@ from ..store.journal import (
     store_lock,
     weights_fingerprint,
 )
+from ..store.lineage import register
 from .attempts import ModelAttempts
 from .config import ForgetConfig
 from .measure import Measurer
 from .policy import ForgetPolicy
 from .prepare import gather, prepare_unseen_hold
+from .record import forgotten_ids, legacy_ids, model_record, refuse_stale_model, restore_record, set_record, standing
 from .repair import finetune
-from .request import ForgetReport, check_choices, forgotten_ids, normalize_ids, refuse_stale_model, set_forgotten
+from .request import ForgetReport, check_choices, normalize_ids
 from .subtraction import forget_update, kept_share_weights
 
 logger = logging.getLogger(__name__)
@@ -108,44 +109,41 @@ def serve(
     if ids.size == 0:  # nothing to forget: nothing measured, subtracted, saved or audited
         logger.warning("forget: the request holds no ids; nothing was changed.")
         return ForgetReport(scale=0.0, seconds=time.perf_counter() - began)
-    data = None
-    if scale == "auto" or repair_steps == "auto":
-        data = gather(
-            context.train_dataset,
-            id_column=context.args.id_column,
-            seed=context.args.seed,
-            planned_steps=context.planned_steps() if context.train_dataset is not None else 0,
-            ids=ids,
-            forgotten=forgotten_ids(context.model),
-            holdout=context.eval_dataset if holdout is None else holdout,
-            whole_class=whole_class,
-            need_holdout=scale == "auto",
-            hold_unseen=repair_steps == "auto" and config.hold_unseen,
-            config=config,
-        )
     main = context.is_main_process
-    committing = save_to is not None and main and store_dir.is_dir()
-    with store_lock(store_dir) if committing else nullcontext():
-        if committing:
+    locking = main and store_dir.is_dir()  # forgets register the weights they make, in memory too
+    with store_lock(store_dir) if locking else nullcontext():
+        if locking:
             recover(store_dir)
         context.wait_for_everyone()
-        report = _serve_locked(context, ids, config, scale, repair_steps, strict, save_to, purge, data)
+        request = _Request(ids, config, scale, repair_steps, holdout, whole_class, strict, save_to, purge)
+        report = _serve_locked(context, request)
         context.wait_for_everyone()
     report.seconds = time.perf_counter() - began
     return report
 
 
-def _serve_locked(
-    context: ForgetContext, ids, config, scale, repair_steps, strict, save_to, purge, data
-) -> ForgetReport:
-    model, args = context.model, context.args
+@dataclass
+class _Request:
+    ids: np.ndarray
+    config: ForgetConfig
+    scale: float | str
+    repair_steps: int | str
+    holdout: object
+    whole_class: bool | None
+    strict: bool
+    save_to: object
+    purge: bool
+
+
+def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
+    model, args, ids, config, save_to = context.model, context.args, request.ids, request.config, request.save_to
     store_dir = Path(args.store_dir)
     reader = StoreReader(store_dir)
     layout = ParamLayout.from_model(model)
     if reader.manifest.layout.fingerprint() != layout.fingerprint():
         raise StoreError(
             f"the store at {store_dir} belongs to another model or set of trainable parameters; "
-            "load the model the store was recorded for."
+            "load the model the store was recorded for (a PEFT adapter with is_trainable=True)."
         )
     if save_to is not None and any(recording_marker(store_dir, r).exists() for r in range(reader.manifest.num_shards)):
         raise StoreError(
@@ -154,24 +152,30 @@ def _serve_locked(
         )
     if save_to is not None and context.is_main_process:
         check_audit(store_dir)  # its record is appended after the commit point, where nothing may fail
-    done = set(forgotten_ids(model))
-    if save_to is not None:
-        refuse_stale_model(Path(save_to), done)
-    already = [i for i in ids.tolist() if i in done]
-    unknown = [i for i in ids.tolist() if i not in done and not reader.locate(i)]
-    if strict and unknown:
-        raise ForgetRequestError(
-            f"{len(unknown)} ids are not in the store (e.g. {unknown[:5]}); nothing was changed. "
-            "Drop them or call forget(..., strict=False) to skip them."
-        )
-    skip = done | set(unknown)
-    todo = np.array([i for i in ids.tolist() if i not in skip], dtype=np.int64)
     params = layout.params_of(model)
-    before = weights_fingerprint(params) if save_to is not None else None
+    mine = standing(model, params, store_dir, reader.manifest)
+    if save_to is not None:
+        refuse_stale_model(Path(save_to), mine, store_dir)
+    done = mine.forgotten(ids)
+    purged = set().union(*(set(state.purged) for state in reader.states))
+    rest = ids[~done].tolist()
+    located = [i for i in rest if reader.locate(i)]
+    elsewhere = [i for i in rest if i in purged and i not in set(located)]
+    unknown = sorted(set(rest) - set(located) - set(elsewhere))
+    if request.strict and (unknown or elsewhere):
+        raise ForgetRequestError(
+            f"{len(unknown)} ids are not in the store (e.g. {unknown[:5]}) and {len(elsewhere)} were purged from it "
+            f"when another model forgot them (e.g. {elsewhere[:5]}: this model still holds their influence, and "
+            "the store can no longer remove it); nothing was changed. Drop them, or call forget(..., strict=False) "
+            "to skip them."
+        )
+    todo = np.array(located, dtype=np.int64)
+    earlier = forgotten_ids(mine, reader)
+    data = _gather(context, request, earlier)
     update = forget_update(reader, todo)
-    if scale == "auto" and config.weight_by_kept_share:  # every tensor at the same share of its whole change
+    if request.scale == "auto" and config.weight_by_kept_share:  # every tensor at the same share of its whole change
         update = update * kept_share_weights(reader.manifest)
-    if repair_steps == "auto":
+    if request.repair_steps == "auto":
         data.original_accuracy = context.measure.accuracy(data.retained_sample)
         prepare_unseen_hold(
             data,
@@ -182,6 +186,7 @@ def _serve_locked(
             todo=todo,
             config=config,
         )
+    leave_out = set(earlier) | set(located)
     attempts = ModelAttempts(
         model=model,
         params=params,
@@ -191,62 +196,101 @@ def _serve_locked(
         config=config,
         ceiling=config.scale_ceiling(reader.manifest.keep_fraction),
         args=args,
-        repair_fixed=lambda steps: _repair_fixed(context, steps),
+        repair_fixed=lambda steps: _repair_fixed(context, steps, leave_out),
     )
-    committed = False
+    record, legacy = model_record(model), legacy_ids(model)
     try:
-        set_forgotten(model, sorted(done | set(todo.tolist())))
-        outcome = ForgetPolicy(config, attempts).run(scale, repair_steps, len(todo))
+        outcome = ForgetPolicy(config, attempts).run(request.scale, request.repair_steps, len(todo))
         report = ForgetReport(
             forgotten=todo.tolist(),
-            already_forgotten=already,
+            already_forgotten=ids[done].tolist(),
             unknown=unknown,
+            purged_elsewhere=elsewhere,
             delta_norm=outcome.scale * float(update.norm()),
             scale=outcome.scale,
             repair_steps=outcome.repair_steps,
             calibration=outcome.trace,
         )
-        if save_to is not None:
+        after = mine.with_ids(weights_fingerprint(params), todo.tolist())
+        set_record(model, after)
+        if save_to is None:
             if context.is_main_process:
-                roll_back(Path(save_to))
-            context.wait_for_everyone()
-            context.save_model(str(staging_dir(save_to)))
-            context.wait_for_everyone()
-            if context.is_main_process:
-                purged = np.array(sorted(i for i in done | set(todo.tolist()) if reader.locate(i)), dtype=np.int64)
-                audit = audit_record(
-                    ids,
-                    report.forgotten,
-                    already,
-                    unknown,
-                    report.delta_norm,
-                    outcome.scale,
-                    outcome.repair_steps,
-                    before,
-                    weights_fingerprint(params),
-                    save_to,
-                    purge,
-                    key=load_key(store_dir),
-                )
-                entry = prepare(Path(save_to), purged if purge else None, audit)
-                crash_point("forget:staged")
-                commit(store_dir, entry)
-                committed = True
-                crash_point("forget:committed")
-                roll_forward(store_dir, entry, crash_at=crash_point)  # the store's model is now the saved one
-                report.request = audit["request"]
-            report.committed = True
-    except BaseException:
-        if not committed:
-            attempts.restore(attempts.original)
-            set_forgotten(model, sorted(done))
-            if save_to is not None and context.is_main_process:
-                roll_back(Path(save_to))
+                register(store_dir, after.weights, after.digests)  # so these weights may be saved and served
+        else:
+            _commit(context, request, reader, report, outcome, mine, after, sorted(leave_out))
+    except BaseException as err:
+        if isinstance(err, ForgetIncompleteError):  # past the commit point: the saved model is the new one
+            raise
+        attempts.restore(attempts.original)
+        restore_record(model, record, legacy)
+        if save_to is not None and context.is_main_process:
+            roll_back(Path(save_to))
         raise
     return report
 
 
-def _repair_fixed(context: ForgetContext, steps: int) -> None:
+def _gather(context: ForgetContext, request: _Request, earlier: list[int]):
+    """The data the automatic choices need (None when both are fixed), checked before any change."""
+    if request.scale != "auto" and request.repair_steps != "auto":
+        return None
+    return gather(
+        context.train_dataset,
+        id_column=context.args.id_column,
+        seed=context.args.seed,
+        planned_steps=context.planned_steps() if context.train_dataset is not None else 0,
+        ids=request.ids,
+        forgotten=earlier,
+        holdout=context.eval_dataset if request.holdout is None else request.holdout,
+        whole_class=request.whole_class,
+        need_holdout=request.scale == "auto",
+        hold_unseen=request.repair_steps == "auto" and request.config.hold_unseen,
+        config=request.config,
+    )
+
+
+def _commit(context, request, reader, report, outcome, mine, after, forgotten) -> None:
+    """Save, purge and audit as one transaction (the main process; the others only save). An error
+    after the commit point is a `ForgetIncompleteError`: `recover` finishes the request."""
+    store_dir, save_to = Path(context.args.store_dir), Path(request.save_to)
+    if context.is_main_process:
+        roll_back(save_to)
+    context.wait_for_everyone()
+    context.save_model(str(staging_dir(save_to)))
+    context.wait_for_everyone()
+    report.committed = True
+    if not context.is_main_process:
+        return
+    purged = np.array([i for i in forgotten if reader.locate(i)], dtype=np.int64)
+    audit = audit_record(
+        request.ids,
+        report.forgotten,
+        report.already_forgotten,
+        report.unknown,
+        report.delta_norm,
+        outcome.scale,
+        outcome.repair_steps,
+        mine.weights,
+        after.weights,
+        save_to,
+        request.purge,
+        key=mine.key,
+    )
+    lineage = {"weights": after.weights, "forgotten": sorted(after.digests)}
+    entry = prepare(save_to, purged if request.purge else None, audit, lineage=lineage)
+    crash_point("forget:staged")
+    commit(store_dir, entry)
+    report.request = audit["request"]
+    try:
+        crash_point("forget:committed")
+        roll_forward(store_dir, entry, crash_at=crash_point)  # the store's model is now the saved one
+    except BaseException as err:
+        raise ForgetIncompleteError(
+            f"the request {audit['request']} is committed but not finished ({type(err).__name__}: {err}). Run "
+            f"`hf-amnesia recover {store_dir}` (or hf_amnesia.store.journal.recover) to finish it."
+        ) from err
+
+
+def _repair_fixed(context: ForgetContext, steps: int, forgotten: set[int]) -> None:
     """A fine-tune of exactly `steps` steps on the training rows the model has not forgotten."""
-    retained = without_ids(context.train_dataset, context.args.id_column, set(forgotten_ids(context.model)))
+    retained = without_ids(context.train_dataset, context.args.id_column, forgotten)
     finetune(context.model, retained, steps, context.args, data_collator=context.measure.collate)
