@@ -23,12 +23,17 @@ from .data import dataset_ids, with_dataset_ids
 from .errors import ConfigError, StoreError, UnsupportedTrainingError
 from .faults import crash_point
 from .forgetting import ForgetConfig, ForgetContext, ForgetReport, Measurer, serve
-from .forgetting.record import Standing, run_start_standing, set_record, stored_forgotten_ids, write_record_file
+from .forgetting.record import (
+    refuse_forgotten_rows,
+    register_run_end,
+    run_start_standing,
+    stored_forgotten_ids,
+    write_record_file,
+)
 from .recorder import Recorder
 from .recording import open_manifest, recording_plan
 from .store import folder_bytes
 from .store.journal import weights_fingerprint
-from .store.lineage import register
 from .validate import launch_problems, model_problems, optimizer_problems, raise_problems, training_problems
 
 try:  # datasets is a dependency, but the trainer also takes torch datasets
@@ -92,15 +97,9 @@ class AmnesiacTrainer(Trainer):
         self._standing = run_start_standing(
             self.model, manifest, self.args.store_dir, self._resume_requested, self.accelerator.is_main_process
         )
-        forgotten = bool(self._standing.digests)
-        need_ids = self.train_dataset is not None and (forgotten or self.args.sum_deltas_in_memory)
+        need_ids = self.train_dataset is not None and (self._standing.digests or self.args.sum_deltas_in_memory)
         train_ids = dataset_ids(self.train_dataset, self.args.id_column) if need_ids else None
-        again = train_ids[self._standing.forgotten(train_ids)].tolist() if forgotten and train_ids is not None else []
-        if again:
-            raise UnsupportedTrainingError(
-                f"{len(again)} training rows have ids this model has forgotten (e.g. {again[:5]}); training on "
-                "them again would undo the forget. Remove those rows from train_dataset."
-            )
+        refuse_forgotten_rows(self._standing, train_ids)
         self._recorder = Recorder(
             self.model,
             optimizer,
@@ -174,12 +173,7 @@ class AmnesiacTrainer(Trainer):
             manifest.decay = self._recorder.decay.tolist()
             manifest.final_weights = weights_fingerprint(manifest.layout.params_of(self.model))
             manifest.save(Path(self.args.store_dir))
-            # The weights the run ended with are served, having forgotten what the start had.
-            self._standing = Standing(
-                manifest.final_weights, self._standing.digests, self._standing.key, manifest.store_id
-            )
-            register(self.args.store_dir, self._standing.weights, self._standing.digests)
-            set_record(self.model, self._standing)
+            register_run_end(self.model, self.args.store_dir, self._standing.with_ids(manifest.final_weights, ()))
         self.accelerator.wait_for_everyone()
         self._recorder.compact()
         self.accelerator.wait_for_everyone()

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from ..errors import ForgetRequestError, ModelLineageError, StoreError
+from ..errors import ForgetRequestError, ModelLineageError, StoreError, UnsupportedTrainingError
 from ..store.files import MANIFEST_NAME
 from ..store.journal import weights_fingerprint
 from ..store.keys import id_digests, load_key
@@ -195,3 +195,22 @@ def run_start_standing(model: nn.Module, manifest: Manifest, store_dir, resuming
         if manifest.run_id is not None and is_main:
             register(store_dir, start, digests or ())
     return Standing(weights, digests or frozenset(), key, manifest.store_id)
+
+
+def refuse_forgotten_rows(start: Standing, train_ids) -> None:
+    """Training on rows the model has forgotten would undo the forget: refused before it starts."""
+    if train_ids is None or not start.digests:
+        return
+    again = np.asarray(train_ids)[start.forgotten(train_ids)].tolist()
+    if again:
+        raise UnsupportedTrainingError(
+            f"{len(again)} training rows have ids this model has forgotten (e.g. {again[:5]}); training on "
+            "them again would undo the forget. Remove those rows from train_dataset."
+        )
+
+
+def register_run_end(model: nn.Module, store_dir, end: Standing) -> None:
+    """The weights a recording run ended with are served, having forgotten what its start had (the
+    main process, at the end of training)."""
+    register(store_dir, end.weights, end.digests)
+    set_record(model, end)
