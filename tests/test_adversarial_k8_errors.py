@@ -134,7 +134,7 @@ DAMAGED = {
     "manifest_json_list": (_write("manifest.json", b"[1, 2]"), True),
     "manifest_without_layout": (_json_without("manifest.json", "layout"), True),
     "manifest_without_dtype": (_json_without("manifest.json", "dtype"), True),
-    "manifest_is_a_directory": (_write("manifest.json", "dir"), True),
+    "manifest_is_a_directory": (_write("manifest.json", "dir"), False),
     "shard_state_not_json": (_write("shard-00000.json", b"\x00\x01"), False),
     "shard_state_without_rows": (_json_without("shard-00000.json", "rows"), False),
     "shard_state_json_list": (_write("shard-00000.json", b"[]"), True),
@@ -163,7 +163,7 @@ def test_k8_damaged_store_file_refused(tmp_path, capsys, damage):
     assert hashes(case.root) == before
 
 
-VERIFY_TODO = {"manifest_json_list", "manifest_without_layout", "manifest_without_dtype", "manifest_is_a_directory"}
+VERIFY_TODO = {"manifest_json_list", "manifest_without_layout", "manifest_without_dtype"}
 VERIFY_TODO |= {"shard_state_json_list", "ids_npy_garbage", "ids_npy_of_floats", "sums_npy_garbage"}
 VERIFY_TODO |= {"journal_not_json", "journal_without_audit", "audit_log_is_a_directory"}
 
