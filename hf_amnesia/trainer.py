@@ -26,6 +26,7 @@ from .forgetting import ForgetConfig, ForgetContext, ForgetReport, Measurer, ser
 from .forgetting.record import (
     refuse_forgotten_rows,
     register_run_end,
+    register_run_start,
     run_start_standing,
     stored_forgotten_ids,
     write_record_file,
@@ -94,9 +95,7 @@ class AmnesiacTrainer(Trainer):
             accelerator.num_processes,
             accelerator.wait_for_everyone,
         )
-        self._standing = run_start_standing(
-            self.model, manifest, self.args.store_dir, self._resume_requested, self.accelerator.is_main_process
-        )
+        self._standing = run_start_standing(self.model, manifest, self.args.store_dir, self._resume_requested)
         need_ids = self.train_dataset is not None and (self._standing.digests or self.args.sum_deltas_in_memory)
         train_ids = dataset_ids(self.train_dataset, self.args.id_column) if need_ids else None
         refuse_forgotten_rows(self._standing, train_ids)
@@ -111,6 +110,8 @@ class AmnesiacTrainer(Trainer):
             sum_ids=train_ids if self.args.sum_deltas_in_memory else None,
         )
         if not self._resume_requested:
+            if accelerator.is_main_process:
+                register_run_start(self.args.store_dir, manifest, self._standing)
             self._recorder.shard.begin()  # a resume goes back to its checkpoint's state instead
         rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
         logger.warning(recording_plan(manifest, self._recorder, self.args, rows))

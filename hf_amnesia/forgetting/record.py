@@ -28,12 +28,13 @@ from ..errors import ForgetRequestError, ModelLineageError, StoreError, Unsuppor
 from ..store.files import MANIFEST_NAME
 from ..store.journal import weights_fingerprint
 from ..store.keys import id_digests, load_key
-from ..store.lineage import lookup, register
+from ..store.lineage import entries, lookup, register
 from ..store.manifest import Manifest
 
 RECORD_ATTR = "hf_amnesia_forgotten"  # the model config's field: {"store", "count", "weights"}
 LEGACY_ATTR = "hf_amnesia_forgotten_ids"  # hf_amnesia 0.2: the plain list of forgotten ids
 RECORD_FILE = "hf_amnesia.json"  # the same record, beside every saved model (adapter folders too)
+RUN_START = "run-start:"  # a lineage entry that opens a recording run: what its start had forgotten
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def standing(model: nn.Module, params, store_dir: str | os.PathLike, manifest: M
             f"{store_dir} (store id {manifest.store_id}). Nothing was changed; use the store of the run that "
             "trained this model."
         )
-    digests = lookup(store_dir, weights)
+    digests = served(store_dir, weights)
     if digests is None:
         legacy = legacy_ids(model)
         if legacy is None or weights != manifest.final_weights:
@@ -118,6 +119,19 @@ def standing(model: nn.Module, params, store_dir: str | os.PathLike, manifest: M
             )
         digests = frozenset(id_digests(key, legacy))
     return Standing(weights, digests, key, manifest.store_id)
+
+
+def served(store_dir, weights: str) -> frozenset[str] | None:
+    """What the weights `weights` have forgotten, if the store serves them: registered since the
+    latest recording run started (`run-start:` entries). A run recorded into the store adds its
+    samples' deltas, so weights from before it no longer match what the store would subtract."""
+    found = None
+    for entry in entries(store_dir):
+        if entry["weights"].startswith(RUN_START):
+            found = None
+        elif entry["weights"] == weights:
+            found = frozenset(entry["forgotten"])
+    return found
 
 
 def saved_record(folder: Path) -> dict | None:
@@ -153,7 +167,7 @@ def refuse_stale_model(save_to: Path, mine: Standing, store_dir) -> None:
     if LEGACY_ATTR in saved:
         theirs = set(id_digests(mine.key, saved[LEGACY_ATTR]))
     else:
-        theirs = lookup(store_dir, str(saved.get("weights"))) if saved.get("store") == mine.store_id else None
+        theirs = served(store_dir, str(saved.get("weights"))) if saved.get("store") == mine.store_id else None
     if theirs and not theirs <= mine.digests:
         raise ForgetRequestError(
             f"the model saved at {save_to} has already forgotten {len(theirs - mine.digests)} id(s) this model in "
@@ -181,20 +195,22 @@ def stored_forgotten_ids(model: nn.Module, store_dir: str | os.PathLike) -> list
     return forgotten_ids(standing(model, params, store_dir, reader.manifest), reader)
 
 
-def run_start_standing(model: nn.Module, manifest: Manifest, store_dir, resuming: bool, is_main: bool) -> Standing:
-    """What the weights a recording run starts from have forgotten. A new run starts from the
-    store's final weights (or a new store) and registers their forgotten set under its run id; a
-    resumed run finds it there (its weights are then a checkpoint's)."""
+def run_start_standing(model: nn.Module, manifest: Manifest, store_dir, resuming: bool) -> Standing:
+    """What the weights a recording run starts from have forgotten: a new run starts from the
+    store's final weights (or a new store); a resumed run finds its start's in the lineage (its
+    weights are then a checkpoint's)."""
     weights = weights_fingerprint(manifest.layout.params_of(model))
-    key = load_key(store_dir)
-    start = f"run-start:{manifest.run_id}"
     if resuming:
-        digests = lookup(store_dir, start)
+        digests = lookup(store_dir, f"{RUN_START}{manifest.run_id}")
     else:
-        digests = lookup(store_dir, weights) if manifest.final_weights == weights else None
-        if manifest.run_id is not None and is_main:
-            register(store_dir, start, digests or ())
-    return Standing(weights, digests or frozenset(), key, manifest.store_id)
+        digests = served(store_dir, weights) if manifest.final_weights == weights else None
+    return Standing(weights, digests or frozenset(), load_key(store_dir), manifest.store_id)
+
+
+def register_run_start(store_dir, manifest: Manifest, start: Standing) -> None:
+    """Open a recording run in the lineage (the main process, as the run starts to write): weights
+    served before it are no longer served once it has added its samples' deltas."""
+    register(store_dir, f"{RUN_START}{manifest.run_id}", start.digests)
 
 
 def refuse_forgotten_rows(start: Standing, train_ids) -> None:

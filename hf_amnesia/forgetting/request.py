@@ -50,6 +50,10 @@ def normalize_ids(dataset_ids) -> np.ndarray:
             raise ForgetRequestError(f"dataset_ids must be a flat list of integers ({err}).") from None
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
+    if items is not None and not isinstance(items, np.ndarray):
+        flag = next((x for x in items if isinstance(x, (bool, np.bool_))), None)
+        if flag is not None:  # numpy would read a bool beside integers as 0 or 1
+            raise ForgetRequestError(f"dataset_ids must be integers, got bool {flag!r}. Pass the integer ids only.")
     if array.ndim != 1:
         raise ForgetRequestError(
             f"dataset_ids must be one-dimensional, got shape {tuple(array.shape)}; flatten the nested ids first."
