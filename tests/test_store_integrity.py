@@ -21,7 +21,7 @@ from hf_amnesia.layout import ParamLayout
 from hf_amnesia.store import FORMAT_VERSION, Manifest, lineage
 from hf_amnesia.store.audit import append_audit, read_audit
 from hf_amnesia.store.checksums import with_checksum
-from hf_amnesia.store.journal import commit, load_journal, prepare, roll_forward, store_lock
+from hf_amnesia.store.journal import commit, load_journal, prepare, recover, roll_forward, store_lock
 from hf_amnesia.store.keys import create_key, id_digests, ids_digest, key_check, load_key
 from hf_amnesia.store.migrate import migrate
 
@@ -148,7 +148,7 @@ DAMAGE = {
         "state of store shard 0",
         True,
     ),
-    "state_generation": (
+    "state_rows": (
         lambda s, m: _edit_json(s / "shard-00000.json", lambda d: d.update(rows=d["rows"] - 1)),
         "fails its checksum",
         True,
@@ -399,6 +399,21 @@ def test_an_interrupted_migration_leaves_version_1_and_runs_again(copy_of, monke
     assert (store / "store.key").read_bytes() == key and len(lineage.entries(store)) == 1
     assert StoreReader(store).check_all().rows > 0
     trainer.forget([NEXT], scale=1.0, repair_steps=0, save_to=model_dir)
+
+
+def test_a_pending_version_1_journal_is_migrated_and_recovered(copy_of):
+    _, store, model_dir = copy_of
+    audit = dict(read_audit(store)[0], request="feedfeed")
+    commit(store, prepare(model_dir, np.array([NEXT]), audit))  # a request a crash interrupted
+    _to_version_1(store)
+    _edit_json(store / "forget-journal.json", lambda d: [d.pop(n) for n in ("checksum", "commits_after", "lineage")])
+    with pytest.raises(StoreError, match="hf-amnesia migrate STORE"):
+        recover(store)
+    assert migrate(store) is True
+    assert load_journal(store)["commits_after"] == 2
+    assert recover(store) is True
+    assert Manifest.load(store).commits == 2 and len(read_audit(store)) == 2
+    assert not StoreReader(store).locate(NEXT) and load_journal(store) is None
 
 
 def test_migration_refuses_a_damaged_row_and_a_damaged_manifest(copy_of):

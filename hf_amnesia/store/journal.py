@@ -208,11 +208,11 @@ def recover(store_dir: str | os.PathLike) -> bool:
     points to (a crash before the commit point) are removed.
     """
     store_dir = Path(store_dir)
+    manifest = Manifest.load(store_dir)  # first: a version-1 store is refused with the way to migrate it
     entry = load_journal(store_dir)
     if entry is not None:
         roll_forward(store_dir, entry)
         return True
-    manifest = Manifest.load(store_dir)
     if manifest is not None:
         for rank in range(manifest.num_shards):
             state = ShardState.load(store_dir, rank)
