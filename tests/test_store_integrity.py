@@ -17,6 +17,7 @@ from tiny import TinyCNN, image_dataset, tiny_config
 
 from hf_amnesia import AmnesiacTrainer, StoreError, StoreReader
 from hf_amnesia.cli import main
+from hf_amnesia.forgetting import model_record
 from hf_amnesia.layout import ParamLayout
 from hf_amnesia.store import FORMAT_VERSION, Manifest, lineage
 from hf_amnesia.store.audit import append_audit, read_audit
@@ -115,10 +116,13 @@ def _edit_audit_line(store):
 
 def _edit_lineage_line(store):
     path = store / "lineage.jsonl"
-    line = json.loads(path.read_text().splitlines()[0])
+    lines = path.read_text().splitlines()
+    number = next(i for i, text in enumerate(lines) if json.loads(text)["forgotten"])
+    line = json.loads(lines[number])
     line["forgotten"] = []
     line["count"] = 0
-    path.write_text(json.dumps(line) + "\n")
+    lines[number] = json.dumps(line)
+    path.write_text("\n".join(lines) + "\n")
 
 
 # case: (damage, what the error says, caught when StoreReader opens the store)
@@ -168,7 +172,7 @@ DAMAGE = {
     ),
     "journal_edit": (_pending_journal, "forget journal", False),
     "audit_line_edit": (lambda s, m: _edit_audit_line(s), r"audit log .* damaged at line\(s\) \[1\]", False),
-    "lineage_line_edit": (lambda s, m: _edit_lineage_line(s), "lineage file .* damaged at line 1", True),
+    "lineage_line_edit": (lambda s, m: _edit_lineage_line(s), "lineage file .* damaged at line", True),
     "key_missing": (lambda s, m: (s / "store.key").unlink(), "key .* is missing", True),
     "key_short": (lambda s, m: (s / "store.key").write_bytes(b"k" * 16), "16 bytes", True),
     "key_swapped": (lambda s, m: (s / "store.key").write_bytes(os.urandom(32)), "not this store's key", True),
@@ -190,7 +194,7 @@ def test_damage_is_refused_before_anything_changes(copy_of, case, capsys):
     assert _hashes(store, model_dir) == before
     assert not (model_dir.parent / "model.amnesia-staging").exists()
     assert torch.equal(torch.nn.utils.parameters_to_vector(trainer.model.parameters()), weights)
-    assert trainer.forgotten_ids() == [FIRST]
+    assert model_record(trainer.model)["count"] == 1  # the record, unchanged
     assert main(["verify", str(store)]) == 2
     assert "hf-amnesia:" in capsys.readouterr().err
     assert _hashes(store, model_dir) == before
@@ -200,7 +204,7 @@ def test_an_intact_store_verifies_and_says_what_it_checked(copy_of, capsys):
     _, store, _ = copy_of
     assert main(["verify", str(store)]) == 0
     out = capsys.readouterr().out
-    for checked in ("manifest", "1 shard state(s)", "rows", "the key", "1 audit record(s)", "1 lineage entry"):
+    for checked in ("manifest", "1 shard state(s)", "rows", "the key", "1 audit record(s)", "lineage entries"):
         assert checked in out, out
     assert "all checksums match" in out
 
@@ -220,6 +224,7 @@ def test_commits_count_and_roll_forward_is_idempotent(copy_of):
     trainer, store, model_dir = copy_of
     assert Manifest.load(store).commits == 1
     trainer.forget([NEXT], scale=1.0, repair_steps=0, save_to=model_dir)
+    registered = len(lineage.entries(store))
     manifest = Manifest.load(store)
     assert manifest.commits == 2 and len(read_audit(store)) == 2
     weights = manifest.final_weights
@@ -235,7 +240,7 @@ def test_commits_count_and_roll_forward_is_idempotent(copy_of):
     roll_forward(store, entry)  # a repeat changes nothing
     assert Manifest.load(store).commits == 3 and len(read_audit(store)) == 3
     assert lineage.lookup(store, weights) == frozenset(id_digests(load_key(store), [NEXT, FIRST]))
-    assert len(lineage.entries(store)) == 2
+    assert len(lineage.entries(store)) == registered  # the weights already had that entry
 
 
 def test_a_new_store_has_an_id_a_private_key_and_format_2(served):
@@ -334,8 +339,20 @@ def test_links_planted_in_the_store_are_not_followed(tmp_path):
 # -- format version 1 and its migration ----------------------------------------------------------
 
 
-def _to_version_1(store):
-    """Rewrite a version-2 store into the shape version 1 wrote (no checksums, no key, no lineage)."""
+def _to_version_1(store, trainer, model_dir):
+    """Rewrite a version-2 store into the shape version 1 wrote (no checksums, no key, no lineage),
+    and its model into the shape 0.2 saved (the plain list of forgotten ids in its config)."""
+    holder = getattr(trainer.model, "config", trainer.model)
+    delattr(holder, "hf_amnesia_forgotten")
+    holder.hf_amnesia_forgotten_ids = [FIRST]
+    (model_dir / "hf_amnesia.json").unlink(missing_ok=True)
+    if (model_dir / "config.json").exists():
+
+        def config(d):
+            d.pop("hf_amnesia_forgotten", None)
+            d["hf_amnesia_forgotten_ids"] = [FIRST]
+
+        _edit_json(model_dir / "config.json", config)
 
     def manifest(d):
         for name in ("checksum", "store_id", "run_id", "commits", "key_check"):
@@ -358,7 +375,7 @@ def _to_version_1(store):
 
 def test_a_version_1_store_is_refused_then_migrated(copy_of, capsys):
     trainer, store, model_dir = copy_of
-    _to_version_1(store)
+    _to_version_1(store, trainer, model_dir)
     before = _hashes(store, model_dir)
     with pytest.raises(StoreError, match="hf-amnesia migrate STORE"):
         StoreReader(store)
@@ -383,7 +400,7 @@ def test_a_version_1_store_is_refused_then_migrated(copy_of, capsys):
 
 def test_an_interrupted_migration_leaves_version_1_and_runs_again(copy_of, monkeypatch):
     trainer, store, model_dir = copy_of
-    _to_version_1(store)
+    _to_version_1(store, trainer, model_dir)
 
     def crash(self, store_dir):
         raise OSError("disk full")
@@ -402,10 +419,10 @@ def test_an_interrupted_migration_leaves_version_1_and_runs_again(copy_of, monke
 
 
 def test_a_pending_version_1_journal_is_migrated_and_recovered(copy_of):
-    _, store, model_dir = copy_of
+    trainer, store, model_dir = copy_of
     audit = dict(read_audit(store)[0], request="feedfeed")
     commit(store, prepare(model_dir, np.array([NEXT]), audit))  # a request a crash interrupted
-    _to_version_1(store)
+    _to_version_1(store, trainer, model_dir)
     _edit_json(store / "forget-journal.json", lambda d: [d.pop(n) for n in ("checksum", "commits_after", "lineage")])
     with pytest.raises(StoreError, match="hf-amnesia migrate STORE"):
         recover(store)
@@ -417,8 +434,8 @@ def test_a_pending_version_1_journal_is_migrated_and_recovered(copy_of):
 
 
 def test_migration_refuses_a_damaged_row_and_a_damaged_manifest(copy_of):
-    _, store, _ = copy_of
-    _to_version_1(store)
+    trainer, store, model_dir = copy_of
+    _to_version_1(store, trainer, model_dir)
     rows = next(store.glob("shard-00000.g*.rows"))
     _flip_last_byte(rows)
     with pytest.raises(StoreError, match="fail their checksums"):

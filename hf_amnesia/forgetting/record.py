@@ -106,9 +106,10 @@ def standing(model: nn.Module, params, store_dir: str | os.PathLike, manifest: M
             f"{store_dir} (store id {manifest.store_id}). Nothing was changed; use the store of the run that "
             "trained this model."
         )
-    digests = served(store_dir, weights)
+    digests, legacy = served(store_dir, weights), legacy_ids(model)
+    if digests is not None and legacy:  # a 0.2 list may name ids a later compaction dropped: never again
+        digests = digests | set(id_digests(key, legacy))
     if digests is None:
-        legacy = legacy_ids(model)
         if legacy is None or weights != manifest.final_weights:
             raise ModelLineageError(
                 f"the store at {store_dir} does not serve this model: its weights (fingerprint {weights[:12]}) are "
@@ -210,7 +211,8 @@ def run_start_standing(model: nn.Module, manifest: Manifest, store_dir, resuming
 def register_run_start(store_dir, manifest: Manifest, start: Standing) -> None:
     """Open a recording run in the lineage (the main process, as the run starts to write): weights
     served before it are no longer served once it has added its samples' deltas."""
-    register(store_dir, f"{RUN_START}{manifest.run_id}", start.digests)
+    if manifest.run_id is not None:
+        register(store_dir, f"{RUN_START}{manifest.run_id}", start.digests)
 
 
 def refuse_forgotten_rows(start: Standing, train_ids) -> None:
