@@ -72,7 +72,10 @@ def open_manifest(
         try:
             store_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(store_dir, 0o700)
-            manifest.save(store_dir)
+            if existing is None:
+                manifest.create(store_dir)  # a new store: its key and store_id, then its manifest
+            else:
+                manifest.save(store_dir)
         except OSError as err:
             raise StoreError(f"cannot write the store at {store_dir}: {err}. Choose a writable store_dir.") from err
     barrier()

@@ -201,7 +201,7 @@ def test_audit_log_and_cli(tmp_path, trained_bert, capsys):
     assert [r["forgotten"] for r in records] == [3, 0]
     first = records[0]
     assert first["count"] == 4 and first["model_before"] != first["model_after"] and first["purged"]
-    assert len(first["ids_sha256"]) == 64
+    assert len(first["ids_hmac"]) == 64 and "ids_sha256" not in first
     # The ids themselves never reach the log: its values are counts, flags, a time, a path and hex
     # digests (a substring test for "999" would trip on digests that happen to contain it).
     assert (first["count"], first["forgotten"], first["unknown"]) == (4, 3, 1)

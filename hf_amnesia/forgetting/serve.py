@@ -33,6 +33,7 @@ from ..store.audit import check_audit
 from ..store.journal import (
     audit_record,
     commit,
+    load_key,
     prepare,
     recover,
     roll_back,
@@ -225,6 +226,7 @@ def _serve_locked(
                     weights_fingerprint(params),
                     save_to,
                     purge,
+                    key=load_key(store_dir),
                 )
                 entry = prepare(Path(save_to), purged if purge else None, audit)
                 crash_point("forget:staged")

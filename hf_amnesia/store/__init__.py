@@ -13,6 +13,8 @@ Layout of a store folder (no pickle anywhere; see docs/store-format.md):
     shard-00000.recording         present while a run records into the shard
     forget-journal.json           a committed forget request being rolled forward
     audit.jsonl                   one record per completed forget request
+    lineage.jsonl                 which model weights the store serves, which ids (keyed digests) each forgot
+    store.key                     the store's secret key: the keyed digests of ids in the two files above
     .lock                         held by the forget job working on the store
 
 Folding the log in (`ShardWriter.compact`) writes a new generation and then switches
@@ -23,13 +25,19 @@ leaves them out. Kept positions are a deterministic function of (seed, dataset i
 stored.
 
 Modules, one job each: `files` (every file name, durable writes), `positions` (which entries are
-kept), `encoding` (values to bytes, checksums), `manifest`, `shards` (a shard's state and
-generations), `writer` (recording), `reader`, `purge`, `journal` (the forget transaction, the
-audit log). Nothing here imports `transformers`.
+kept), `encoding` (values to bytes, row checksums), `checksums` (checksums of the metadata, files
+loaded so that damage is a `StoreError`), `manifest`, `keys` (the store's key, keyed digests of
+ids), `shards` (a shard's state and generations), `writer` (recording), `reader`, `purge`,
+`journal` (the forget transaction), `audit` (the audit log), `lineage`. Nothing here imports
+`transformers`.
 """
 
 from .encoding import STORE_DTYPES
-from .files import MANIFEST_NAME, folder_bytes, recording_marker
+from .files import LINEAGE, MANIFEST_NAME, STORE_KEY, folder_bytes, recording_marker
+from .keys import create_key, id_digests, ids_digest, key_check, load_key
+from .lineage import entries as lineage_entries
+from .lineage import lookup as lineage_lookup
+from .lineage import register as register_lineage
 from .manifest import FORMAT_VERSION, Manifest
 from .positions import (
     KEEP_LAYOUTS,
@@ -49,19 +57,29 @@ from .writer import ShardWriter
 __all__ = [
     "FORMAT_VERSION",
     "KEEP_LAYOUTS",
+    "LINEAGE",
     "MANIFEST_NAME",
     "STORE_DTYPES",
+    "STORE_KEY",
     "Manifest",
     "ShardState",
     "ShardWriter",
     "StoreReader",
+    "create_key",
     "folder_bytes",
+    "id_digests",
+    "ids_digest",
     "kept_positions",
+    "key_check",
+    "lineage_entries",
+    "lineage_lookup",
+    "load_key",
     "manifest_positions",
     "num_kept",
     "positions_for",
     "purge_rows",
     "recording_marker",
+    "register_lineage",
     "row_plan",
     "row_positions",
     "row_positions_torch",

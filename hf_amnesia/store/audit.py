@@ -1,6 +1,7 @@
 """The audit log (`audit.jsonl`): one record per committed forget request, appended in full.
 
-A record holds a digest of the request's ids, never the ids themselves (`audit_record`). Each is
+A record holds a keyed digest of the request's ids (HMAC with the store's key, `keys.py`), never the
+ids themselves (`audit_record`). Each is
 one JSON line written with `write_fully` and made durable; the journal of its request is removed
 only after that, so a crash while appending leaves at most an unfinished last line (a torn tail)
 whose request is still in the journal. `append_audit` moves such a tail aside, to
@@ -12,7 +13,6 @@ forget's commit point, and `load_audit` still reads every other record (`hf-amne
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import StoreError
 from .files import AUDIT, AUDIT_TORN, open_private, write_fully
+from .keys import ids_digest
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +114,6 @@ def _set_aside(path: Path, torn: bytes) -> None:
     )
 
 
-def ids_digest(ids: np.ndarray) -> str:
-    """sha256 of the sorted int64 ids: identifies a request without listing who asked."""
-    return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).astype("<i8").tobytes()).hexdigest()
-
-
 def audit_record(
     ids: np.ndarray,
     forgotten: list[int],
@@ -130,11 +126,15 @@ def audit_record(
     after: str,
     save_to,
     purged: bool,
+    *,
+    key: bytes,
 ) -> dict:
+    """The record of one committed request; `key` is the store's (`keys.load_key`), so that the ids'
+    digest cannot be reversed by trying candidate ids."""
     return {
         "request": uuid.uuid4().hex,
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "ids_sha256": ids_digest(ids),
+        "ids_hmac": ids_digest(key, ids),
         "count": int(len(ids)),
         "forgotten": len(forgotten),
         "already_forgotten": len(already),

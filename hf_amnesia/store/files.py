@@ -3,7 +3,8 @@
 Names live here and nowhere else (the layout is in `hf_amnesia/store/__init__.py` and
 docs/store-format.md): the other store modules ask for a path, never spell one. Writes that
 readers must see whole go through `write_atomic` / `save_npy` (a temporary file, fsync, rename);
-every file is created with mode 0600.
+every file is created with mode 0600, and no file is created, written or read through a symbolic
+link (`O_NOFOLLOW`): a link planted in the store folder is refused, never followed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ JOURNAL = "forget-journal.json"  # a committed forget being rolled forward
 AUDIT = "audit.jsonl"  # one record per completed forget request
 AUDIT_TORN = "audit.jsonl.torn"  # the unfinished last lines of interrupted appends, kept aside
 LOCK = ".lock"  # held by the forget job working on the store
+STORE_KEY = "store.key"  # the store's secret key: keyed digests of ids (audit log, lineage)
+LINEAGE = "lineage.jsonl"  # which model weights the store serves, and which ids each has forgotten
 STAGING_SUFFIX = ".amnesia-staging"  # next to a forget's `save_to`: the new model, before the swap
 REPLACED_SUFFIX = ".amnesia-replaced"  # next to a forget's `save_to`: the old model, during the swap
 TMP_SUFFIX = ".tmp"  # a file being written, renamed over its target once durable
@@ -71,8 +74,38 @@ def replaced_dir(save_to: str | os.PathLike) -> Path:
 
 
 def open_private(path: Path, flags: int) -> int:
-    """`os.open` creating the file with mode 0600 (a store holds information about its samples)."""
-    return os.open(path, flags, 0o600)
+    """`os.open` creating the file with mode 0600 (a store holds information about its samples),
+    never through a symbolic link (`OSError` ELOOP if `path` is one)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+
+
+def create_new(path: Path) -> int:
+    """A new, empty file at `path` open for writing: a stale one (or a link planted there) is
+    removed first, then the file is created exclusively, so nothing existing is written through."""
+    path.unlink(missing_ok=True)  # removes a link itself, never its target
+    return open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+
+
+def read_private(path: Path) -> bytes:
+    """The bytes of a store file, not read through a symbolic link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def truncate_private(path: Path, size: int) -> None:
+    """Cut a store file to `size` bytes (`os.truncate` would follow a symbolic link)."""
+    fd = open_private(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_fully(fd: int, data: bytes) -> None:
@@ -89,7 +122,7 @@ def write_fully(fd: int, data: bytes) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a small file so that readers see either the old or the new content."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = create_new(tmp)
     try:
         write_fully(fd, data)
         os.fsync(fd)
@@ -101,7 +134,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def save_npy(path: Path, array: np.ndarray) -> None:
     """`np.save` (no pickle) made durable before it replaces `path`."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = create_new(tmp)
     with os.fdopen(fd, "wb") as f:
         np.save(f, array, allow_pickle=False)
         f.flush()

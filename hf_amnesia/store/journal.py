@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import StoreError
-from .audit import append_audit, audit_record, ids_digest, read_audit
+from .audit import append_audit, audit_record, read_audit
 from .files import (
     AUDIT,
     JOURNAL,
@@ -47,6 +47,8 @@ from .files import (
     write_atomic,
     write_fully,
 )
+from .keys import ids_digest, load_key
+from .lineage import register
 from .manifest import Manifest
 from .purge import purge_rows
 from .shards import ShardState, remove_newer_generations
@@ -63,6 +65,7 @@ __all__ = [
     "audit_record",
     "commit",
     "ids_digest",
+    "load_key",
     "prepare",
     "read_audit",
     "recover",
@@ -138,14 +141,22 @@ def weights_fingerprint(params: list[torch.Tensor]) -> str:
     return digest.hexdigest()[:32]
 
 
-def prepare(save_to: Path, purged_ids: np.ndarray | None, audit: dict) -> dict:
-    """The journal entry of a staged request (written by `commit`); `purged_ids` None: no purge."""
+def prepare(save_to: Path, purged_ids: np.ndarray | None, audit: dict, lineage: dict | None = None) -> dict:
+    """The journal entry of a staged request (written by `commit`); `purged_ids` None: no purge.
+
+    `lineage`, if given, is `{"weights": <fingerprint of the saved model>, "forgotten": [id digests]}`
+    (`keys.id_digests` of every id that model has forgotten), registered in `lineage.jsonl` by the
+    roll forward.
+    """
+    if lineage is not None:
+        lineage = {"weights": str(lineage["weights"]), "forgotten": sorted({str(d) for d in lineage["forgotten"]})}
     return {
         "state": "committed",
         "request": audit["request"],
         "save_to": str(Path(save_to).resolve()),
         "purged_ids": None if purged_ids is None else [int(i) for i in purged_ids],
         "audit": audit,
+        "lineage": lineage,
     }
 
 
@@ -173,6 +184,8 @@ def roll_forward(store_dir: Path, entry: dict, crash_at=None) -> None:
         purge_rows(Path(store_dir), Manifest.load(Path(store_dir)), np.asarray(entry["purged_ids"], dtype=np.int64))
     if crash_at:
         crash_at("purge")
+    if entry.get("lineage") is not None:
+        register(store_dir, entry["lineage"]["weights"], entry["lineage"]["forgotten"])
     # The saved model is now the store's model: training it further may record into the store.
     manifest = Manifest.load(Path(store_dir))
     if manifest is not None and manifest.final_weights != entry["audit"]["model_after"]:

@@ -8,6 +8,7 @@ weights the last run (or forget) left. A store of another format version is refu
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ..errors import StoreError
 from ..layout import ParamLayout
 from ..version import __version__
 from .files import MANIFEST_NAME, write_atomic
+from .keys import KEY_BYTES, create_key, key_check, key_path, read_key
 from .positions import num_kept, row_plan
 
 FORMAT_VERSION = 1
@@ -34,6 +36,10 @@ class Manifest:
         "entries"  # which entries a sample keeps: random `entries`, or whole `rows` (new stores: see config)
     )
     final_weights: str | None = None  # fingerprint of the weights when the last recorded run finished
+    store_id: str | None = None  # uuid4 hex, made once when the store is created (`create`)
+    run_id: str | None = None  # the id of the recording run that last started
+    commits: int = 0  # forget requests committed into this store
+    key_check: str | None = None  # public check value of the store's key (`keys.key_check`)
     format_version: int = FORMAT_VERSION
     library_version: str = __version__
 
@@ -56,6 +62,10 @@ class Manifest:
             "keep_fraction": self.keep_fraction,
             "keep_layout": self.keep_layout,
             "final_weights": self.final_weights,
+            "store_id": self.store_id,
+            "run_id": self.run_id,
+            "commits": self.commits,
+            "key_check": self.key_check,
             "k": self.k,
             "dtype": self.dtype,
             "seed": self.seed,
@@ -84,9 +94,24 @@ class Manifest:
             decay=[float(q) for q in data["decay"]],
             keep_layout=data.get("keep_layout", "entries"),
             final_weights=data.get("final_weights"),
+            store_id=data.get("store_id"),
+            run_id=data.get("run_id"),
+            commits=int(data.get("commits", 0)),
+            key_check=data.get("key_check"),
             format_version=int(data["format_version"]),
             library_version=data["library_version"],
         )
+
+    def create(self, store_dir: Path) -> None:
+        """Save this manifest as that of a new store: its key and `store_id` are made first, the
+        manifest written last (the store exists once its manifest does)."""
+        key = read_key(store_dir)  # left by a creation interrupted before its manifest was written
+        if key is None or len(key) != KEY_BYTES:
+            key_path(store_dir).unlink(missing_ok=True)  # no manifest refers to it
+            key = create_key(store_dir)
+        self.store_id = uuid.uuid4().hex
+        self.key_check = key_check(key)
+        self.save(store_dir)
 
     def save(self, store_dir: Path) -> None:
         write_atomic(store_dir / MANIFEST_NAME, json.dumps(self.to_json(), indent=1).encode())
