@@ -89,6 +89,23 @@ def dataset_ids(dataset, id_column: str) -> np.ndarray:
     return _integers(ids)
 
 
+def ids_to_record(dataset, id_column: str, forgotten: list[int], for_sums: bool) -> np.ndarray | None:
+    """The ids of the training rows when recording needs them (None otherwise): to refuse rows whose
+    ids the model has forgotten, since training on them again would undo the forget, and for the
+    in-memory sums (`for_sums`)."""
+    forgotten = set(forgotten)
+    if dataset is None or not (forgotten or for_sums):
+        return None
+    ids = dataset_ids(dataset, id_column)
+    again = sorted(forgotten & set(ids.tolist()))
+    if again:
+        raise UnsupportedTrainingError(
+            f"{len(again)} training rows have ids this model has forgotten (e.g. {again[:5]}); training on "
+            "them again would undo the forget. Remove those rows from train_dataset."
+        )
+    return ids
+
+
 def _columns(dataset, columns: tuple[str, ...], start: int = 0) -> list[list]:
     """`row[c]` for each of `columns`, of every row of a map-style dataset of dict rows from `start`,
     read in one pass. Reading a row may run random transforms, so the global random streams are

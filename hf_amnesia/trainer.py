@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import AmnesiaConfig, training_fields
-from .data import dataset_ids, with_dataset_ids
+from .data import ids_to_record, with_dataset_ids
 from .errors import ConfigError, StoreError, UnsupportedTrainingError
 from .faults import crash_point
 from .forgetting import ForgetConfig, ForgetContext, ForgetReport, Measurer, forgotten_ids, serve
@@ -87,15 +87,8 @@ class AmnesiacTrainer(Trainer):
             accelerator.num_processes,
             accelerator.wait_for_everyone,
         )
-        forgotten = set(self.forgotten_ids())
-        need_ids = self.train_dataset is not None and (forgotten or self.args.sum_deltas_in_memory)
-        train_ids = dataset_ids(self.train_dataset, self.args.id_column) if need_ids else None
-        again = sorted(forgotten & set(train_ids.tolist())) if forgotten and self.train_dataset is not None else []
-        if again:
-            raise UnsupportedTrainingError(
-                f"{len(again)} training rows have ids this model has forgotten (e.g. {again[:5]}); training on "
-                "them again would undo the forget. Remove those rows from train_dataset."
-            )
+        sums = self.args.sum_deltas_in_memory
+        train_ids = ids_to_record(self.train_dataset, self.args.id_column, self.forgotten_ids(), sums)
         self._recorder = Recorder(
             self.model,
             optimizer,
@@ -104,7 +97,7 @@ class AmnesiacTrainer(Trainer):
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
             tail_tolerance=self.args.tail_tolerance,
-            sum_ids=train_ids if self.args.sum_deltas_in_memory else None,
+            sum_ids=train_ids if sums else None,
         )
         if not self._resume_requested:
             self._recorder.shard.begin()  # a resume goes back to its checkpoint's state instead
