@@ -1,10 +1,12 @@
-"""Opening the store for a recording run: its manifest, made from the config or checked against it, and
-what the run will cost."""
+"""Opening the store for a recording run: the store's lock, held for the whole run (`hold_store`);
+its manifest, made from the config or checked against it (`open_manifest`); what the run will cost.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from torch import nn
@@ -14,8 +16,32 @@ from .config import DEFAULT_KEEP_FRACTION, DEFAULT_KEEP_LAYOUT, DEFAULT_KEEP_SEE
 from .errors import ConfigError, StoreError
 from .layout import ParamLayout
 from .store import Manifest, recording_marker
-from .store.journal import weights_fingerprint
+from .store.journal import store_lock, weights_fingerprint
 from .validate import nothing_to_record, raise_problems
+
+TRAINING = "training run"  # what a recording run holds the store's lock for
+
+
+def make_store_folder(store_dir: Path) -> None:
+    """Create the store's folder (mode 0700) if it is not there."""
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(store_dir, 0o700)
+    except OSError as err:
+        raise StoreError(f"cannot write the store at {store_dir}: {err}. Choose a writable store_dir.") from err
+
+
+@contextmanager
+def hold_store(store_dir: str | os.PathLike, is_main_process: bool, barrier: Callable[[], None]) -> Iterator[None]:
+    """The store's lock for a recording run: taken by the main process for all processes (the
+    others wait at `barrier` until it is held), released when the block ends, on an error too. A
+    forget request or another run on the store waits meanwhile, and this one waits for them."""
+    store_dir = Path(store_dir)
+    if is_main_process:
+        make_store_folder(store_dir)
+    with store_lock(store_dir, purpose=TRAINING) if is_main_process else nullcontext():
+        barrier()
+        yield
 
 
 def open_manifest(

@@ -24,7 +24,7 @@ from .errors import ConfigError, StoreError, UnsupportedTrainingError
 from .faults import crash_point
 from .forgetting import ForgetConfig, ForgetContext, ForgetReport, Measurer, forgotten_ids, serve
 from .recorder import Recorder
-from .recording import open_manifest, recording_plan
+from .recording import hold_store, open_manifest, recording_plan
 from .store import folder_bytes
 from .store.journal import weights_fingerprint
 from .validate import launch_problems, model_problems, optimizer_problems, raise_problems, training_problems
@@ -131,7 +131,9 @@ class AmnesiacTrainer(Trainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from.")
-        if self._record and self._trained:
+        if not self._record:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        if self._trained:
             raise UnsupportedTrainingError(
                 "train() already ran on this AmnesiacTrainer: its optimizer still holds that run's Adam "
                 "momentum, which would keep moving the weights without being attributed to any sample. "
@@ -139,17 +141,19 @@ class AmnesiacTrainer(Trainer):
                 "starts fresh; the store accepts a run that starts from the weights the last one ended with)."
             )
         self._resume_requested = resume_from_checkpoint not in (None, False)
-        failed = True
-        try:
-            output = super().train(resume_from_checkpoint, *args, **kwargs)
-            if self._recorder is not None:
-                self._finish_recording()
-                self._trained = True
-            failed = False
-        finally:
-            if self._recorder is not None:
-                self._recorder.close(after_error=failed)  # never hides the error that stopped training
-                self._recorder = None
+        accelerator = self.accelerator
+        with hold_store(self.args.store_dir, accelerator.is_main_process, accelerator.wait_for_everyone):
+            failed = True
+            try:
+                output = super().train(resume_from_checkpoint, *args, **kwargs)
+                if self._recorder is not None:
+                    self._finish_recording()
+                    self._trained = True
+                failed = False
+            finally:
+                if self._recorder is not None:
+                    self._recorder.close(after_error=failed)  # never hides the error that stopped training
+                    self._recorder = None
         return output
 
     def _finish_recording(self) -> None:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,7 @@ from .files import (
     REPLACED_SUFFIX,
     STAGING_SUFFIX,
     open_private,
+    read_private,
     recording_marker,
     replaced_dir,
     staging_dir,
@@ -77,7 +79,7 @@ __all__ = [
 ]
 
 
-_held: dict[str, str] = {}  # the lock files this process holds, and for what
+_held = threading.local()  # `locks`: the lock files this thread holds, and for what
 
 
 @contextmanager
@@ -86,14 +88,15 @@ def store_lock(store_dir: str | os.PathLike, purpose: str = "forget request"):
 
     A job that finds the store locked logs a warning naming the holder (its pid, `purpose` and
     start time, which each holder writes into the lock file) and waits for it. The lock is not
-    re-entrant: a process that holds it and asks again gets `StoreError` instead of waiting for
+    re-entrant: a thread that holds it and asks again gets `StoreError` instead of waiting for
     itself (flock through a second descriptor would), e.g. a forget started inside `train()`.
     """
     path = Path(store_dir) / LOCK
     key = str(path.resolve())
-    if key in _held:
+    held = vars(_held).setdefault("locks", {})
+    if key in held:
         raise StoreError(
-            f"this process already holds the lock on the store at {store_dir} for a {_held[key]}; a "
+            f"this thread already holds the lock on the store at {store_dir} for a {held[key]}; a "
             f"{purpose} on that store cannot run until it ends. Run it after (e.g. after train() returns)."
         )
     fd = open_private(path, os.O_RDWR | os.O_CREAT)
@@ -114,11 +117,11 @@ def store_lock(store_dir: str | os.PathLike, purpose: str = "forget request"):
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         write_fully(fd, json.dumps(holder).encode())
-        _held[key] = purpose
+        held[key] = purpose
         try:
             yield
         finally:
-            del _held[key]
+            del held[key]
             os.ftruncate(fd, 0)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -128,7 +131,7 @@ def store_lock(store_dir: str | os.PathLike, purpose: str = "forget request"):
 def _lock_holder(path: Path) -> str:
     """Who holds the lock at `path`, as its holder wrote it."""
     try:
-        holder = json.loads(path.read_text())
+        holder = json.loads(read_private(path))
         return f"a {holder['purpose']} (pid {holder['pid']}, since {holder['since']})"
     except (OSError, ValueError, KeyError, TypeError):  # the holder has not written itself in yet
         return "another job"
