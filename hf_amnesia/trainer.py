@@ -20,11 +20,11 @@ from transformers.utils import logging
 
 from .config import AmnesiaConfig, training_fields
 from .data import ids_to_record, with_dataset_ids
-from .errors import ConfigError, StoreError, UnsupportedTrainingError
+from .errors import ConfigError, UnsupportedTrainingError
 from .faults import crash_point
 from .forgetting import ForgetConfig, ForgetContext, ForgetReport, Measurer, forgotten_ids, serve
 from .recorder import Recorder
-from .recording import hold_store, open_manifest, recording_plan
+from .recording import RECORDER_STATE, check_resume, hold_store, open_manifest, recording_plan
 from .store import folder_bytes
 from .store.journal import weights_fingerprint
 from .validate import launch_problems, model_problems, optimizer_problems, raise_problems, training_problems
@@ -35,8 +35,6 @@ except ImportError:  # pragma: no cover
     datasets = None
 
 logger = logging.get_logger(__name__)
-
-RECORDER_STATE = "amnesia_recorder-{rank:05d}.safetensors"
 
 
 class AmnesiacTrainer(Trainer):
@@ -142,7 +140,11 @@ class AmnesiacTrainer(Trainer):
             )
         self._resume_requested = resume_from_checkpoint not in (None, False)
         accelerator = self.accelerator
+        if self._resume_requested:  # refused before the lock: a refusal writes nothing, not even `.lock`
+            check_resume(self.args.store_dir, resume_from_checkpoint, accelerator.num_processes)
         with hold_store(self.args.store_dir, accelerator.is_main_process, accelerator.wait_for_everyone):
+            if self._resume_requested:  # again: a forget may have committed while this run waited for the lock
+                check_resume(self.args.store_dir, resume_from_checkpoint, accelerator.num_processes)
             failed = True
             try:
                 output = super().train(resume_from_checkpoint, *args, **kwargs)
@@ -193,13 +195,8 @@ class AmnesiacTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self._recorder is not None:
+        if checkpoint is not None and self._recorder is not None:  # `check_resume` found the file and its store
             path = Path(checkpoint) / RECORDER_STATE.format(rank=self.accelerator.process_index)
-            if not path.exists():
-                raise StoreError(
-                    f"{checkpoint} holds no hf_amnesia recorder state ({path.name}); it was not written by an "
-                    "AmnesiacTrainer with the same number of processes. Resume from a checkpoint of the recording run."
-                )
             self._recorder.load_state_dict(load_file(str(path)))
 
     # -- forgetting ------------------------------------------------------------------------------
