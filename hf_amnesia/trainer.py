@@ -27,7 +27,15 @@ from .recorder import Recorder
 from .recording import RECORDER_STATE, check_resume, hold_store, open_manifest, recording_plan
 from .store import folder_bytes
 from .store.journal import weights_fingerprint
-from .validate import launch_problems, model_problems, optimizer_problems, raise_problems, training_problems
+from .validate import (
+    hub_problems,
+    launch_problems,
+    model_problems,
+    optimizer_problems,
+    raise_problems,
+    store_upload_problems,
+    training_problems,
+)
 
 try:  # datasets is a dependency, but the trainer also takes torch datasets
     import datasets
@@ -46,7 +54,8 @@ class AmnesiacTrainer(Trainer):
 
     def __init__(self, model=None, args=None, train_dataset=None, *, record: bool = True, **kwargs):
         args = _as_amnesia_config(args)
-        raise_problems((model_problems(model) if model is not None else []) + training_problems(args))
+        model_checks = model_problems(model) if model is not None else []
+        raise_problems(model_checks + training_problems(args) + hub_problems(args, record))
         self._record = record
         self._recorder: Recorder | None = None
         self._resume_requested = False
@@ -198,6 +207,16 @@ class AmnesiacTrainer(Trainer):
         if checkpoint is not None and self._recorder is not None:  # `check_resume` found the file and its store
             path = Path(checkpoint) / RECORDER_STATE.format(rank=self.accelerator.process_index)
             self._recorder.load_state_dict(load_file(str(path)))
+
+    # -- hub pushes: nothing per-sample leaves the machine --------------------------------------
+
+    def push_to_hub(self, *args, **kwargs):
+        raise_problems(store_upload_problems(self.args.store_dir, self.args.output_dir))
+        return super().push_to_hub(*args, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        raise_problems(hub_problems(self.args, self._record))  # the args may have changed since __init__
+        super()._push_from_checkpoint(checkpoint_folder)
 
     # -- forgetting ------------------------------------------------------------------------------
 
