@@ -4,6 +4,7 @@ hf-amnesia forget --model saved_model --store run/_amnesia_store --ids 12 40 977
 hf-amnesia forget --model saved_model --store run/_amnesia_store --ids-file request.txt
 hf-amnesia audit run/_amnesia_store
 hf-amnesia verify run/_amnesia_store
+hf-amnesia migrate run/_amnesia_store  # a store of format version 1 to version 2
 hf-amnesia recover run/_amnesia_store  # finish a forget request a crash interrupted
 hf-amnesia holders run              # checkpoints that may still hold forgotten influence
 """
@@ -146,9 +147,19 @@ def cmd_audit(args) -> int:
 def cmd_verify(args) -> int:
     from .store import StoreReader
 
-    reader = StoreReader(args.store)
-    rows = reader.verify()
-    print(f"{args.store}: {rows} rows, {len(reader.all_ids())} ids, all checksums match")
+    if not Path(args.store).is_dir():
+        raise SystemExit(f"hf-amnesia: {args.store} is not a store folder.")
+    print(f"{args.store}: {StoreReader(args.store).check_all().summary()}")
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    from .store.migrate import migrate
+
+    if not Path(args.store).is_dir():
+        raise SystemExit(f"hf-amnesia: {args.store} is not a store folder.")
+    migrated = migrate(args.store)
+    print(json.dumps({"store": args.store, "migrated": migrated}))
     return 0
 
 
@@ -179,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("store")
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(run=cmd_audit)
-    verify = sub.add_parser("verify", help="check every row's checksum")
+    verify = sub.add_parser("verify", help="check every checksum of a store: metadata, ids, rows, logs, key")
     verify.add_argument("store")
     verify.set_defaults(run=cmd_verify)
+    migrate = sub.add_parser("migrate", help="migrate a store of format version 1 to version 2, in place")
+    migrate.add_argument("store")
+    migrate.set_defaults(run=cmd_migrate)
     recover = sub.add_parser("recover", help="finish (or undo) a forget request a crash interrupted")
     recover.add_argument("store")
     recover.set_defaults(run=cmd_recover)

@@ -2,10 +2,12 @@
 
 Layout of a store folder (no pickle anywhere; see docs/store-format.md):
 
-    manifest.json                 format and library version, parameter layout and fingerprint,
-                                  keep_fraction, K, dtype, seed, decay factors, number of shards
+    manifest.json                 format and library version, store_id, run_id, commits, key_check,
+                                  parameter layout and fingerprint, keep_fraction, K, dtype, seed,
+                                  decay factors, number of shards; a checksum over all of them
     shard-00000.json              the shard's current generation g, its row count, how much of its
-                                  log is already folded into g, the purged ids (written atomically)
+                                  log is already folded into g, the purged ids, the sha256 of g's ids
+                                  and sums files; a checksum over all of them (written atomically)
     shard-00000.gNNNNNN.ids.npy   int64 dataset ids of generation g's rows, sorted ascending
     shard-00000.gNNNNNN.rows      raw little-endian [n, K] values in the store dtype (memory-mapped)
     shard-00000.gNNNNNN.sums.npy  uint32 CRC-32 of each row, checked when a row is read
@@ -28,8 +30,8 @@ Modules, one job each: `files` (every file name, durable writes), `positions` (w
 kept), `encoding` (values to bytes, row checksums), `checksums` (checksums of the metadata, files
 loaded so that damage is a `StoreError`), `manifest`, `keys` (the store's key, keyed digests of
 ids), `shards` (a shard's state and generations), `writer` (recording), `reader`, `purge`,
-`journal` (the forget transaction), `audit` (the audit log), `lineage`. Nothing here imports
-`transformers`.
+`journal` (the forget transaction), `audit` (the audit log), `lineage`, `migrate` (format
+version 1 to 2: `hf_amnesia.store.migrate.migrate`). Nothing here imports `transformers`.
 """
 
 from .encoding import STORE_DTYPES
@@ -50,7 +52,7 @@ from .positions import (
     row_positions_torch,
 )
 from .purge import purge_rows
-from .reader import StoreReader
+from .reader import StoreCheck, StoreReader
 from .shards import ShardState
 from .writer import ShardWriter
 
@@ -64,6 +66,7 @@ __all__ = [
     "Manifest",
     "ShardState",
     "ShardWriter",
+    "StoreCheck",
     "StoreReader",
     "create_key",
     "folder_bytes",

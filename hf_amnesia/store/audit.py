@@ -1,13 +1,14 @@
 """The audit log (`audit.jsonl`): one record per committed forget request, appended in full.
 
 A record holds a keyed digest of the request's ids (HMAC with the store's key, `keys.py`), never the
-ids themselves (`audit_record`). Each is
-one JSON line written with `write_fully` and made durable; the journal of its request is removed
-only after that, so a crash while appending leaves at most an unfinished last line (a torn tail)
-whose request is still in the journal. `append_audit` moves such a tail aside, to
-`audit.jsonl.torn`, loudly, before it appends; recovery then appends that request's record in
-full. A damaged line elsewhere is not something an append leaves: `check_audit` refuses it before a
-forget's commit point, and `load_audit` still reads every other record (`hf-amnesia audit`).
+ids themselves (`audit_record`). Each is one JSON line, with a `checksum` field over its other
+fields (a line that fails it is damaged), written with `write_fully` and made durable; the journal
+of its request is removed only after that, so a crash while appending leaves at most an unfinished
+last line (a torn tail) whose request is still in the journal. `append_audit` moves such a tail
+aside, to `audit.jsonl.torn`, loudly, before it appends; recovery then appends that request's
+record in full. A damaged line elsewhere is not something an append leaves: `check_audit` refuses
+it before a forget's commit point, and `load_audit` still reads every other record
+(`hf-amnesia audit`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError
-from .files import AUDIT, AUDIT_TORN, open_private, write_fully
+from .checksums import CHECKSUM, checksum_matches, read_file, with_checksum
+from .files import AUDIT, AUDIT_TORN, open_private, truncate_private, write_fully
 from .keys import ids_digest
 
 logger = logging.getLogger(__name__)
@@ -40,22 +42,23 @@ class AuditLog:
 
 
 def load_audit(store_dir: str | os.PathLike) -> AuditLog:
-    """Read the audit log, whatever state it is in."""
+    """Read the audit log, whatever state it is in. A line that is not JSON, or fails its checksum,
+    is damaged; the records are returned without their `checksum` field."""
     path = Path(store_dir) / AUDIT
     log = AuditLog()
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return log
-    data = path.read_bytes()
+    data = read_file(path, "the audit log")
     complete, _, log.torn = data.rpartition(b"\n") if not data.endswith(b"\n") else (data, b"", b"")
     for number, line in enumerate(complete.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             record = None
-        if isinstance(record, dict) and "request" in record:
-            log.records.append(record)
+        if checksum_matches(record) and isinstance(record.get("request"), str):
+            log.records.append({k: v for k, v in record.items() if k != CHECKSUM})
         else:
             log.damaged.append(number)
     return log
@@ -80,7 +83,8 @@ def read_audit(store_dir: str | os.PathLike) -> list[dict]:
 
 
 def append_audit(store_dir: str | os.PathLike, record: dict) -> None:
-    """Append one record to the audit log, in full and durably, once per request id."""
+    """Append one record to the audit log, in full and durably, once per request id, with its
+    `checksum` field (sha256 of the record's canonical JSON)."""
     path = Path(store_dir) / AUDIT
     log = check_audit(store_dir)
     if any(r.get("request") == record["request"] for r in log.records):
@@ -89,7 +93,7 @@ def append_audit(store_dir: str | os.PathLike, record: dict) -> None:
         _set_aside(path, log.torn)
     fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
-        write_fully(fd, (json.dumps(record, sort_keys=True) + "\n").encode())
+        write_fully(fd, (json.dumps(with_checksum(record), sort_keys=True) + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -104,7 +108,7 @@ def _set_aside(path: Path, torn: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.truncate(path, path.stat().st_size - len(torn))
+    truncate_private(path, path.lstat().st_size - len(torn))
     logger.warning(
         "the audit log %s ended with an unfinished record (%d bytes, an interrupted append); it was moved to %s "
         "and the request's complete record follows once its journal is recovered.",

@@ -3,12 +3,14 @@
 A committed forget request (`forget(..., save_to=DIR)`) runs under the store's lock:
 
 1. stage: the new model is saved to `DIR.amnesia-staging`;
-2. commit: `forget-journal.json` is written atomically with `"state": "committed"`. Before this
+2. commit: `forget-journal.json` is written atomically with `"state": "committed"` and its
+   checksum (a journal that fails it is refused, never rolled forward). Before this
    point nothing visible has changed; a crash leaves the saved model and the store as before
    (the next request removes the staged model);
 3. roll forward (idempotent, completed by `recover()` after a crash): the staged model replaces
    DIR, the forgotten ids' rows are overwritten with zeros in place and recorded as purged in
-   each shard's state, the audit record is appended, the journal removed.
+   each shard's state, the manifest's `final_weights` and `commits` set, the saved model's lineage
+   registered (`lineage.jsonl`), the audit record appended, the journal removed.
 
 The lock (`store_lock`, on `.lock`) admits one job at a time on a store: a training run (from the
 start of recording to the end of `train()`), a committed forget request or a recovery; the others
@@ -35,6 +37,7 @@ import torch
 
 from ..errors import StoreError
 from .audit import append_audit, audit_record, read_audit
+from .checksums import CHECKSUM, dump, fields, load_json
 from .files import (
     AUDIT,
     JOURNAL,
@@ -50,6 +53,7 @@ from .files import (
     write_fully,
 )
 from .keys import ids_digest, load_key
+from .lineage import entries as lineage_entries
 from .lineage import register
 from .manifest import Manifest
 from .purge import purge_rows
@@ -67,6 +71,7 @@ __all__ = [
     "audit_record",
     "commit",
     "ids_digest",
+    "load_journal",
     "load_key",
     "prepare",
     "read_audit",
@@ -144,12 +149,20 @@ def weights_fingerprint(params: list[torch.Tensor]) -> str:
     return digest.hexdigest()[:32]
 
 
-def prepare(save_to: Path, purged_ids: np.ndarray | None, audit: dict, lineage: dict | None = None) -> dict:
+def prepare(
+    save_to: Path,
+    purged_ids: np.ndarray | None,
+    audit: dict,
+    lineage: dict | None = None,
+    *,
+    commits_after: int | None = None,
+) -> dict:
     """The journal entry of a staged request (written by `commit`); `purged_ids` None: no purge.
 
     `lineage`, if given, is `{"weights": <fingerprint of the saved model>, "forgotten": [id digests]}`
     (`keys.id_digests` of every id that model has forgotten), registered in `lineage.jsonl` by the
-    roll forward.
+    roll forward. `commits_after` is the manifest's `commits` once the request is rolled forward:
+    left None, `commit` sets it to the manifest's `commits` + 1, under the store's lock.
     """
     if lineage is not None:
         lineage = {"weights": str(lineage["weights"]), "forgotten": sorted({str(d) for d in lineage["forgotten"]})}
@@ -160,12 +173,50 @@ def prepare(save_to: Path, purged_ids: np.ndarray | None, audit: dict, lineage: 
         "purged_ids": None if purged_ids is None else [int(i) for i in purged_ids],
         "audit": audit,
         "lineage": lineage,
+        "commits_after": commits_after,
     }
 
 
 def commit(store_dir: Path, entry: dict) -> None:
-    """The commit point: after this write, `recover` completes the request."""
-    write_atomic(Path(store_dir) / JOURNAL, json.dumps(entry).encode())
+    """The commit point: after this write, `recover` completes the request.
+
+    First, what the roll forward will read is checked (the manifest, the lineage file; the audit
+    log is `check_audit`'s), so that nothing in it can fail on damage after the commit point. Sets
+    `entry["commits_after"]` (the manifest's `commits` + 1, what the roll forward makes it) unless
+    the caller did; the journal is written with its checksum.
+    """
+    manifest = Manifest.load(Path(store_dir))
+    if manifest is None:
+        raise StoreError(f"no hf_amnesia store at {store_dir} (no manifest): nothing to commit the request to.")
+    lineage_entries(store_dir)
+    if entry.get("commits_after") is None:
+        entry["commits_after"] = manifest.commits + 1
+    write_atomic(Path(store_dir) / JOURNAL, dump(entry))
+
+
+def load_journal(store_dir: str | os.PathLike) -> dict | None:
+    """The journal of a committed request, its checksum checked (None if there is none)."""
+    path = Path(store_dir) / JOURNAL
+    if not path.exists() and not path.is_symlink():
+        return None
+    entry = load_json(path, "the forget journal")
+    what = "the forget journal"
+
+    def check() -> dict:
+        if entry["state"] != "committed" or not isinstance(entry["request"], str):
+            raise ValueError(f"state {entry['state']!r}")
+        if not isinstance(entry["save_to"], str) or not isinstance(entry["audit"], dict):
+            raise TypeError("save_to or audit")
+        if entry["purged_ids"] is not None and not all(type(i) is int for i in entry["purged_ids"]):
+            raise TypeError("purged_ids")
+        lineage = entry.get("lineage")
+        if lineage is not None and not (isinstance(lineage["weights"], str) and isinstance(lineage["forgotten"], list)):
+            raise TypeError("lineage")
+        if type(entry["commits_after"]) is not int:
+            raise TypeError("commits_after")
+        return {k: v for k, v in entry.items() if k != CHECKSUM}
+
+    return fields(path, what, check)
 
 
 def roll_forward(store_dir: Path, entry: dict, crash_at=None) -> None:
@@ -191,8 +242,10 @@ def roll_forward(store_dir: Path, entry: dict, crash_at=None) -> None:
         register(store_dir, entry["lineage"]["weights"], entry["lineage"]["forgotten"])
     # The saved model is now the store's model: training it further may record into the store.
     manifest = Manifest.load(Path(store_dir))
-    if manifest is not None and manifest.final_weights != entry["audit"]["model_after"]:
+    commits = entry.get("commits_after", manifest.commits if manifest is not None else 0)
+    if manifest is not None and (manifest.final_weights, manifest.commits) != (entry["audit"]["model_after"], commits):
         manifest.final_weights = entry["audit"]["model_after"]
+        manifest.commits = commits  # set, not incremented: a repeated roll forward changes nothing
         manifest.save(Path(store_dir))
     append_audit(store_dir, entry["audit"])
     (Path(store_dir) / JOURNAL).unlink(missing_ok=True)
@@ -212,12 +265,8 @@ def recover(store_dir: str | os.PathLike) -> bool:
     points to (a crash before the commit point) are removed.
     """
     store_dir = Path(store_dir)
-    journal = store_dir / JOURNAL
-    if journal.exists():
-        try:
-            entry = json.loads(journal.read_text())
-        except (OSError, ValueError) as err:
-            raise StoreError(f"{journal} is damaged ({err}); inspect it before forgetting more.") from err
+    entry = load_journal(store_dir)
+    if entry is not None:
         roll_forward(store_dir, entry)
         return True
     manifest = Manifest.load(store_dir)

@@ -2,12 +2,15 @@
 
 It fixes the parameter layout and its fingerprint, keep_fraction and keep layout (hence K),
 the store dtype, the seed, the number of shards, the decay factors and the fingerprint of the
-weights the last run (or forget) left. A store of another format version is refused.
+weights the last run (or forget) left; it names the store (`store_id`), its last recording run
+(`run_id`), counts its committed forget requests (`commits`) and holds the check value of its key
+(`key_check`). A `checksum` field covers all the others (`checksums.py`), checked on every load.
+A store of format version 1 is refused with the way to migrate it (`hf-amnesia migrate STORE`);
+one of another version is refused.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +18,13 @@ from pathlib import Path
 from ..errors import StoreError
 from ..layout import ParamLayout
 from ..version import __version__
+from .checksums import RESTORE, dump, fields, load_json, parse_json, read_file
+from .encoding import STORE_DTYPES
 from .files import MANIFEST_NAME, write_atomic
 from .keys import KEY_BYTES, create_key, key_check, key_path, read_key
-from .positions import num_kept, row_plan
+from .positions import KEEP_LAYOUTS, num_kept, row_plan
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -75,32 +80,59 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> Manifest:
-        if data.get("format_version") != FORMAT_VERSION:
+    def from_json(cls, data: dict, path: Path | str = MANIFEST_NAME) -> Manifest:
+        """The manifest in `data` (a checked `manifest.json`); any field missing, of the wrong type or
+        inconsistent with the others is a `StoreError` naming `path`."""
+        version = data.get("format_version")
+        if version == 1:
             raise StoreError(
-                f"store format version {data.get('format_version')} is not readable by hf_amnesia "
-                f"{__version__} (reads version {FORMAT_VERSION}); install the version that wrote it "
-                f"({data.get('library_version')})."
+                f"the store of {path} has format version 1, which hf_amnesia {__version__} reads only after "
+                f"migrating it to version {FORMAT_VERSION}: run `hf-amnesia migrate STORE` on that folder (it "
+                "adds checksums to every file the forget path reads, and the store's key), then retry."
             )
-        layout = ParamLayout.from_json(data["layout"])
-        if layout.fingerprint() != data["layout_fingerprint"]:
-            raise StoreError("store manifest is damaged: its layout does not match its fingerprint.")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"store format version {version} of {path} is not readable by hf_amnesia {__version__} (reads "
+                f"version {FORMAT_VERSION}); install the version that wrote it ({data.get('library_version')})."
+            )
+        manifest = fields(path, "the store manifest", lambda: cls._fields(data))
+        problem = manifest._inconsistency(data)
+        if problem:
+            raise StoreError(f"the store manifest {path} is damaged: {problem}. {RESTORE}")
+        return manifest
+
+    @classmethod
+    def _fields(cls, data: dict) -> Manifest:
         return cls(
-            layout=layout,
-            keep_fraction=float(data["keep_fraction"]),
-            dtype=data["dtype"],
-            seed=int(data["seed"]),
-            num_shards=int(data["num_shards"]),
-            decay=[float(q) for q in data["decay"]],
-            keep_layout=data.get("keep_layout", "entries"),
-            final_weights=data.get("final_weights"),
-            store_id=data.get("store_id"),
-            run_id=data.get("run_id"),
-            commits=int(data.get("commits", 0)),
-            key_check=data.get("key_check"),
-            format_version=int(data["format_version"]),
-            library_version=data["library_version"],
+            layout=ParamLayout.from_json(_typed(data, "layout", list)),
+            keep_fraction=float(_typed(data, "keep_fraction", (int, float))),
+            dtype=_typed(data, "dtype", str),
+            seed=_typed(data, "seed", int),
+            num_shards=_typed(data, "num_shards", int),
+            decay=[float(_typed({"decay": q}, "decay", (int, float))) for q in _typed(data, "decay", list)],
+            keep_layout=_typed(data, "keep_layout", str),
+            final_weights=_typed(data, "final_weights", (str, type(None))),
+            store_id=_typed(data, "store_id", (str, type(None))),
+            run_id=_typed(data, "run_id", (str, type(None))),
+            commits=_typed(data, "commits", int),
+            key_check=_typed(data, "key_check", (str, type(None))),
+            format_version=_typed(data, "format_version", int),
+            library_version=_typed(data, "library_version", str),
         )
+
+    def _inconsistency(self, data: dict) -> str | None:
+        """What is inconsistent in a loaded manifest (None: nothing)."""
+        if self.layout.fingerprint() != data.get("layout_fingerprint"):
+            return "its layout does not match its fingerprint"
+        if self.dtype not in STORE_DTYPES or self.keep_layout not in KEEP_LAYOUTS:
+            return f"dtype {self.dtype!r} or keep_layout {self.keep_layout!r} is not one hf_amnesia writes"
+        if not 0 < self.keep_fraction <= 1 or self.seed < 0 or self.num_shards < 1 or self.commits < 0:
+            return "keep_fraction, seed, num_shards or commits is out of range"
+        if data.get("num_params") != self.num_params or data.get("k") != self.k:
+            return "num_params or k does not follow from its layout and keep_fraction"
+        if self.decay and len(self.decay) != len(self.layout.names):
+            return f"it holds {len(self.decay)} decay factors for {len(self.layout.names)} tensors"
+        return None
 
     def create(self, store_dir: Path) -> None:
         """Save this manifest as that of a new store: its key and `store_id` are made first, the
@@ -114,15 +146,24 @@ class Manifest:
         self.save(store_dir)
 
     def save(self, store_dir: Path) -> None:
-        write_atomic(store_dir / MANIFEST_NAME, json.dumps(self.to_json(), indent=1).encode())
+        """Write `manifest.json` atomically, with its checksum."""
+        write_atomic(Path(store_dir) / MANIFEST_NAME, dump(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, store_dir: Path) -> Manifest | None:
+        """The store's manifest, its checksum checked (None if there is no `manifest.json`)."""
         path = Path(store_dir) / MANIFEST_NAME
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return None
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise StoreError(f"cannot read store manifest {path}: {err}") from err
-        return cls.from_json(data)
+        data = parse_json(read_file(path, "the store manifest"), path, "the store manifest")
+        if data.get("format_version") == FORMAT_VERSION:  # an older version is named before its checksum
+            data = load_json(path, "the store manifest")
+        return cls.from_json(data, path)
+
+
+def _typed(data: dict, key: str, types):
+    """`data[key]`, a `TypeError` if it is not of `types` (a bool is not an int here)."""
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise TypeError(f"{key} is {type(value).__name__}")
+    return value

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .encoding import raw_dtype
-from .files import generation_paths, log_path, recording_marker
+from .files import generation_paths, log_path, open_private, recording_marker, truncate_private, write_fully
 from .manifest import Manifest
-from .shards import ShardState
+from .shards import ShardState, read_ids
 
 
 def purge_rows(store_dir: Path, manifest: Manifest, ids: np.ndarray) -> None:
@@ -30,20 +30,22 @@ def purge_rows(store_dir: Path, manifest: Manifest, ids: np.ndarray) -> None:
         state = ShardState.load(store_dir, rank)
         if state is None:
             continue
-        ids_path, rows_path, _ = generation_paths(store_dir, rank, state.generation)
-        if ids_path.exists() and rows_path.stat().st_size:
-            shard_ids = np.load(ids_path, allow_pickle=False)
-            hit = np.flatnonzero(np.isin(shard_ids, ids))
+        _, rows_path, _ = generation_paths(store_dir, rank, state.generation)
+        shard_ids = read_ids(store_dir, rank, state)  # checked against the state's sha256
+        hit = np.flatnonzero(np.isin(shard_ids, ids))
+        if len(hit):
             row_bytes = manifest.k * raw_dtype(manifest.dtype).itemsize
-            with open(rows_path, "r+b") as f:
+            fd = open_private(rows_path, os.O_RDWR)
+            try:
                 for row in hit:
-                    f.seek(int(row) * row_bytes)
-                    f.write(bytes(row_bytes))
-                f.flush()
-                os.fsync(f.fileno())
+                    os.lseek(fd, int(row) * row_bytes, os.SEEK_SET)
+                    write_fully(fd, bytes(row_bytes))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             state.purged = sorted(set(state.purged) | set(shard_ids[hit].tolist()))
         log = log_path(store_dir, rank)
         if log.exists() and not recording_marker(store_dir, rank).exists():
-            os.truncate(log, 0)
+            truncate_private(log, 0)
             state.log_consumed = 0
         state.save(store_dir, rank)

@@ -1,20 +1,28 @@
 """Reading a store: which ids it holds, and each id's stored row, checked against its checksum.
 
-Every shard's current generation is memory-mapped; an id's rows in several shards (a sample
-seen by several processes) are summed. Purged ids are not there for the reader.
+Opening a store checks its metadata: the manifest's checksum, each shard state's, the sha256 of
+each shard's ids and sums files, the key against the manifest's check value and the lineage file's
+lines; any damage is a `StoreError` before anything is read. Every shard's current generation is
+memory-mapped; an id's rows in several shards (a sample seen by several processes) are summed,
+each row checked against its CRC-32 when read. Purged ids are not there for the reader.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import StoreError
+from .audit import check_audit
 from .encoding import decode, row_sum, row_sums
 from .files import MANIFEST_NAME, shard_state_path
+from .journal import load_journal
+from .keys import check_key
+from .lineage import entries as lineage_entries
 from .manifest import Manifest
 from .shards import ShardState, read_generation
 
@@ -45,6 +53,10 @@ class StoreReader:
             self._ids.append(ids)
             self._rows.append(rows)
             self._sums.append(sums)
+        # The key (made with the store) and the lineage file are read by a committed forget: damage
+        # to either is refused here, before anything is subtracted.
+        self.key = check_key(self.store_dir, manifest.key_check) if manifest.key_check is not None else None
+        lineage_entries(self.store_dir)
 
     def _live(self, shard: int) -> np.ndarray:
         """Mask of the shard's rows that were not purged (purged rows are zeros on disk)."""
@@ -83,11 +95,53 @@ class StoreReader:
         return total
 
     def verify(self) -> int:
-        """Check every row's checksum; returns the number of rows checked."""
-        checked = 0
+        """Check everything `check_all` checks; returns the number of rows checked."""
+        return self.check_all().rows
+
+    def check_all(self) -> StoreCheck:
+        """Check every file of the store: the manifest, each shard's state and its ids and sums files
+        (done when the reader opened the store), every live row's checksum, the key, the journal if
+        there is one, every audit record and every lineage entry. The first damage found raises
+        `StoreError`; otherwise returns what was checked."""
+        checked = StoreCheck(shards=len(self._rows), key=self.key is not None)
         for shard, (rows, sums) in enumerate(zip(self._rows, self._sums)):
             live = self._live(shard)
             if live.any() and not np.array_equal(row_sums(np.asarray(rows)[live]), sums[live]):
-                raise StoreError(f"shard {shard} of {self.store_dir} has rows that fail their checksums.")
-            checked += int(live.sum())
+                bad = np.flatnonzero(row_sums(np.asarray(rows)[live]) != sums[live])
+                raise StoreError(
+                    f"shard {shard} of {self.store_dir} has {len(bad)} rows that fail their checksums (ids "
+                    f"{self._ids[shard][live][bad[:5]].tolist()}...). Restore the store from a backup."
+                )
+            checked.rows += int(live.sum())
+        checked.ids = len(self.all_ids())
+        checked.journal = load_journal(self.store_dir) is not None
+        audit = check_audit(self.store_dir)
+        checked.audit_records, checked.audit_torn = len(audit.records), bool(audit.torn)
+        checked.lineage_entries = len(lineage_entries(self.store_dir))
         return checked
+
+
+@dataclass
+class StoreCheck:
+    """What `StoreReader.check_all` checked, all of it found intact."""
+
+    shards: int = 0
+    rows: int = 0
+    ids: int = 0
+    key: bool = False
+    journal: bool = False
+    audit_records: int = 0
+    audit_torn: bool = False
+    lineage_entries: int = 0
+
+    def summary(self) -> str:
+        parts = [
+            "manifest",
+            f"{self.shards} shard state(s) with their ids and sums files",
+            f"{self.rows} rows ({self.ids} ids)",
+            "the key" if self.key else "no key (the manifest records none)",
+            "the forget journal (a request to recover)" if self.journal else "no forget journal",
+            f"{self.audit_records} audit record(s)" + (" (and an unfinished last line)" if self.audit_torn else ""),
+            f"{self.lineage_entries} lineage entr{'y' if self.lineage_entries == 1 else 'ies'}",
+        ]
+        return "checked " + ", ".join(parts) + ": all checksums match"

@@ -16,9 +16,10 @@ import torch
 
 from ..errors import StoreError
 from ..faults import crash_point
+from .checksums import load_npy
 from .encoding import decode, encode
 from .files import generation_paths, log_path, open_private, recording_marker, write_atomic
-from .shards import ShardState, read_generation, remove_other_generations, write_generation
+from .shards import ShardState, file_sha256, read_generation, remove_other_generations, write_generation
 
 
 class ShardWriter:
@@ -39,7 +40,7 @@ class ShardWriter:
     def begin(self) -> None:
         """Start a new recording run: drop older generations and the folded log, set the marker."""
         remove_other_generations(self.store_dir, self.rank, self.state.generation)
-        os.truncate(self.log_path, 0)  # everything in it is folded into the current generation
+        self._truncate_log(0)  # everything in it is folded into the current generation
         self.state.log_consumed = 0
         self.state.save(self.store_dir, self.rank)
         self._write_marker()
@@ -54,14 +55,30 @@ class ShardWriter:
                 f"expects {log_size}; generation {generation}): it was purged or belongs to another run. "
                 "Resume from a later checkpoint or retrain."
             )
-        rows = self.state.rows
+        state = ShardState(
+            generation,
+            log_consumed,
+            self.state.rows,
+            list(self.state.purged),
+            self.state.ids_sha256,
+            self.state.sums_sha256,
+        )
         if generation != self.state.generation:
-            rows = len(np.load(ids_path, allow_pickle=False)) if ids_path.exists() else 0
-        self._log.flush()
-        os.truncate(self.log_path, log_size)
-        self.state = ShardState(generation, log_consumed, rows, list(self.state.purged))
+            # The checkpoint's generation, still on disk when its run's compaction committed the next one
+            # and was interrupted before the marker was removed: its files' sha256 as they are now.
+            state.rows, state.ids_sha256, state.sums_sha256 = 0, None, None
+            if ids_path.exists():
+                _, _, sums_path = generation_paths(self.store_dir, self.rank, generation)
+                state.ids_sha256, state.sums_sha256 = file_sha256(ids_path), file_sha256(sums_path)
+                state.rows = len(load_npy(ids_path, "<i8", state.ids_sha256, "store ids"))
+        self._truncate_log(log_size)
+        self.state = state
         self.state.save(self.store_dir, self.rank)
         self._write_marker()
+
+    def _truncate_log(self, size: int) -> None:
+        self._log.flush()
+        os.ftruncate(self._log.fileno(), size)  # the open log itself: `os.truncate` would follow a link
 
     def _write_marker(self) -> None:
         write_atomic(self.marker, json.dumps({"generation": self.state.generation}).encode())
@@ -119,7 +136,7 @@ class ShardWriter:
             rows = torch.from_numpy(np.searchsorted(ids, chunk["id"]))
             acc.index_add_(0, rows, torch.from_numpy(np.ascontiguousarray(chunk["values"])))
         new = ShardState(self.state.generation + 1, size, len(ids))
-        write_generation(
+        new.ids_sha256, new.sums_sha256 = write_generation(
             self.store_dir, self.rank, new.generation, ids, encode(acc, self.dtype).reshape(len(ids), self.k)
         )
         crash_point("compact:generation_written")
@@ -127,7 +144,7 @@ class ShardWriter:
         self.state = new
         crash_point("compact:committed")
         self.marker.unlink(missing_ok=True)
-        os.truncate(self.log_path, 0)
+        self._truncate_log(0)
         self.state.log_consumed = 0
         self.state.save(self.store_dir, self.rank)
         remove_other_generations(self.store_dir, self.rank, new.generation)
