@@ -50,7 +50,7 @@ def test_a_forget_waits_for_a_training_run_in_another_process(tmp_path, caplog):
         [sys.executable, "-c", SLOW_TRAINING, str(tmp_path / "run"), str(store), str(Path(__file__).parent)],
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
         deadline = time.monotonic() + 120
