@@ -44,7 +44,7 @@ class AmnesiaConfig(TrainingArguments):
         default=None,
         metadata={
             "help": f"Folder of the per-sample store (default <output_dir>/{STORE_FOLDER}; the leading "
-            "underscore keeps it out of push_to_hub uploads)."
+            "underscore keeps it out of push_to_hub uploads, and a store_dir they would include is refused)."
         },
     )
     store_dtype: str | None = field(

@@ -200,6 +200,10 @@ class Recorder:
         state["log_size"] = torch.tensor(self.shard.log_size())
         state["generation"] = torch.tensor(self.shard.state.generation)
         state["log_consumed"] = torch.tensor(self.shard.state.log_consumed)
+        # Which store, run and forget requests the checkpoint belongs to (`recording.check_resume`)
+        state["store_id"] = _text_tensor(self.manifest.store_id)
+        state["run_id"] = _text_tensor(self.manifest.run_id)
+        state["commits"] = torch.tensor(self.manifest.commits)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -208,6 +212,11 @@ class Recorder:
         self.steps = int(state["steps"])
         self.shard.resume(int(state["log_size"]), int(state["generation"]), int(state["log_consumed"]))
         self._last_counts = self._step_counts()
+
+
+def _text_tensor(text: str | None) -> torch.Tensor:
+    """A string as a uint8 tensor (safetensors holds tensors); None is empty."""
+    return torch.tensor(list((text or "").encode()), dtype=torch.uint8)
 
 
 def _hashes_on_device(device: torch.device) -> bool:

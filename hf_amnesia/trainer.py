@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from .config import AmnesiaConfig, training_fields
 from .data import dataset_ids, with_dataset_ids
-from .errors import ConfigError, StoreError, UnsupportedTrainingError
+from .errors import ConfigError, UnsupportedTrainingError
 from .faults import crash_point
 from .forgetting import ForgetConfig, ForgetContext, ForgetReport, Measurer, serve
 from .forgetting.record import (
@@ -32,10 +32,18 @@ from .forgetting.record import (
     write_record_file,
 )
 from .recorder import Recorder
-from .recording import open_manifest, recording_plan
+from .recording import RECORDER_STATE, check_resume, hold_store, open_manifest, recording_plan
 from .store import folder_bytes
 from .store.journal import weights_fingerprint
-from .validate import launch_problems, model_problems, optimizer_problems, raise_problems, training_problems
+from .validate import (
+    hub_problems,
+    launch_problems,
+    model_problems,
+    optimizer_problems,
+    raise_problems,
+    store_upload_problems,
+    training_problems,
+)
 
 try:  # datasets is a dependency, but the trainer also takes torch datasets
     import datasets
@@ -43,8 +51,6 @@ except ImportError:  # pragma: no cover
     datasets = None
 
 logger = logging.get_logger(__name__)
-
-RECORDER_STATE = "amnesia_recorder-{rank:05d}.safetensors"
 
 
 class AmnesiacTrainer(Trainer):
@@ -56,7 +62,8 @@ class AmnesiacTrainer(Trainer):
 
     def __init__(self, model=None, args=None, train_dataset=None, *, record: bool = True, **kwargs):
         args = _as_amnesia_config(args)
-        raise_problems((model_problems(model) if model is not None else []) + training_problems(args))
+        model_checks = model_problems(model) if model is not None else []
+        raise_problems(model_checks + training_problems(args) + hub_problems(args, record))
         self._record = record
         self._recorder: Recorder | None = None
         self._resume_requested = False
@@ -95,8 +102,9 @@ class AmnesiacTrainer(Trainer):
             accelerator.num_processes,
             accelerator.wait_for_everyone,
         )
+        sums = self.args.sum_deltas_in_memory
         self._standing = run_start_standing(self.model, manifest, self.args.store_dir, self._resume_requested)
-        need_ids = self.train_dataset is not None and (self._standing.digests or self.args.sum_deltas_in_memory)
+        need_ids = self.train_dataset is not None and (self._standing.digests or sums)
         train_ids = dataset_ids(self.train_dataset, self.args.id_column) if need_ids else None
         refuse_forgotten_rows(self._standing, train_ids)
         self._recorder = Recorder(
@@ -107,7 +115,7 @@ class AmnesiacTrainer(Trainer):
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
             tail_tolerance=self.args.tail_tolerance,
-            sum_ids=train_ids if self.args.sum_deltas_in_memory else None,
+            sum_ids=train_ids if sums else None,
         )
         if not self._resume_requested:
             if accelerator.is_main_process:
@@ -143,7 +151,9 @@ class AmnesiacTrainer(Trainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from.")
-        if self._record and self._trained:
+        if not self._record:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        if self._trained:
             raise UnsupportedTrainingError(
                 "train() already ran on this AmnesiacTrainer: its optimizer still holds that run's Adam "
                 "momentum, which would keep moving the weights without being attributed to any sample. "
@@ -151,17 +161,23 @@ class AmnesiacTrainer(Trainer):
                 "starts fresh; the store accepts a run that starts from the weights the last one ended with)."
             )
         self._resume_requested = resume_from_checkpoint not in (None, False)
-        failed = True
-        try:
-            output = super().train(resume_from_checkpoint, *args, **kwargs)
-            if self._recorder is not None:
-                self._finish_recording()
-                self._trained = True
-            failed = False
-        finally:
-            if self._recorder is not None:
-                self._recorder.close(after_error=failed)  # never hides the error that stopped training
-                self._recorder = None
+        accelerator = self.accelerator
+        if self._resume_requested:  # refused before the lock: a refusal writes nothing, not even `.lock`
+            check_resume(self.args.store_dir, resume_from_checkpoint, accelerator.num_processes)
+        with hold_store(self.args.store_dir, accelerator.is_main_process, accelerator.wait_for_everyone):
+            if self._resume_requested:  # again: a forget may have committed while this run waited for the lock
+                check_resume(self.args.store_dir, resume_from_checkpoint, accelerator.num_processes)
+            failed = True
+            try:
+                output = super().train(resume_from_checkpoint, *args, **kwargs)
+                if self._recorder is not None:
+                    self._finish_recording()
+                    self._trained = True
+                failed = False
+            finally:
+                if self._recorder is not None:
+                    self._recorder.close(after_error=failed)  # never hides the error that stopped training
+                    self._recorder = None
         return output
 
     def _finish_recording(self) -> None:
@@ -202,14 +218,19 @@ class AmnesiacTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self._recorder is not None:
+        if checkpoint is not None and self._recorder is not None:  # `check_resume` found the file and its store
             path = Path(checkpoint) / RECORDER_STATE.format(rank=self.accelerator.process_index)
-            if not path.exists():
-                raise StoreError(
-                    f"{checkpoint} holds no hf_amnesia recorder state ({path.name}); it was not written by an "
-                    "AmnesiacTrainer with the same number of processes. Resume from a checkpoint of the recording run."
-                )
             self._recorder.load_state_dict(load_file(str(path)))
+
+    # -- hub pushes: nothing per-sample leaves the machine --------------------------------------
+
+    def push_to_hub(self, *args, **kwargs):
+        raise_problems(store_upload_problems(self.args.store_dir, self.args.output_dir))
+        return super().push_to_hub(*args, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        raise_problems(hub_problems(self.args, self._record))  # the args may have changed since __init__
+        super()._push_from_checkpoint(checkpoint_folder)
 
     # -- forgetting ------------------------------------------------------------------------------
 

@@ -1,18 +1,28 @@
 """What cannot be recorded exactly: every refusal of a model, a training setup or an optimizer.
 
 Each check returns all the `Problem`s it finds (the error type and a message that says what to
-do); `raise_problems` raises them together. The trainer checks the model and its arguments before
-`Trainer.__init__`, the launch after it, the optimizer when it is created.
+do); `raise_problems` raises them together. The trainer checks the model and its arguments (hub
+pushes included) before `Trainer.__init__`, the launch after it, the optimizer when it is created,
+and hub pushes again before each.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from huggingface_hub.utils import filter_repo_objects
 from torch import nn
 
-from .errors import AmnesiaError, UnsupportedModelError, UnsupportedOptimizerError, UnsupportedTrainingError
+from .errors import (
+    AmnesiaError,
+    ConfigError,
+    UnsupportedModelError,
+    UnsupportedOptimizerError,
+    UnsupportedTrainingError,
+)
 
 SHARDED = (
     "FSDP and DeepSpeed shard parameters and optimizer state, so per-sample deltas cannot be "
@@ -71,6 +81,50 @@ def training_problems(args) -> list[Problem]:
     if args.fsdp or args.deepspeed:
         problems.append(Problem(UnsupportedTrainingError, SHARDED))
     return problems
+
+
+# What Trainer leaves out when it uploads output_dir (`push_to_hub`, and the model push at each save).
+TRAINER_UPLOAD_IGNORES = ["_*", "checkpoint-*"]
+CHECKPOINT_STRATEGIES = ("checkpoint", "all_checkpoints")  # hub strategies that upload checkpoint folders
+
+
+def hub_problems(args, recording: bool) -> list[Problem]:
+    """Hub pushes that would upload per-sample data: a checkpoint's recorder state, or the store."""
+    problems = []
+    strategy = getattr(args.hub_strategy, "value", args.hub_strategy)  # a HubStrategy, or its name
+    if args.push_to_hub and recording and strategy in CHECKPOINT_STRATEGIES:
+        problems.append(
+            Problem(
+                ConfigError,
+                f"hub_strategy={strategy!r} with push_to_hub=True uploads each checkpoint folder "
+                "whole, and Trainer has no way to leave a file out of that upload: an AmnesiacTrainer's "
+                "checkpoints hold its recorder state (amnesia_recorder-*.safetensors: per-sample ids and "
+                "contributions), which must not leave this machine. Use hub_strategy='every_save' or 'end' (the "
+                "model is pushed, the checkpoints stay here), or record=False.",
+            )
+        )
+    if args.push_to_hub:
+        problems += store_upload_problems(args.store_dir, args.output_dir)
+    return problems
+
+
+def store_upload_problems(store_dir: str | os.PathLike, output_dir: str | os.PathLike) -> list[Problem]:
+    """A store inside `output_dir` that Trainer's upload of `output_dir` would not leave out."""
+    store, output = Path(store_dir).resolve(), Path(output_dir).resolve()
+    if store != output and output not in store.parents:
+        return []
+    inside = store.relative_to(output).as_posix()
+    if not list(filter_repo_objects([f"{inside}/manifest.json"], ignore_patterns=TRAINER_UPLOAD_IGNORES)):
+        return []
+    return [
+        Problem(
+            ConfigError,
+            f"store_dir={str(store_dir)!r} lies inside output_dir={str(output_dir)!r}, where push_to_hub would "
+            f"upload it ({inside!r}): the store holds per-sample deltas and ids, which must not leave this "
+            "machine. Move it outside output_dir, or into a folder of output_dir whose name starts with an "
+            "underscore (Trainer's uploads leave `_*` out; the default store_dir is <output_dir>/_amnesia_store).",
+        )
+    ]
 
 
 def launch_problems(sharded: bool, n_gpu: int) -> list[Problem]:

@@ -17,7 +17,7 @@ Layout of a store folder (no pickle anywhere; see docs/store-format.md):
     audit.jsonl                   one record per completed forget request
     lineage.jsonl                 which model weights the store serves, which ids (keyed digests) each forgot
     store.key                     the store's secret key: the keyed digests of ids in the two files above
-    .lock                         held by the forget job working on the store
+    .lock                         held by the one job working on the store (training, a forget, a recovery)
 
 Folding the log in (`ShardWriter.compact`) writes a new generation and then switches
 `shard-*.json` to it, so a crash leaves the old or the new state. The one change in place is a

@@ -12,6 +12,10 @@ A committed forget request (`forget(..., save_to=DIR)`) runs under the store's l
    each shard's state, the manifest's `final_weights` and `commits` set, the saved model's lineage
    registered (`lineage.jsonl`), the audit record appended, the journal removed.
 
+The lock (`store_lock`, on `.lock`) admits one job at a time on a store: a training run (from the
+start of recording to the end of `train()`), a committed forget request or a recovery; the others
+wait, and say whom they wait for.
+
 The audit log is `audit.py`'s (`audit_record`, `append_audit`, `read_audit`, re-exported here).
 """
 
@@ -19,8 +23,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import shutil
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,10 +45,12 @@ from .files import (
     REPLACED_SUFFIX,
     STAGING_SUFFIX,
     open_private,
+    read_private,
     recording_marker,
     replaced_dir,
     staging_dir,
     write_atomic,
+    write_fully,
 )
 from .keys import ids_digest, load_key
 from .lineage import entries as lineage_entries
@@ -48,6 +58,8 @@ from .lineage import register
 from .manifest import Manifest
 from .purge import purge_rows
 from .shards import ShardState, remove_newer_generations
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AUDIT",
@@ -72,17 +84,62 @@ __all__ = [
 ]
 
 
+_held = threading.local()  # `locks`: the lock files this thread holds, and for what
+
+
 @contextmanager
-def store_lock(store_dir: str | os.PathLike):
-    """Exclusive lock on a store: concurrent forget jobs on one store run one after another."""
+def store_lock(store_dir: str | os.PathLike, purpose: str = "forget request"):
+    """Exclusive lock on a store: one job at a time (a training run, a forget request, a recovery).
+
+    A job that finds the store locked logs a warning naming the holder (its pid, `purpose` and
+    start time, which each holder writes into the lock file) and waits for it. The lock is not
+    re-entrant: a thread that holds it and asks again gets `StoreError` instead of waiting for
+    itself (flock through a second descriptor would), e.g. a forget started inside `train()`.
+    """
     path = Path(store_dir) / LOCK
+    key = str(path.resolve())
+    held = vars(_held).setdefault("locks", {})
+    if key in held:
+        raise StoreError(
+            f"this thread already holds the lock on the store at {store_dir} for a {held[key]}; a "
+            f"{purpose} on that store cannot run until it ends. Run it after (e.g. after train() returns)."
+        )
     fd = open_private(path, os.O_RDWR | os.O_CREAT)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning(
+                "hf_amnesia: the store at %s is locked by %s; this %s waits until it ends (one job at a "
+                "time on a store).",
+                store_dir,
+                _lock_holder(path),
+                purpose,
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        holder = {"pid": os.getpid(), "purpose": purpose, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        # Written into the locked file itself: replacing it would make a new file, with a lock of its own.
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        write_fully(fd, json.dumps(holder).encode())
+        held[key] = purpose
+        try:
+            yield
+        finally:
+            del held[key]
+            os.ftruncate(fd, 0)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _lock_holder(path: Path) -> str:
+    """Who holds the lock at `path`, as its holder wrote it."""
+    try:
+        holder = json.loads(read_private(path))
+        return f"a {holder['purpose']} (pid {holder['pid']}, since {holder['since']})"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder has not written itself in yet
+        return "another job"
 
 
 def weights_fingerprint(params: list[torch.Tensor]) -> str:
