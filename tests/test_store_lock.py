@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from tiny import text_dataset, tiny_bert, tiny_config
-from transformers import TrainerCallback
+from transformers import BertForSequenceClassification, TrainerCallback
 
 from hf_amnesia import AmnesiacTrainer, StoreError
 from hf_amnesia.store.journal import LOCK, read_audit, store_lock
@@ -32,6 +32,11 @@ class Slow(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         time.sleep(0.4)
 
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.save_pretrained(sys.argv[4])  # the weights the run ends with, while it still holds the lock
+        open(sys.argv[4] + ".done", "w").close()
+        time.sleep(2)
+
 args = tiny_config(sys.argv[1], store_dir=sys.argv[2], keep_fraction=0.2, num_train_epochs=2, store_dtype="float32")
 AmnesiacTrainer(model=tiny_bert(), args=args, train_dataset=text_dataset(16), callbacks=[Slow()]).train()
 """
@@ -45,9 +50,17 @@ def _holder(store: Path) -> dict | None:
 
 
 def test_a_forget_waits_for_a_training_run_in_another_process(tmp_path, caplog):
-    store = tmp_path / "store"
+    store, saved = tmp_path / "store", tmp_path / "trained"
     job = subprocess.Popen(
-        [sys.executable, "-c", SLOW_TRAINING, str(tmp_path / "run"), str(store), str(Path(__file__).parent)],
+        [
+            sys.executable,
+            "-c",
+            SLOW_TRAINING,
+            str(tmp_path / "run"),
+            str(store),
+            str(Path(__file__).parent),
+            str(saved),
+        ],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -59,7 +72,12 @@ def test_a_forget_waits_for_a_training_run_in_another_process(tmp_path, caplog):
             assert time.monotonic() < deadline, "the training run never took the store's lock"
             time.sleep(0.05)
         assert _holder(store)["pid"] == job.pid
-        forgetter = AmnesiacTrainer(model=tiny_bert(), args=tiny_config(tmp_path / "f", store_dir=str(store)))
+        while not Path(f"{saved}.done").exists():  # the run's final weights, saved before it lets go
+            assert job.poll() is None, job.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the training run never saved its model"
+            time.sleep(0.05)
+        model = BertForSequenceClassification.from_pretrained(str(saved))
+        forgetter = AmnesiacTrainer(model=model, args=tiny_config(tmp_path / "f", store_dir=str(store)))
         with caplog.at_level(logging.WARNING, logger=JOURNAL_LOGGER):
             # Had it not waited, the run's recording markers would make it refuse (a run is recording).
             report = forgetter.forget([1, 2], save_to=tmp_path / "forgot", scale=1.0, repair_steps=0)
