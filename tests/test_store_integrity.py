@@ -247,7 +247,7 @@ def test_a_new_store_has_an_id_a_private_key_and_format_2(served):
     _, store, _ = served
     manifest = Manifest.load(store)
     assert manifest.format_version == FORMAT_VERSION == 2
-    assert len(manifest.store_id) == 32 and manifest.run_id is None
+    assert len(manifest.store_id) == len(manifest.run_id) == 32  # the run that recorded it
     assert manifest.key_check == key_check(load_key(store))
     assert stat.S_IMODE(os.stat(store / "store.key").st_mode) == 0o600
     record = read_audit(store)[0]
