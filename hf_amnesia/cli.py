@@ -139,7 +139,7 @@ def _recover(store: str) -> bool:
 
     if not Path(store).is_dir():
         return False
-    with store_lock(store):
+    with store_lock(store, purpose="recovery"):
         return recover(store)
 
 
@@ -187,7 +187,7 @@ def cmd_verify(args) -> int:
     from .store import StoreReader
 
     if not Path(args.store).is_dir():
-        raise SystemExit(f"hf-amnesia: {args.store} is not a store folder.")
+        raise CliError(f"{args.store} is not a store folder.")
     print(f"{args.store}: {StoreReader(args.store).check_all().summary()}")
     return 0
 
@@ -196,7 +196,7 @@ def cmd_migrate(args) -> int:
     from .store.migrate import migrate
 
     if not Path(args.store).is_dir():
-        raise SystemExit(f"hf-amnesia: {args.store} is not a store folder.")
+        raise CliError(f"{args.store} is not a store folder.")
     migrated = migrate(args.store)
     print(json.dumps({"store": args.store, "migrated": migrated}))
     return 0

@@ -18,7 +18,7 @@ from .attribution import open_tail_bound
 from .config import DEFAULT_KEEP_FRACTION, DEFAULT_KEEP_LAYOUT, DEFAULT_KEEP_SEED, DEFAULT_STORE_DTYPE, AmnesiaConfig
 from .errors import ConfigError, StoreError
 from .layout import ParamLayout
-from .store import Manifest, ShardState, recording_marker
+from .store import Manifest, ShardState, StoreReader, recording_marker
 from .store.files import generation_paths, log_path
 from .store.journal import store_lock, weights_fingerprint
 from .validate import nothing_to_record, raise_problems
@@ -91,6 +91,8 @@ def open_manifest(
                 "store_dir (or output_dir) for a new run, or delete that store; to train the recorded model "
                 "further, load the weights it ended with."
             )
+        if not resuming:
+            StoreReader(store_dir)  # every shard's rows, ids and sums whole, before any training compute
         manifest = existing
     else:
         manifest = Manifest(
@@ -166,6 +168,12 @@ def check_resume(store_dir: str | os.PathLike, checkpoint: str | os.PathLike, nu
                 "since forgotten. Restore the store that run recorded into, or train from the start."
             )
         _check_shard_files(store_dir, checkpoint, rank, saved)
+    if not any(recording_marker(store_dir, r).exists() for r in range(max(manifest.num_shards, num_processes))):
+        raise StoreError(
+            f"the store at {store_dir} holds no unfinished run: the run {checkpoint} belongs to has finished, and "
+            "resuming it would record its last steps a second time. To train further, start a new train() (without "
+            "resume_from_checkpoint) from the model it ended with."
+        )
 
 
 def _saved_identity(checkpoint: Path, rank: int) -> dict:

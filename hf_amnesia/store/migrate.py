@@ -48,7 +48,7 @@ def migrate(store_dir: str | os.PathLike) -> bool:
     """Migrate the store at `store_dir` from format version 1 to 2 in place. Returns False if it is
     already version 2 (and checks it loads), True once migrated. Damage is a `StoreError`."""
     store_dir = Path(store_dir)
-    with store_lock(store_dir):
+    with store_lock(store_dir, purpose="migration"):
         path = store_dir / MANIFEST_NAME
         data = parse_json(read_file(path, "the store manifest"), path, "the store manifest")
         if data.get("format_version") == FORMAT_VERSION:
