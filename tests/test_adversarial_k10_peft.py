@@ -20,7 +20,6 @@ from tiny import text_dataset, tiny_bert, tiny_config
 from hf_amnesia import AmnesiacTrainer
 
 peft = pytest.importorskip("peft")
-NOT_YET = pytest.mark.xfail(strict=True, reason="kind 10: not yet")
 TOL = 1e-6
 
 
@@ -71,7 +70,6 @@ def _assert_clean(folder, ids):
     assert max(float((got[k] - want[k]).abs().max()) for k in want) <= TOL
 
 
-@NOT_YET
 def test_k10_adapter_record_survives_save_and_reload(tmp_path):
     """The review's case: the second forget in a new process subtracted ids 1-3 again."""
     adapter, store = _copy(tmp_path)
@@ -86,7 +84,6 @@ def test_k10_adapter_record_survives_save_and_reload(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in _trainable(model).items())
 
 
-@NOT_YET
 @pytest.mark.parametrize("base", ["from_adapter_config", "base_flag"])
 def test_k10_cli_adapter(tmp_path, capsys, base):
     adapter, store = _copy(tmp_path)
@@ -97,7 +94,6 @@ def test_k10_cli_adapter(tmp_path, capsys, base):
     assert len(audit_records(store)) == 1
 
 
-@NOT_YET
 def test_k10_cli_adapter_forget_twice(tmp_path, capsys):
     adapter, store = _copy(tmp_path)
     assert cli(capsys, "forget", "--model", adapter, "--store", store, "--ids", 1, 2).code == 0

@@ -34,8 +34,6 @@ from tiny import text_dataset, tiny_bert, tiny_config
 from hf_amnesia import AmnesiacTrainer
 from hf_amnesia.errors import ModelLineageError
 
-NOT_YET = pytest.mark.xfail(strict=True, reason="kind 1: not yet")
-
 
 @functools.cache
 def _initial_model():
@@ -87,7 +85,6 @@ def _other(kind):
 KINDS = ["other_seed", "initial", "perturbed", "other_store", "saved_before_training_further"]
 
 
-@NOT_YET
 @pytest.mark.parametrize("kind", KINDS)
 def test_k1_cli_refuses_model_of_another_run(tmp_path, capsys, kind):
     source, run = _other(kind)
@@ -100,7 +97,6 @@ def test_k1_cli_refuses_model_of_another_run(tmp_path, capsys, kind):
     assert hashes(case.root, other) == before
 
 
-@NOT_YET
 @pytest.mark.parametrize("kind", KINDS)
 def test_k1_api_refuses_model_of_another_run(tmp_path, kind):
     source, run = _other(kind)
@@ -115,7 +111,6 @@ def test_k1_api_refuses_model_of_another_run(tmp_path, kind):
     assert all(torch.equal(weights[k], v) for k, v in params(model).items())
 
 
-@NOT_YET
 def test_k1_right_model_served_after_a_refused_one(tmp_path, capsys):
     """The review's case: the other seed's request exited 0 and the right model later got "unknown"."""
     source, run = _other("other_seed")

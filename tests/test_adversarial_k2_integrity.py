@@ -30,8 +30,6 @@ from adversary import (
 
 from hf_amnesia.errors import AmnesiaError, StoreError
 
-NOT_YET = pytest.mark.xfail(strict=True, reason="kind 2: not yet")
-
 
 def _flip_id_15_into_79(store):
     path = shard_file(store, "ids.npy")
@@ -73,28 +71,22 @@ def _set(key, value):
 
 
 EDITS = {
-    "manifest_seed": (_manifest(_set("seed", lambda v: v + 1)), True, True),
-    "manifest_decay": (_manifest(_set("decay", lambda v: [v[0] * 1.01, *v[1:]])), True, True),
-    "manifest_keep_fraction": (_manifest(_set("keep_fraction", lambda v: 0.2)), False, True),
-    "manifest_k": (_manifest(_set("k", lambda v: v + 1)), True, True),
-    "manifest_dtype": (_manifest(_set("dtype", lambda v: "float16")), False, True),
-    "manifest_num_shards": (_manifest(_set("num_shards", lambda v: 2)), False, True),
-    "manifest_final_weights": (_manifest(_set("final_weights", lambda v: "0" * 32)), True, True),
-    "shard_purged_id_added": (_shard_state(_set("purged", lambda v: [*v, 5])), True, True),
-    "shard_generation": (_shard_state(_set("generation", lambda v: v + 1)), False, True),
-    "shard_rows": (_shard_state(_set("rows", lambda v: v - 1)), False, True),
-    "shard_log_consumed": (_shard_state(_set("log_consumed", lambda v: v + 8)), True, True),
-    "sums_byte_of_another_id": (lambda store: _flip_sums_byte(store, 0), True, True),
-    "ids_byte": (_flip_id_15_into_79, True, True),
+    "manifest_seed": _manifest(_set("seed", lambda v: v + 1)),
+    "manifest_decay": _manifest(_set("decay", lambda v: [v[0] * 1.01, *v[1:]])),
+    "manifest_keep_fraction": _manifest(_set("keep_fraction", lambda v: 0.2)),
+    "manifest_k": _manifest(_set("k", lambda v: v + 1)),
+    "manifest_dtype": _manifest(_set("dtype", lambda v: "float16")),
+    "manifest_num_shards": _manifest(_set("num_shards", lambda v: 2)),
+    "manifest_final_weights": _manifest(_set("final_weights", lambda v: "0" * 32)),
+    "shard_purged_id_added": _shard_state(_set("purged", lambda v: [*v, 5])),
+    "shard_generation": _shard_state(_set("generation", lambda v: v + 1)),
+    "shard_rows": _shard_state(_set("rows", lambda v: v - 1)),
+    "shard_log_consumed": _shard_state(_set("log_consumed", lambda v: v + 8)),
+    "sums_byte_of_another_id": lambda store: _flip_sums_byte(store, 0),
+    "ids_byte": _flip_id_15_into_79,
 }
 
 
-def _params(column):
-    """The EDITS as parameters, marked not yet where `column` (1: forget, 2: verify) says so."""
-    return [pytest.param(name, marks=[NOT_YET] if entry[column] else [], id=name) for name, entry in EDITS.items()]
-
-
-@NOT_YET
 def test_k2_flipped_ids_byte(tmp_path, capsys):
     """The review's case: `forget --ids 79 --strict` subtracted the row of id 15."""
     case = copy_case(tmp_path)
@@ -105,7 +97,6 @@ def test_k2_flipped_ids_byte(tmp_path, capsys):
     assert hashes(case.root) == before
 
 
-@NOT_YET
 def test_k2_flipped_ids_byte_verify(tmp_path, capsys):
     case = copy_case(tmp_path)
     name = _flip_id_15_into_79(case.store)
@@ -114,10 +105,10 @@ def test_k2_flipped_ids_byte_verify(tmp_path, capsys):
     assert "all checksums match" not in result.out
 
 
-@pytest.mark.parametrize("edit", _params(1))
+@pytest.mark.parametrize("edit", list(EDITS))
 def test_k2_metadata_edit_refused(tmp_path, edit):
     case = copy_case(tmp_path)
-    EDITS[edit][0](case.store)
+    EDITS[edit](case.store)
     model = load(case.model)
     before = hashes(case.root)
     with pytest.raises(StoreError):
@@ -125,10 +116,10 @@ def test_k2_metadata_edit_refused(tmp_path, edit):
     assert hashes(case.root) == before
 
 
-@pytest.mark.parametrize("edit", _params(2))
+@pytest.mark.parametrize("edit", list(EDITS))
 def test_k2_metadata_edit_verify(tmp_path, capsys, edit):
     case = copy_case(tmp_path)
-    name = EDITS[edit][0](case.store)
+    name = EDITS[edit](case.store)
     before = hashes(case.root)
     result = cli(capsys, "verify", case.store)
     assert result.code == 2 and name in result.err and "Traceback" not in result.err, result
@@ -153,7 +144,6 @@ def _interrupted_after_commit(case, monkeypatch):
     assert (case.store / "forget-journal.json").exists()
 
 
-@NOT_YET
 @pytest.mark.parametrize("route", ["cli_recover", "cli_forget", "api_recover"])
 def test_k2_edited_journal_refused(tmp_path, capsys, monkeypatch, route):
     """A journal whose ids were edited (here: id 0 added to the purge) is not rolled forward."""
@@ -188,7 +178,6 @@ def _edit_first_line(path):
     path.write_bytes(b"\n".join(lines))
 
 
-@NOT_YET
 @pytest.mark.parametrize("route", ["api_forget", "cli_verify"])
 @pytest.mark.parametrize("file", ["audit.jsonl", "lineage.jsonl"])
 def test_k2_edited_log_line_refused(tmp_path, capsys, route, file):
@@ -208,7 +197,6 @@ def test_k2_edited_log_line_refused(tmp_path, capsys, route, file):
     assert hashes(case.root) == before
 
 
-@NOT_YET
 @pytest.mark.parametrize("damage", ["missing", "changed", "truncated"])
 @pytest.mark.parametrize("route", ["api_forget", "cli_verify"])
 def test_k2_store_key_refused(tmp_path, capsys, damage, route):
@@ -232,7 +220,6 @@ def test_k2_store_key_refused(tmp_path, capsys, damage, route):
     assert hashes(case.root) == before
 
 
-@NOT_YET
 @pytest.mark.parametrize("route", ["api_forget", "cli_forget", "cli_verify"])
 def test_k2_format_version_1_refused(tmp_path, capsys, route):
     from tiny import tiny_bert

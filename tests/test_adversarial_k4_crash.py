@@ -106,7 +106,6 @@ def test_k4_killed_after_commit_then_cli_recover(tmp_path, capsys):
     _assert_finished(case, True, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="kind 4: not yet")
 def test_k4_missing_model_folder_without_journal(tmp_path, capsys):
     case = copy_case(tmp_path)
     missing = tmp_path / "gone"

@@ -19,8 +19,6 @@ from transformers import TrainerCallback
 from hf_amnesia import AmnesiacTrainer
 from hf_amnesia.errors import StoreError
 
-NOT_YET = pytest.mark.xfail(strict=True, reason="kind 5: not yet")
-
 
 class _Steps(TrainerCallback):
     """Counts optimizer steps; raises at `stop_at` (an interrupted run)."""
@@ -79,7 +77,6 @@ def _resume(run, checkpoint):
     return trainer, steps, lambda: trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
-@NOT_YET
 def test_k5_resume_from_checkpoint_before_a_forget(tmp_path):
     """The review's case: the resumed run accepted, and the purged ids came back."""
     case = copy_case(tmp_path, _checkpointed())
@@ -91,7 +88,6 @@ def test_k5_resume_from_checkpoint_before_a_forget(tmp_path):
     assert steps.steps == 0 and hashes(case.store) == before
 
 
-@NOT_YET
 def test_k5_resume_interrupted_store_from_another_runs_checkpoint(tmp_path):
     interrupted = shutil.copytree(_interrupted(), tmp_path / "interrupted")
     other = shutil.copytree(_checkpointed(), tmp_path / "other")
@@ -117,7 +113,6 @@ def test_k5_resume_from_checkpoint_without_recorder_state(tmp_path):
     assert steps.steps == 0 and hashes(store) == before
 
 
-@NOT_YET
 def test_k5_resume_a_finished_run(tmp_path):
     case = copy_case(tmp_path, _checkpointed())
     before = hashes(case.store)
@@ -127,7 +122,6 @@ def test_k5_resume_a_finished_run(tmp_path):
     assert steps.steps == 0 and hashes(case.store) == before
 
 
-@NOT_YET
 @pytest.mark.parametrize("missing", ["ids.npy", "rows", "sums.npy"])
 def test_k5_missing_newest_generation_refused_up_front(tmp_path, missing):
     """The review's case: found only at the final compaction, after all the training compute."""

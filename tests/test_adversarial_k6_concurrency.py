@@ -29,8 +29,6 @@ from transformers import TrainerCallback
 from hf_amnesia import AmnesiacTrainer
 from hf_amnesia.errors import ForgetRequestError
 
-NOT_YET = pytest.mark.xfail(strict=True, reason="kind 6: not yet")
-
 
 def _first(case, capsys):
     """The first request: ids 1 and 2 forgotten from the model, saved to `first/`."""
@@ -39,7 +37,6 @@ def _first(case, capsys):
     return first
 
 
-@NOT_YET
 def test_k6_overlapping_save_to_cli_served_in_part(tmp_path, capsys):
     case = copy_case(tmp_path)
     _first(case, capsys)
@@ -62,7 +59,6 @@ def test_k6_overlapping_save_to_cli_strict_refused(tmp_path, capsys):
     assert hashes(case.root) == before and not second.exists()
 
 
-@NOT_YET
 def test_k6_overlapping_save_to_api_purged_elsewhere(tmp_path, capsys):
     case = copy_case(tmp_path)
     _first(case, capsys)
@@ -119,7 +115,6 @@ class _TryLock(TrainerCallback):
             os.close(fd)
 
 
-@NOT_YET
 def test_k6_training_holds_the_store_lock(tmp_path):
     args = tiny_config(tmp_path / "run", keep_fraction=0.1, store_dtype="float32")
     probe = _TryLock(args.store_dir)

@@ -25,8 +25,6 @@ from adversary import (
 
 from hf_amnesia.errors import ForgetRequestError
 
-EXIT_2 = pytest.mark.xfail(strict=True, reason="kind 7: not yet (the refusal exits 1)")
-
 TOKENS = {
     "underscore": "1_5",
     "plus_sign": "+3",
@@ -43,7 +41,6 @@ TOKENS = {
 }
 
 
-@EXIT_2
 @pytest.mark.parametrize("name", list(TOKENS))
 def test_k7_cli_refuses_token(tmp_path, capsys, name):
     case = copy_case(tmp_path)
@@ -62,7 +59,6 @@ FILES = {
 }
 
 
-@EXIT_2
 @pytest.mark.parametrize("name", list(FILES))
 def test_k7_cli_refuses_ids_file(tmp_path, capsys, name):
     case = copy_case(tmp_path)
@@ -79,7 +75,6 @@ def test_k7_cli_refuses_ids_file(tmp_path, capsys, name):
     assert hashes(case.root) == before
 
 
-@EXIT_2
 @pytest.mark.parametrize("name", ["no_ids_flag", "empty_ids_file", "blank_ids_file"])
 def test_k7_cli_no_ids(tmp_path, capsys, name):
     case = copy_case(tmp_path)
@@ -148,9 +143,7 @@ BOOL_AFTER_INT = ([4, True], "True", "4")  # np.asarray makes it [4, 1]: id 1 wo
     "mixed",
     [
         *(pytest.param(value, id=name) for name, value in MIXED.items()),
-        pytest.param(
-            BOOL_AFTER_INT, id="bool_after_int", marks=pytest.mark.xfail(strict=True, reason="kind 7: not yet")
-        ),
+        pytest.param(BOOL_AFTER_INT, id="bool_after_int"),
     ],
 )
 def test_k7_mixed_list_names_the_culprit(tmp_path, mixed):

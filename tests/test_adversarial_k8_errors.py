@@ -30,11 +30,9 @@ from adversary import (
 
 from hf_amnesia.errors import ForgetIncompleteError, StoreError
 
-NOT_YET = pytest.mark.xfail(strict=True, reason="kind 8: not yet")
 AFTER_COMMIT = ["forget:committed", "swap", "purge"]
 
 
-@NOT_YET
 def test_k8_full_disk_before_commit_cli(tmp_path, capsys, monkeypatch):
     case = copy_case(tmp_path)
     before = hashes(case.root)
@@ -60,7 +58,6 @@ def test_k8_full_disk_before_commit_api(tmp_path, monkeypatch):
     assert trainer.forgotten_ids() == []
 
 
-@NOT_YET
 @pytest.mark.parametrize("point", AFTER_COMMIT)
 def test_k8_full_disk_after_commit_cli(tmp_path, capsys, monkeypatch, point):
     """The review's case: served after the commit point, yet a raw OSError and exit 1."""
@@ -75,7 +72,6 @@ def test_k8_full_disk_after_commit_cli(tmp_path, capsys, monkeypatch, point):
     assert len(audit_records(case.store)) == 1
 
 
-@NOT_YET
 @pytest.mark.parametrize("point", AFTER_COMMIT)
 def test_k8_full_disk_after_commit_api(tmp_path, monkeypatch, point):
     from hf_amnesia.store.journal import recover
@@ -129,52 +125,43 @@ def _generation_file(suffix, content):
 _JOURNAL = {"state": "committed", "request": "ab12", "save_to": "/nowhere", "purged_ids": [2]}
 
 DAMAGED = {
-    "manifest_not_json": (_write("manifest.json", b"{not json"), False),
-    "manifest_empty": (_write("manifest.json", b""), False),
-    "manifest_json_list": (_write("manifest.json", b"[1, 2]"), True),
-    "manifest_without_layout": (_json_without("manifest.json", "layout"), True),
-    "manifest_without_dtype": (_json_without("manifest.json", "dtype"), True),
-    "manifest_is_a_directory": (_write("manifest.json", "dir"), False),
-    "shard_state_not_json": (_write("shard-00000.json", b"\x00\x01"), False),
-    "shard_state_without_rows": (_json_without("shard-00000.json", "rows"), False),
-    "shard_state_json_list": (_write("shard-00000.json", b"[]"), True),
-    "ids_npy_garbage": (_generation_file("ids.npy", b"garbage"), True),
-    "ids_npy_of_floats": (_generation_file("ids.npy", np.arange(16, dtype=np.float64)), True),
-    "sums_npy_garbage": (_generation_file("sums.npy", b"\x93NUMPY garbage"), True),
-    "rows_file_missing": (_generation_file("rows", None), False),
-    "rows_file_truncated": (_generation_file("rows", b"\x00" * 100), False),
-    "journal_not_json": (_write("forget-journal.json", b"{"), False),
-    "journal_without_audit": (_write("forget-journal.json", json.dumps(_JOURNAL).encode()), True),
-    "audit_log_is_a_directory": (_write("audit.jsonl", "dir"), True),
+    "manifest_not_json": _write("manifest.json", b"{not json"),
+    "manifest_empty": _write("manifest.json", b""),
+    "manifest_json_list": _write("manifest.json", b"[1, 2]"),
+    "manifest_without_layout": _json_without("manifest.json", "layout"),
+    "manifest_without_dtype": _json_without("manifest.json", "dtype"),
+    "manifest_is_a_directory": _write("manifest.json", "dir"),
+    "shard_state_not_json": _write("shard-00000.json", b"\x00\x01"),
+    "shard_state_without_rows": _json_without("shard-00000.json", "rows"),
+    "shard_state_json_list": _write("shard-00000.json", b"[]"),
+    "ids_npy_garbage": _generation_file("ids.npy", b"garbage"),
+    "ids_npy_of_floats": _generation_file("ids.npy", np.arange(16, dtype=np.float64)),
+    "sums_npy_garbage": _generation_file("sums.npy", b"\x93NUMPY garbage"),
+    "rows_file_missing": _generation_file("rows", None),
+    "rows_file_truncated": _generation_file("rows", b"\x00" * 100),
+    "journal_not_json": _write("forget-journal.json", b"{"),
+    "journal_without_audit": _write("forget-journal.json", json.dumps(_JOURNAL).encode()),
+    "audit_log_is_a_directory": _write("audit.jsonl", "dir"),
 }
 
 
-def _damaged_params():
-    return [pytest.param(name, marks=[NOT_YET] if todo else [], id=name) for name, (_, todo) in DAMAGED.items()]
-
-
-@pytest.mark.parametrize("damage", _damaged_params())
+@pytest.mark.parametrize("damage", list(DAMAGED))
 def test_k8_damaged_store_file_refused(tmp_path, capsys, damage):
     case = copy_case(tmp_path)
-    DAMAGED[damage][0](case.store)
+    DAMAGED[damage](case.store)
     before = hashes(case.root)
     result = cli(capsys, *forget_argv(case, *IDS))
     assert result.code == 2 and "Traceback" not in result.err, result
     assert hashes(case.root) == before
 
 
-VERIFY_TODO = {"manifest_json_list", "manifest_without_layout", "manifest_without_dtype"}
-VERIFY_TODO |= {"shard_state_json_list", "ids_npy_garbage", "ids_npy_of_floats", "sums_npy_garbage"}
-VERIFY_TODO |= {"journal_not_json", "journal_without_audit", "audit_log_is_a_directory"}
-
-
 @pytest.mark.parametrize(
     "damage",
-    [pytest.param(name, marks=[NOT_YET] if name in VERIFY_TODO else [], id=name) for name in DAMAGED],
+    list(DAMAGED),
 )
 def test_k8_damaged_store_file_verify(tmp_path, capsys, damage):
     case = copy_case(tmp_path)
-    DAMAGED[damage][0](case.store)
+    DAMAGED[damage](case.store)
     before = hashes(case.root)
     result = cli(capsys, "verify", case.store)
     assert result.code == 2 and "Traceback" not in result.err and "all checksums match" not in result.out, result
@@ -183,7 +170,7 @@ def test_k8_damaged_store_file_verify(tmp_path, capsys, damage):
 
 @pytest.mark.parametrize(
     "command",
-    ["verify", pytest.param("recover", marks=NOT_YET), "forget"],
+    ["verify", "recover", "forget"],
 )
 def test_k8_not_a_store(tmp_path, capsys, command):
     case = copy_case(tmp_path)

@@ -30,7 +30,6 @@ from adversary import (
 
 from hf_amnesia.errors import AmnesiaError
 
-NOT_YET = pytest.mark.xfail(strict=True, reason="kind 9: not yet")
 REQUEST = [1, 4, 9, 13]
 
 
@@ -61,7 +60,6 @@ def _strings(value):
         yield value
 
 
-@NOT_YET
 def test_k9_audit_digest_is_keyed(tmp_path, capsys):
     """The review's case: `ids_sha256` was the plain sha256 of the ids' int64 bytes."""
     record = _record(copy_case(tmp_path), capsys)
@@ -77,7 +75,6 @@ def _second_store():
     return train_run(_scratch("second"))
 
 
-@NOT_YET
 def test_k9_audit_digest_changes_with_the_key(tmp_path, capsys):
     mine = _record(copy_case(tmp_path / "a"), capsys)
     theirs = _record(copy_case(tmp_path / "b", _second_store()), capsys)
@@ -87,7 +84,6 @@ def test_k9_audit_digest_changes_with_the_key(tmp_path, capsys):
     assert digests and all(mine[k] != theirs.get(k) for k in digests)  # ... but other keys
 
 
-@NOT_YET
 def test_k9_config_holds_no_forgotten_ids(tmp_path, capsys):
     case = copy_case(tmp_path)
     assert cli(capsys, *forget_argv(case, 3, 14)).code == 0
@@ -118,7 +114,6 @@ def test_k9_old_forgotten_ids_list_still_read(tmp_path, capsys):
     assert max(float((weights[k] - v).abs().max()) for k, v in params(model).items()) == 0.0
 
 
-@NOT_YET
 def test_k9_old_forgotten_ids_list_converted_on_next_save(tmp_path, capsys):
     case = copy_case(tmp_path)
     _old_style(case, capsys)
@@ -130,25 +125,23 @@ def test_k9_old_forgotten_ids_list_converted_on_next_save(tmp_path, capsys):
 
 
 LINKS = {
-    "manifest_tmp": ("manifest.json.tmp", True),
-    "shard_state_tmp": ("shard-00000.json.tmp", True),
-    "journal_tmp": ("forget-journal.json.tmp", True),
-    "journal": ("forget-journal.json", False),
-    "audit_log": ("audit.jsonl", False),
-    "torn_aside": ("audit.jsonl.torn", True),
+    "manifest_tmp": "manifest.json.tmp",
+    "shard_state_tmp": "shard-00000.json.tmp",
+    "journal_tmp": "forget-journal.json.tmp",
+    "journal": "forget-journal.json",
+    "audit_log": "audit.jsonl",
+    "torn_aside": "audit.jsonl.torn",
 }
 
 
-@pytest.mark.parametrize(
-    "link", [pytest.param(name, marks=[NOT_YET] if todo else [], id=name) for name, (_, todo) in LINKS.items()]
-)
+@pytest.mark.parametrize("link", list(LINKS))
 def test_k9_planted_symlink_not_followed(tmp_path, link):
     """A link planted where the forget writes a file: the file it points at stays as it was; the
     request is served or refused with an AmnesiaError (never a raw OSError)."""
     case = copy_case(tmp_path)
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"precious\n")
-    name = LINKS[link][0]
+    name = LINKS[link]
     if name == "audit.jsonl.torn":
         (case.store / "audit.jsonl").write_bytes(b'{"request": "cut')  # a torn tail, moved aside on the next append
     (case.store / name).symlink_to(victim)
