@@ -251,8 +251,9 @@ class AmnesiacTrainer(Trainer):
 
         `forget(ids, scale=1.0, repair_steps=0)` is the exact subtraction of what those samples
         contributed to training, and needs no data. Ids already forgotten by this model are
-        skipped; ids the store does not hold are reported in `unknown` (or raise with
-        `strict=True`, before any change).
+        skipped; ids the store does not hold are reported in `unknown`, ids it purged for another
+        model in `purged_elsewhere` (both raise with `strict=True`, before any change). The store
+        serves only weights of its own lineage: another model raises `ModelLineageError`.
 
         With the defaults (`scale="auto"`, `repair_steps="auto"`), `config` (a `ForgetConfig`;
         docs/method.md, "The forget policy, step by step") chooses the scale on `holdout` (default: the
