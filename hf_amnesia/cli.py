@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import AmnesiaError, ForgetIncompleteError
-from .store.files import JOURNAL
+from .store.files import JOURNAL, MANIFEST_NAME
 
 SERVED, REFUSED, INCOMPLETE, PARTLY = 0, 2, 3, 4
 
@@ -137,15 +137,19 @@ def _recover(store: str) -> bool:
     """Finish or undo, under the store's lock, a forget request a crash interrupted."""
     from .store.journal import recover, store_lock
 
-    if not Path(store).is_dir():
+    if not (Path(store) / MANIFEST_NAME).is_file():
         return False
     with store_lock(store, purpose="recovery"):
         return recover(store)
 
 
+def _store_folder(store: str) -> None:
+    if not (Path(store) / MANIFEST_NAME).is_file():
+        raise CliError(f"{store} is not a store folder (it has no {MANIFEST_NAME}).")
+
+
 def cmd_recover(args) -> int:
-    if not Path(args.store).is_dir():
-        raise CliError(f"{args.store} is not a store folder.")
+    _store_folder(args.store)
     completed = _recover(args.store)
     print(json.dumps({"store": args.store, "completed_request": completed}))
     return 0
@@ -154,6 +158,7 @@ def cmd_recover(args) -> int:
 def cmd_audit(args) -> int:
     from .store.audit import load_audit
 
+    _store_folder(args.store)
     log = load_audit(args.store)
     records = log.records
     if log.damaged:

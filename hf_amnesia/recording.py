@@ -20,7 +20,7 @@ from .errors import ConfigError, StoreError
 from .layout import ParamLayout
 from .store import Manifest, ShardState, StoreReader, recording_marker
 from .store.files import generation_paths, log_path
-from .store.journal import store_lock, weights_fingerprint
+from .store.journal import recover, store_lock, weights_fingerprint
 from .validate import nothing_to_record, raise_problems
 from .version import __version__
 
@@ -46,6 +46,8 @@ def hold_store(store_dir: str | os.PathLike, is_main_process: bool, barrier: Cal
     if is_main_process:
         make_store_folder(store_dir)
     with store_lock(store_dir, purpose=TRAINING) if is_main_process else nullcontext():
+        if is_main_process:
+            recover(store_dir)  # a committed forget a crash interrupted is finished before the run reads the store
         barrier()
         yield
 
@@ -91,7 +93,7 @@ def open_manifest(
                 "store_dir (or output_dir) for a new run, or delete that store; to train the recorded model "
                 "further, load the weights it ended with."
             )
-        if not resuming:
+        if not resuming and existing.final_weights is not None:  # (a manifest a peer process just made has none)
             StoreReader(store_dir)  # every shard's rows, ids and sums whole, before any training compute
         manifest = existing
     else:

@@ -27,6 +27,7 @@ from .forgetting.record import (
     refuse_forgotten_rows,
     register_run_end,
     register_run_start,
+    run_start,
     run_start_standing,
     stored_forgotten_ids,
     write_record_file,
@@ -93,7 +94,13 @@ class AmnesiacTrainer(Trainer):
         return optimizer
 
     def _start_recorder(self, optimizer: torch.optim.Optimizer) -> None:
-        accelerator = self.accelerator
+        accelerator, resuming = self.accelerator, self._resume_requested
+        start, purged = run_start(self.model, self.args.store_dir, resuming)  # checked before the store changes
+        sums = self.args.sum_deltas_in_memory
+        need_ids = self.train_dataset is not None and ((start and start.digests) or len(purged) or sums)
+        train_ids = dataset_ids(self.train_dataset, self.args.id_column) if need_ids else None
+        if start is not None:
+            refuse_forgotten_rows(start, train_ids, purged)
         manifest = open_manifest(
             self.model,
             self.args,
@@ -102,11 +109,7 @@ class AmnesiacTrainer(Trainer):
             accelerator.num_processes,
             accelerator.wait_for_everyone,
         )
-        sums = self.args.sum_deltas_in_memory
-        self._standing = run_start_standing(self.model, manifest, self.args.store_dir, self._resume_requested)
-        need_ids = self.train_dataset is not None and (self._standing.digests or sums)
-        train_ids = dataset_ids(self.train_dataset, self.args.id_column) if need_ids else None
-        refuse_forgotten_rows(self._standing, train_ids)
+        self._standing = start or run_start_standing(self.model, manifest, self.args.store_dir, resuming)
         self._recorder = Recorder(
             self.model,
             optimizer,
@@ -190,7 +193,8 @@ class AmnesiacTrainer(Trainer):
             manifest.decay = self._recorder.decay.tolist()
             manifest.final_weights = weights_fingerprint(manifest.layout.params_of(self.model))
             manifest.save(Path(self.args.store_dir))
-            register_run_end(self.model, self.args.store_dir, self._standing.with_ids(manifest.final_weights, ()))
+            end = self._standing.with_ids(manifest.final_weights, ())
+            register_run_end(self.model, self.args.store_dir, manifest, end)
         self.accelerator.wait_for_everyone()
         self._recorder.compact()
         self.accelerator.wait_for_everyone()
@@ -298,8 +302,10 @@ class AmnesiacTrainer(Trainer):
         )
 
     def forgotten_ids(self) -> list[int]:
-        """Ids this model has already forgotten (the store's record of its weights; [] without a store)."""
-        return stored_forgotten_ids(self.model, self.args.store_dir)
+        """Ids this model has already forgotten, by the store's record of its weights ([] without a
+        store; `ModelLineageError` for a model the store does not serve)."""
+        ids = dataset_ids(self.train_dataset, self.args.id_column) if self.train_dataset is not None else None
+        return stored_forgotten_ids(self.model, self.args.store_dir, ids)
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)

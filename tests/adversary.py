@@ -167,6 +167,22 @@ PROMISES = {
             "test_k10_cli_adapter_forget_twice",
         ],
     ),
+    11: (
+        "Over a store's life: a refused run changes nothing; a run that fails at its first step leaves the "
+        "weights it started from served; earlier forgets, and ids purged for a sibling model, are remembered "
+        "across further runs (never trained on again, reported, left out of repairs); a sibling's request does "
+        "not move the weights the store may train further; a run finishes an interrupted forget first; the CLI "
+        "neither locks nor audits a folder that is not a store.",
+        [
+            "test_k11_a_refused_run_on_forgotten_rows_changes_nothing",
+            "test_k11_a_run_that_fails_at_its_first_step_leaves_its_start_served",
+            "test_k11_forgotten_ids_survive_a_further_run",
+            "test_k11_a_sibling_request_does_not_move_the_trainable_model",
+            "test_k11_purged_elsewhere_survives_a_further_run",
+            "test_k11_training_finishes_an_interrupted_forget_first",
+            "test_k11_cli_on_a_folder_that_is_not_a_store",
+        ],
+    ),
 }
 
 

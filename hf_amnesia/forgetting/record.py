@@ -30,11 +30,13 @@ from ..store.journal import weights_fingerprint
 from ..store.keys import id_digests, load_key
 from ..store.lineage import entries, lookup, register
 from ..store.manifest import Manifest
+from ..store.shards import ShardState
 
 RECORD_ATTR = "hf_amnesia_forgotten"  # the model config's field: {"store", "count", "weights"}
 LEGACY_ATTR = "hf_amnesia_forgotten_ids"  # hf_amnesia 0.2: the plain list of forgotten ids
 RECORD_FILE = "hf_amnesia.json"  # the same record, beside every saved model (adapter folders too)
-RUN_START = "run-start:"  # a lineage entry that opens a recording run: what its start had forgotten
+RUN_BEGUN = "run-begun:"  # lineage entry: what a recording run's start had forgotten (for its resume)
+RUN_ENDED = "run-ended:"  # lineage entry: a run's deltas are in the store; earlier weights are not served
 
 
 @dataclass(frozen=True)
@@ -124,11 +126,11 @@ def standing(model: nn.Module, params, store_dir: str | os.PathLike, manifest: M
 
 def served(store_dir, weights: str) -> frozenset[str] | None:
     """What the weights `weights` have forgotten, if the store serves them: registered since the
-    latest recording run started (`run-start:` entries). A run recorded into the store adds its
-    samples' deltas, so weights from before it no longer match what the store would subtract."""
+    latest recording run ended (`run-ended:` entries). A run adds its samples' deltas to the store,
+    so weights from before it no longer match what the store would subtract."""
     found = None
     for entry in entries(store_dir):
-        if entry["weights"].startswith(RUN_START):
+        if entry["weights"].startswith(RUN_ENDED):
             found = None
         elif entry["weights"] == weights:
             found = frozenset(entry["forgotten"])
@@ -176,16 +178,24 @@ def refuse_stale_model(save_to: Path, mine: Standing, store_dir) -> None:
         )
 
 
-def forgotten_ids(mine: Standing, reader) -> list[int]:
-    """Every id of the store (held or purged) that the weights of `mine` have forgotten: the ids a
-    forget can have forgotten are those the store held."""
-    purged = set().union(*(set(state.purged) for state in reader.states))
-    candidates = np.union1d(reader.all_ids(), np.array(sorted(purged), dtype=np.int64))
+def forgotten_ids(mine: Standing, reader, dataset_ids=None) -> list[int]:
+    """Every id of the store (held or purged) or of `dataset_ids` that the weights of `mine` have
+    forgotten: a forget can only have forgotten ids the store held, and the ids of rows a later
+    run's compaction dropped are still purged or are in the training data."""
+    candidates = np.union1d(reader.all_ids(), purged_ids(reader))
+    if dataset_ids is not None:
+        candidates = np.union1d(candidates, np.asarray(dataset_ids, dtype=np.int64))
     return candidates[mine.forgotten(candidates)].tolist()
 
 
-def stored_forgotten_ids(model: nn.Module, store_dir: str | os.PathLike) -> list[int]:
-    """The ids `model` has forgotten, by its store's lineage ([] if there is no store yet)."""
+def purged_ids(reader) -> np.ndarray:
+    """Ids whose rows the store purged (in any shard)."""
+    return np.array(sorted(set().union(*(set(state.purged) for state in reader.states))), dtype=np.int64)
+
+
+def stored_forgotten_ids(model: nn.Module, store_dir: str | os.PathLike, dataset_ids=None) -> list[int]:
+    """The ids `model` has forgotten, by its store's lineage, among the store's ids and
+    `dataset_ids` ([] if there is no store yet; `ModelLineageError` if the store does not serve it)."""
     from ..layout import ParamLayout
     from ..store import StoreReader
 
@@ -193,7 +203,7 @@ def stored_forgotten_ids(model: nn.Module, store_dir: str | os.PathLike) -> list
         return []
     reader = StoreReader(store_dir)
     params = ParamLayout.from_model(model).params_of(model)
-    return forgotten_ids(standing(model, params, store_dir, reader.manifest), reader)
+    return forgotten_ids(standing(model, params, store_dir, reader.manifest), reader, dataset_ids)
 
 
 def run_start_standing(model: nn.Module, manifest: Manifest, store_dir, resuming: bool) -> Standing:
@@ -202,33 +212,51 @@ def run_start_standing(model: nn.Module, manifest: Manifest, store_dir, resuming
     weights are then a checkpoint's)."""
     weights = weights_fingerprint(manifest.layout.params_of(model))
     if resuming:
-        digests = lookup(store_dir, f"{RUN_START}{manifest.run_id}")
+        digests = lookup(store_dir, f"{RUN_BEGUN}{manifest.run_id}")
     else:
         digests = served(store_dir, weights) if manifest.final_weights == weights else None
     return Standing(weights, digests or frozenset(), load_key(store_dir), manifest.store_id)
 
 
+def run_start(model: nn.Module, store_dir, resuming: bool) -> tuple[Standing | None, np.ndarray]:
+    """Before a recording run touches the store: what its start has forgotten (None for a new
+    store) and the ids the store has purged."""
+    manifest = Manifest.load(Path(store_dir))
+    if manifest is None:
+        return None, np.zeros(0, dtype=np.int64)
+    purged = set()
+    for rank in range(manifest.num_shards):
+        state = ShardState.load(Path(store_dir), rank)
+        purged |= set(state.purged) if state is not None else set()
+    start = run_start_standing(model, manifest, store_dir, resuming)
+    return start, np.array(sorted(purged), dtype=np.int64)
+
+
 def register_run_start(store_dir, manifest: Manifest, start: Standing) -> None:
-    """Open a recording run in the lineage (the main process, as the run starts to write): weights
-    served before it are no longer served once it has added its samples' deltas."""
+    """Note what a recording run's start had forgotten (the main process, as the run starts to
+    write), for its resume: the weights it starts from stay served until it ends."""
     if manifest.run_id is not None:
-        register(store_dir, f"{RUN_START}{manifest.run_id}", start.digests)
+        register(store_dir, f"{RUN_BEGUN}{manifest.run_id}", start.digests)
 
 
-def refuse_forgotten_rows(start: Standing, train_ids) -> None:
-    """Training on rows the model has forgotten would undo the forget: refused before it starts."""
-    if train_ids is None or not start.digests:
+def refuse_forgotten_rows(start: Standing, train_ids, purged) -> None:
+    """Training on rows the model has forgotten would undo the forget, and on rows the store purged
+    for another model would add deltas to ids whose earlier influence the store can no longer
+    remove: both refused before the run starts."""
+    if train_ids is None:
         return
-    again = np.asarray(train_ids)[start.forgotten(train_ids)].tolist()
+    train_ids = np.asarray(train_ids)
+    again = train_ids[start.forgotten(train_ids) | np.isin(train_ids, purged)].tolist()
     if again:
         raise UnsupportedTrainingError(
-            f"{len(again)} training rows have ids this model has forgotten (e.g. {again[:5]}); training on "
-            "them again would undo the forget. Remove those rows from train_dataset."
+            f"{len(again)} training rows have ids this model has forgotten, or the store has purged (e.g. "
+            f"{again[:5]}); training on them again would undo the forget. Remove those rows from train_dataset."
         )
 
 
-def register_run_end(model: nn.Module, store_dir, end: Standing) -> None:
-    """The weights a recording run ended with are served, having forgotten what its start had (the
-    main process, at the end of training)."""
+def register_run_end(model: nn.Module, store_dir, manifest: Manifest, end: Standing) -> None:
+    """The weights a recording run ended with are served, having forgotten what its start had, and
+    no weights from before it (the main process, at the end of training)."""
+    register(store_dir, f"{RUN_ENDED}{manifest.run_id}", ())
     register(store_dir, end.weights, end.digests)
     set_record(model, end)

@@ -24,11 +24,11 @@ import numpy as np
 from torch import nn
 
 from ..config import AmnesiaConfig
-from ..data import without_ids
+from ..data import dataset_ids, without_ids
 from ..errors import ForgetIncompleteError, ForgetRequestError, StoreError
 from ..faults import crash_point
 from ..layout import ParamLayout
-from ..store import StoreReader, recording_marker
+from ..store import MANIFEST_NAME, StoreReader, recording_marker
 from ..store.audit import check_audit
 from ..store.journal import (
     audit_record,
@@ -47,7 +47,16 @@ from .config import ForgetConfig
 from .measure import Measurer
 from .policy import ForgetPolicy
 from .prepare import gather, prepare_unseen_hold
-from .record import forgotten_ids, legacy_ids, model_record, refuse_stale_model, restore_record, set_record, standing
+from .record import (
+    forgotten_ids,
+    legacy_ids,
+    model_record,
+    purged_ids,
+    refuse_stale_model,
+    restore_record,
+    set_record,
+    standing,
+)
 from .repair import finetune
 from .request import ForgetReport, check_choices, normalize_ids
 from .subtraction import forget_update, kept_share_weights
@@ -110,7 +119,9 @@ def serve(
         logger.warning("forget: the request holds no ids; nothing was changed.")
         return ForgetReport(scale=0.0, seconds=time.perf_counter() - began)
     main = context.is_main_process
-    locking = main and store_dir.is_dir()  # forgets register the weights they make, in memory too
+    # The main process locks the store for every request (in memory too: it registers the weights
+    # it makes); the others wait for it at the barriers.
+    locking = main and (store_dir / MANIFEST_NAME).is_file()
     with store_lock(store_dir) if locking else nullcontext():
         if locking:
             recover(store_dir)
@@ -157,10 +168,11 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
     if save_to is not None:
         refuse_stale_model(Path(save_to), mine, store_dir)
     done = mine.forgotten(ids)
-    purged = set().union(*(set(state.purged) for state in reader.states))
+    purged = set(purged_ids(reader).tolist())
     rest = ids[~done].tolist()
     located = [i for i in rest if reader.locate(i)]
-    elsewhere = [i for i in rest if i in purged and i not in set(located)]
+    held = set(located)
+    elsewhere = [i for i in rest if i in purged and i not in held]
     unknown = sorted(set(rest) - set(located) - set(elsewhere))
     if request.strict and (unknown or elsewhere):
         raise ForgetRequestError(
@@ -170,7 +182,8 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
             "to skip them."
         )
     todo = np.array(located, dtype=np.int64)
-    earlier = forgotten_ids(mine, reader)
+    train_ids = dataset_ids(context.train_dataset, args.id_column) if context.train_dataset is not None else None
+    earlier = forgotten_ids(mine, reader, train_ids)
     data = _gather(context, request, earlier)
     update = forget_update(reader, todo)
     if request.scale == "auto" and config.weight_by_kept_share:  # every tensor at the same share of its whole change

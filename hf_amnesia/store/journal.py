@@ -243,8 +243,14 @@ def roll_forward(store_dir: Path, entry: dict, crash_at=None) -> None:
     # The saved model is now the store's model: training it further may record into the store.
     manifest = Manifest.load(Path(store_dir))
     commits = entry.get("commits_after", manifest.commits if manifest is not None else 0)
-    if manifest is not None and (manifest.final_weights, manifest.commits) != (entry["audit"]["model_after"], commits):
-        manifest.final_weights = entry["audit"]["model_after"]
+    audit = entry["audit"]
+    # Only a forget from the weights the store may train further moves them (not one from a sibling).
+    final = audit["model_after"] if manifest is not None and manifest.final_weights == audit["model_before"] else None
+    if manifest is not None and (final or manifest.final_weights, commits) != (
+        manifest.final_weights,
+        manifest.commits,
+    ):
+        manifest.final_weights = final or manifest.final_weights
         manifest.commits = commits  # set, not incremented: a repeated roll forward changes nothing
         manifest.save(Path(store_dir))
     append_audit(store_dir, entry["audit"])

@@ -6,8 +6,8 @@ request of four ids), so the audit log and the lineage file hold HMAC-SHA256 dig
 value of the key (`key_check`), so a missing, truncated or swapped key is refused (`load_key`)
 instead of silently producing digests that match nothing.
 
-Losing the key loses nothing the forget path needs to subtract; it only makes the recorded
-digests uncheckable. Whoever can read the store can read the key: it protects the ids from readers
+Losing the key makes the recorded digests uncheckable, and with them which ids each served model
+has forgotten: the store then serves no request (back the key up with the store). Whoever can read the store can read the key: it protects the ids from readers
 of the audit log or the lineage file, not from readers of the store folder.
 """
 
@@ -71,8 +71,8 @@ def check_key(store_dir: str | os.PathLike, expected_check: str | None) -> bytes
     path = key_path(store_dir)
     key = read_key(store_dir)
     remedy = (
-        "Restore store.key from a backup of this store (forgetting from it still works without "
-        "committing: forget(ids) without save_to)."
+        "Restore store.key from a backup of this store: without it the store cannot tell which ids a "
+        "model has forgotten, so it serves no forget request."
     )
     if expected_check is None:
         raise StoreError(f"the store at {store_dir} has no key (its manifest records none). {remedy}")

@@ -93,12 +93,11 @@ def lookup(store_dir: str | os.PathLike, weights: str) -> frozenset[str] | None:
 
 def register(store_dir: str | os.PathLike, weights: str, digests: Iterable[str]) -> None:
     """Record that the weights `weights` have forgotten exactly the ids of `digests`: one complete,
-    durable line (skipped if the latest entry for those weights already says so). The caller holds
-    the store's lock."""
+    durable line (skipped if the last line already says so: a repeated registration, as a recovered
+    roll forward makes). The caller holds the store's lock."""
     forgotten = sorted({str(d) for d in digests})
     found, torn, complete = _read(store_dir)
-    latest = next((e for e in reversed(found) if e["weights"] == weights), None)
-    if latest is not None and latest["forgotten"] == forgotten:
+    if found and found[-1]["weights"] == weights and found[-1]["forgotten"] == forgotten:
         return
     line = json.dumps(with_checksum({"weights": str(weights), "forgotten": forgotten, "count": len(forgotten)}))
     fd = open_private(lineage_path(store_dir), os.O_WRONLY | os.O_CREAT | os.O_APPEND)

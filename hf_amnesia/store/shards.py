@@ -36,7 +36,7 @@ class ShardState:
     generation: int = 0
     log_consumed: int = 0
     rows: int = 0
-    purged: list[int] = field(default_factory=list)  # ids whose rows were erased (zeroed in place)
+    purged: list[int] = field(default_factory=list)  # ids whose rows were erased (zeroed, or left out)
     ids_sha256: str | None = None  # None: the generation has no files (an empty shard, generation 0)
     sums_sha256: str | None = None
 

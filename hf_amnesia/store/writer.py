@@ -135,7 +135,8 @@ class ShardWriter:
         for chunk in chunks():
             rows = torch.from_numpy(np.searchsorted(ids, chunk["id"]))
             acc.index_add_(0, rows, torch.from_numpy(np.ascontiguousarray(chunk["values"])))
-        new = ShardState(self.state.generation + 1, size, len(ids))
+        # Purged ids stay listed (their rows are left out): the store remembers what it erased.
+        new = ShardState(self.state.generation + 1, size, len(ids), purged=list(self.state.purged))
         new.ids_sha256, new.sums_sha256 = write_generation(
             self.store_dir, self.rank, new.generation, ids, encode(acc, self.dtype).reshape(len(ids), self.k)
         )
