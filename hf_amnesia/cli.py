@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return INCOMPLETE
-        print(f"hf-amnesia: {type(err).__name__}: {err}; nothing was changed.", file=sys.stderr)
+        print(f"hf-amnesia: {type(err).__name__}: {err}; the request changed nothing.", file=sys.stderr)
         return REFUSED
 
 

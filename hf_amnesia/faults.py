@@ -25,9 +25,8 @@ def crash_point(name: str) -> None:
 
 
 def _reached(env: str, name: str) -> bool:
-    wanted = os.environ.get(env)
-    if not wanted or not wanted.startswith(name):
+    target, _, nth = os.environ.get(env, "").partition("#")
+    if target != name:
         return False
     _passes[env, name] = _passes.get((env, name), 0) + 1
-    target, _, nth = wanted.partition("#")
-    return target == name and _passes[env, name] == int(nth or 1)
+    return _passes[env, name] == int(nth or 1)

@@ -155,6 +155,8 @@ def _migrate_audit(store_dir: Path) -> list[str]:
         except (ValueError, RecursionError):
             record = None
         if isinstance(record, dict) and isinstance(record.get("request"), str):
+            if "ids_sha256" in record:  # version 1's unkeyed digest: trying candidate ids reverses it
+                record = {k: v for k, v in record.items() if k not in ("ids_sha256", "checksum")}
             if not checksum_matches(record):
                 record = with_checksum(record)
                 line = json.dumps(record, sort_keys=True).encode()
