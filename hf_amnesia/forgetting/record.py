@@ -182,15 +182,15 @@ def forgotten_ids(mine: Standing, reader, dataset_ids=None) -> list[int]:
     """Every id of the store (held or purged) or of `dataset_ids` that the weights of `mine` have
     forgotten: a forget can only have forgotten ids the store held, and the ids of rows a later
     run's compaction dropped are still purged or are in the training data."""
-    candidates = np.union1d(reader.all_ids(), purged_ids(reader))
+    candidates = np.union1d(reader.all_ids(), purged_ids(reader.states))
     if dataset_ids is not None:
         candidates = np.union1d(candidates, np.asarray(dataset_ids, dtype=np.int64))
     return candidates[mine.forgotten(candidates)].tolist()
 
 
-def purged_ids(reader) -> np.ndarray:
-    """Ids whose rows the store purged (in any shard)."""
-    return np.array(sorted(set().union(*(set(state.purged) for state in reader.states))), dtype=np.int64)
+def purged_ids(states) -> np.ndarray:
+    """Ids whose rows the store purged, in any of the shards' `states`."""
+    return np.array(sorted(set().union(*(set(s.purged) for s in states if s is not None))), dtype=np.int64)
 
 
 def stored_forgotten_ids(model: nn.Module, store_dir: str | os.PathLike, dataset_ids=None) -> list[int]:
@@ -224,12 +224,9 @@ def run_start(model: nn.Module, store_dir, resuming: bool) -> tuple[Standing | N
     manifest = Manifest.load(Path(store_dir))
     if manifest is None:
         return None, np.zeros(0, dtype=np.int64)
-    purged = set()
-    for rank in range(manifest.num_shards):
-        state = ShardState.load(Path(store_dir), rank)
-        purged |= set(state.purged) if state is not None else set()
+    purged = purged_ids(ShardState.load(Path(store_dir), rank) for rank in range(manifest.num_shards))
     start = run_start_standing(model, manifest, store_dir, resuming)
-    return start, np.array(sorted(purged), dtype=np.int64)
+    return start, purged
 
 
 def register_run_start(store_dir, manifest: Manifest, start: Standing) -> None:

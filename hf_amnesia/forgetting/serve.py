@@ -168,7 +168,7 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
     if save_to is not None:
         refuse_stale_model(Path(save_to), mine, store_dir)
     done = mine.forgotten(ids)
-    purged = set(purged_ids(reader).tolist())
+    purged = set(purged_ids(reader.states).tolist())
     rest = ids[~done].tolist()
     located = [i for i in rest if reader.locate(i)]
     held = set(located)
