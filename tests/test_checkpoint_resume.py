@@ -4,26 +4,12 @@ import numpy as np
 import pytest
 import torch
 from scripts.crash_train import SUMS_IN_MEMORY, config
-from tiny import TinyCNN, image_dataset
-from transformers import TrainerCallback
+from tiny import Crash, CrashAt, TinyCNN, image_dataset
 
 from hf_amnesia import AmnesiacTrainer, StoreReader
 from hf_amnesia.recorder import DeltaSums
 
 TOL = 1e-6
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Crash(f"simulated crash at step {self.step}")
 
 
 def _args(out, **kw):

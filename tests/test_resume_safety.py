@@ -9,24 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from scripts.crash_train import config
-from tiny import TinyCNN, image_dataset
+from tiny import Crash, CrashAt, TinyCNN, image_dataset
 from transformers import TrainerCallback
 
 from hf_amnesia import AmnesiacTrainer, StoreError
 from hf_amnesia.store import Manifest
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Crash(f"simulated crash at step {self.step}")
 
 
 class Steps(TrainerCallback):

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
+from transformers import TrainerCallback
 
 
 class TinyCNN(nn.Module):
@@ -136,3 +137,18 @@ def run_two_processes(script: str, *args: str, port: int, timeout: int = 900) ->
         cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+class Crash(RuntimeError):
+    """A simulated crash inside training."""
+
+
+class CrashAt(TrainerCallback):
+    """Raises `Crash` at the end of optimizer step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Crash(f"simulated crash at step {self.step}")
