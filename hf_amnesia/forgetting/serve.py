@@ -182,7 +182,9 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
             "to skip them."
         )
     todo = np.array(located, dtype=np.int64)
-    train_ids = dataset_ids(context.train_dataset, args.id_column) if context.train_dataset is not None else None
+    train_ids = None  # read only when there is something to find among them (a pass over every row)
+    if mine.digests and context.train_dataset is not None:
+        train_ids = dataset_ids(context.train_dataset, args.id_column)
     earlier = forgotten_ids(mine, reader, train_ids)
     data = _gather(context, request, earlier)
     update = forget_update(reader, todo)
