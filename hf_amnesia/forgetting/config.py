@@ -13,8 +13,8 @@ class ForgetConfig:
     """How `forget(ids)` chooses its scale and repair (docs/method.md, "The forget policy, step by step").
 
     Pass it as `trainer.forget(ids, config=ForgetConfig(max_harm=20.0))`. The defaults are the
-    measured policy of docs/results.md; the switches `weight_by_kept_share`, `hold_unseen` and
-    `neighbour_vote` turn off one part each, for ablations.
+    measured policy of docs/results.md; the switches `weight_by_kept_share`, `hold_unseen`,
+    `hold_cap` and `neighbour_vote` turn off one part each, for ablations and baselines.
     """
 
     max_harm: float = field(
@@ -90,6 +90,14 @@ class ForgetConfig:
         metadata={
             "help": "Unless whole classes go, the automatic repair holds the forget rows no better fitted than "
             "held-out rows of their rank (False: a plain repair on the retained rows)."
+        },
+    )
+    hold_cap: bool = field(
+        default=True,
+        metadata={
+            "help": "The hold lets no forget row fit worse than the subtraction left it: its target is min(a_i, h_q(i)) "
+            "(False: h_q(i) alone, the held-out loss at its rank; with scale=0.0 that is the repair with nothing "
+            "subtracted, the store-free twin of forget)."
         },
     )
     neighbour_vote: bool = field(
