@@ -10,9 +10,11 @@ from recipes import aggregate
 from recipes.evaluation import (
     accuracy,
     avg_gap,
+    avg_gap_robust,
     cross_entropy,
     loss_attack_accuracy,
     markdown_table,
+    mia_auc,
     mia_efficacy,
     relative_distance,
     rte_speedup,
@@ -34,6 +36,25 @@ def test_avg_gap_is_the_mean_absolute_difference():
     method = {"ua": 1.0, "ra": 99.0, "ta": 96.0, "mia": 15.0}
     assert avg_gap(method, retrain) == pytest.approx((4 + 1 + 2 + 3) / 4)
     assert avg_gap(retrain, retrain) == 0
+
+
+def test_avg_gap_robust_uses_the_loss_auc_instead_of_the_svc():
+    retrain = {"ua": 5.0, "ra": 100.0, "ta": 94.0, "mia": 12.0, "mia_auc": 48.0}
+    method = {"ua": 1.0, "ra": 99.0, "ta": 96.0, "mia": 90.0, "mia_auc": 56.0}
+    assert avg_gap_robust(method, retrain) == pytest.approx((4 + 1 + 2 + 8) / 4)
+    assert avg_gap_robust(retrain, retrain) == 0
+
+
+def test_mia_auc_against_hand_made_losses():
+    same = np.array([0.1, 0.5, 0.5, 2.0])
+    assert mia_auc(same, same.copy()) == pytest.approx(50.0)  # identical sets, ties included
+    assert mia_auc(np.array([0.3, 0.3]), np.array([0.3, 0.3, 0.3])) == pytest.approx(50.0)  # all tied
+    assert mia_auc(np.array([0.01, 0.02]), np.array([1.0, 2.0, 3.0])) == 100.0  # forget rows fit better
+    assert mia_auc(np.array([4.0, 5.0]), np.array([1.0, 2.0, 3.0])) == 0.0
+    # of the 2 x 2 (forget, test) pairs, (1, 2) and (1, 3) won, (3, 2) lost, (3, 3) tied: 2.5 / 4
+    assert mia_auc(np.array([1.0, 3.0]), np.array([2.0, 3.0])) == pytest.approx(100 * 2.5 / 4)
+    assert math.isnan(mia_auc(np.array([]), np.array([1.0])))
+    assert math.isnan(mia_auc(np.array([1.0]), np.array([])))
 
 
 def test_mia_efficacy_separates_members_from_non_members():
@@ -65,6 +86,12 @@ def test_markdown_table_lists_every_row():
     table = markdown_table({"class": {"retrain": {"ua": 100.0}, "original": {"ua": 1.234}}}, metrics=["ua"])
     assert table.splitlines()[2] == "| class | retrain | 100.00 |"
     assert table.splitlines()[3] == "| class | original | 1.23 |"
+
+
+def test_markdown_table_shows_the_robust_columns_only_where_rows_have_them():
+    assert "mia_auc" not in markdown_table({"class": {"retrain": {"ua": 100.0, "avg_gap": 0.0}}})
+    header = markdown_table({"class": {"retrain": {"mia_auc": 50.0, "avg_gap_robust": 0.0}}}).splitlines()[0]
+    assert "| mia | mia_auc | avg_gap | avg_gap_robust |" in header
 
 
 def test_aggregate_over_seeds(tmp_path):
