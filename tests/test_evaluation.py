@@ -148,6 +148,58 @@ def test_count_parts_against_hand_computed_values(tmp_path):
     assert table[4] == "| h | 1.00 (1 of 2 runs) |"
 
 
+def test_paired_interval():
+    diffs = [-1.0, -2.0, 0.5, -0.5, -3.0]
+    first, again = aggregate.paired_interval(diffs), aggregate.paired_interval(diffs)
+    assert first == again  # seed 0 by default
+    assert first["n"] == 5 and first["mean_diff"] == pytest.approx(-1.2)
+    assert first["lo"] <= first["mean_diff"] <= first["hi"]
+    assert -3.0 <= first["lo"] < first["hi"] <= 0.5
+    assert aggregate.paired_interval(diffs, seed=1) != first
+    assert aggregate.paired_interval([2.5]) == {"mean_diff": 2.5, "lo": 2.5, "hi": 2.5, "n": 1}
+    flat = aggregate.paired_interval([0.25] * 4)
+    assert flat["lo"] == flat["hi"] == pytest.approx(0.25) and flat["n"] == 4
+    assert math.isnan(aggregate.paired_interval([])["mean_diff"])
+
+
+def _paired_runs():
+    def rows(ref, base, other=None):
+        out = {
+            "retrain": {"avg_gap_robust": 0.0},
+            "hf_amnesia": {"avg_gap_robust": ref},
+            "finetune": {"avg_gap_robust": base},
+            "hf_amnesia@1": {"avg_gap_robust": 9.0},
+            "retrain@1": {"avg_gap_robust": 0.0},
+        }
+        if other is not None:
+            out["neggrad"] = {"avg_gap_robust": other}
+        return out
+
+    return [
+        {"random_1": rows(1.0, 3.0, other=2.0)},  # neggrad only in the first run
+        {"random_1": rows(2.0, 3.0), "class": {"retrain": {"avg_gap_robust": 0.0}, "finetune": {"avg_gap": 1.0}}},
+    ]
+
+
+def test_paired_table_pairs_by_run_and_skips_retrain_reference_and_sequences(tmp_path):
+    import json
+
+    paired = aggregate.paired_table(_paired_runs())
+    assert list(paired) == ["random_1"]  # "class" has no reference
+    assert set(paired["random_1"]) == {"finetune", "neggrad"}
+    assert paired["random_1"]["finetune"] == aggregate.paired_interval([1.0 - 3.0, 2.0 - 3.0])
+    assert paired["random_1"]["neggrad"] == {"mean_diff": -1.0, "lo": -1.0, "hi": -1.0, "n": 1}
+    swapped = aggregate.paired_table(_paired_runs(), reference="finetune")
+    assert swapped["random_1"]["hf_amnesia"]["mean_diff"] == pytest.approx(1.5)
+    for seed, run in enumerate(_paired_runs()):
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "results.json").write_text(json.dumps(run))
+    aggregate.main([str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(tmp_path / "agg")])
+    assert json.loads((tmp_path / "agg" / "paired.json").read_text()) == json.loads(json.dumps(paired))
+    assert "| random_1 | neggrad | -1.00 | [-1.00, -1.00] | 1 |" in (tmp_path / "agg" / "paired.md").read_text()
+    assert "| finetune |" in (tmp_path / "agg" / "gaps_robust.md").read_text()
+
+
 def test_compare_results_ignores_timing_and_finds_every_other_difference(tmp_path):
     import json
 
