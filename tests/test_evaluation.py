@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes import aggregate
+from recipes import aggregate, run_seeds
 from recipes.evaluation import (
     accuracy,
     avg_gap,
@@ -198,6 +198,38 @@ def test_paired_table_pairs_by_run_and_skips_retrain_reference_and_sequences(tmp
     assert json.loads((tmp_path / "agg" / "paired.json").read_text()) == json.loads(json.dumps(paired))
     assert "| random_1 | neggrad | -1.00 | [-1.00, -1.00] | 1 |" in (tmp_path / "agg" / "paired.md").read_text()
     assert "| finetune |" in (tmp_path / "agg" / "gaps_robust.md").read_text()
+
+
+def test_run_seeds_dry_run_prints_a_command_per_seed_and_skips_finished_ones(tmp_path, capsys):
+    (tmp_path / "seed_101").mkdir()
+    (tmp_path / "seed_101" / "results.json").write_text("{}")
+    assert run_seeds.parse_seeds("100,101,105") == [100, 101, 105]
+    argv = ["--recipe", "mnist", "--seeds", "100-102", "--out", str(tmp_path), "--dry_run", "--", "--use_cpu"]
+    assert run_seeds.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    commands = [line for line in lines if "mnist.py" in line]
+    assert len(commands) == 2
+    for seed, command in zip((100, 102), commands):
+        assert command.endswith(f"--use_cpu --seed {seed} --output_dir {tmp_path / f'seed_{seed}'}")
+    assert any(line.startswith("seed 101: skipped") for line in lines)
+    assert not (tmp_path / "aggregate").exists()  # a dry run writes nothing
+
+
+def test_run_seeds_goes_on_after_a_failing_seed_and_aggregates_the_finished(tmp_path, monkeypatch, capsys):
+    import json
+    import subprocess
+
+    (tmp_path / "seed_1").mkdir()
+    (tmp_path / "seed_1" / "results.json").write_text(json.dumps(_paired_runs()[0]))
+    ran = []
+    monkeypatch.setattr(
+        run_seeds.subprocess, "run", lambda command: ran.append(command) or subprocess.CompletedProcess(command, 2)
+    )
+    assert run_seeds.main(["--recipe", "cifar100", "--seeds", "1-3", "--out", str(tmp_path)]) == 1
+    assert [command[-3] for command in ran] == ["2", "3"]  # --seed S --output_dir OUT/seed_S
+    assert "failed seeds: 2, 3" in capsys.readouterr().out
+    agg = json.loads((tmp_path / "aggregate" / "aggregate.json").read_text())
+    assert agg["random_1"]["hf_amnesia"]["avg_gap_robust"]["n"] == 1
 
 
 def test_compare_results_ignores_timing_and_finds_every_other_difference(tmp_path):
