@@ -2,10 +2,15 @@
 
     python recipes/aggregate.py outputs/mnist_s0 outputs/mnist_s1 --out outputs/mnist_mean
 
+    python recipes/aggregate.py outputs/mnist_s* --out outputs/mnist_mean --reference hf_amnesia_exact
+
 Writes aggregate.json (scenario -> method -> metric -> {mean, std, n}), aggregate.md (every
-metric), gaps.md (Avg. Gap to Retrain, method x scenario) and, from two runs on, counts.md: the
-part of the Gap that counts forget rows, (|dUA| + |dMIA|) / 4, beside a reference that has
-Retrain's distribution of those counts but not its rows (`count_parts`).
+metric), gaps.md (Avg. Gap to Retrain, method x scenario), gaps_robust.md (the same from
+avg_gap_robust, when the runs have it), paired.json and paired.md (`paired_table`: the reference
+method's avg_gap_robust minus each baseline's, paired by run, with a bootstrap 95 % interval;
+negative = the reference is closer to Retrain) and, from two runs on, counts.md: the part of the
+Gap that counts forget rows, (|dUA| + |dMIA|) / 4, beside a reference that has Retrain's
+distribution of those counts but not its rows (`count_parts`).
 """
 
 from __future__ import annotations
@@ -21,15 +26,17 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file, not with -m: make `recipes` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.evaluation import GAP_METRICS
+from recipes.evaluation import GAP_METRICS, table_columns
 
 METRICS = [
     "ua",
     "ra",
     "ta",
     "mia",
+    "mia_auc",
     "loss_attack",
     "avg_gap",
+    "avg_gap_robust",
     "seconds",
     "storage_bytes",
     "dist_original",
@@ -59,7 +66,12 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def to_markdown(agg: dict, metrics=("ua", "ra", "ta", "mia", "avg_gap", "seconds", "storage_bytes")) -> str:
+def to_markdown(agg: dict, metrics=None) -> str:
+    """aggregate's output as one markdown table, mean ± std per cell."""
+    rows = [values for methods in agg.values() for values in methods.values()]
+    metrics = metrics or table_columns(
+        rows, ("ua", "ra", "ta", "mia", "mia_auc", "avg_gap", "avg_gap_robust", "seconds", "storage_bytes")
+    )
     lines = ["| scenario | method | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for scenario, methods in agg.items():
         for method, values in methods.items():
@@ -87,14 +99,76 @@ def _method_by_scenario(table: dict, scenarios: list[str], cell) -> str:
     return "\n".join(lines)
 
 
-def gap_table(agg: dict) -> str:
-    """Avg. Gap to Retrain, method x scenario (mean ± std over the runs)."""
+def gap_table(agg: dict, metric: str = "avg_gap") -> str:
+    """Avg. Gap to Retrain (or `metric`), method x scenario (mean ± std over the runs)."""
 
     def cell(values: dict) -> str:
-        v = values.get("avg_gap")
+        v = values.get(metric)
         return "" if v is None else f"{v['mean']:.2f} ± {v['std']:.2f}"
 
     return _method_by_scenario(agg, [s for s in agg if not s.startswith("sequence")], cell)
+
+
+def paired_interval(diffs, resamples: int = 10_000, seed: int = 0) -> dict:
+    """{"mean_diff", "lo", "hi", "n"}: the mean of paired differences (one per seed) and its
+    percentile bootstrap 95 % interval (2.5th and 97.5th percentiles of the means of `resamples`
+    resamples with replacement, drawn by `np.random.default_rng(seed)`). One difference gives a
+    zero-width interval; none gives NaN."""
+    diffs = np.asarray(diffs, dtype=float)
+    n = len(diffs)
+    if n == 0:
+        return {"mean_diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    mean = float(np.mean(diffs))
+    if n == 1:
+        return {"mean_diff": mean, "lo": mean, "hi": mean, "n": 1}
+    means = diffs[np.random.default_rng(seed).integers(0, n, size=(resamples, n))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean_diff": mean, "lo": float(lo), "hi": float(hi), "n": n}
+
+
+def paired_table(runs: list[dict], reference: str = "hf_amnesia", metric: str = "avg_gap_robust") -> dict:
+    """scenario -> baseline -> `paired_interval` of (reference's `metric` - baseline's), one
+    difference per run that has both (the same seed's split, model and forget set).
+
+    Negative means the reference is closer to Retrain. Retrain, the reference itself and the rows
+    of a request sequence (`method@k`) are not baselines; a non-finite value drops that run's pair.
+    """
+    out = {}
+    for scenario in dict.fromkeys(s for r in runs for s in r):
+        rows = [r[scenario] for r in runs if scenario in r]
+        baselines = dict.fromkeys(m for row in rows for m in row)
+        table = {}
+        for baseline in baselines:
+            if baseline in (reference, "retrain") or "@" in baseline:
+                continue
+            diffs = [
+                row[reference][metric] - row[baseline][metric]
+                for row in rows
+                if metric in row.get(reference, {}) and metric in row.get(baseline, {})
+            ]
+            diffs = [d for d in diffs if np.isfinite(d)]
+            if diffs:
+                table[baseline] = paired_interval(diffs)
+        if table:
+            out[scenario] = table
+    return out
+
+
+def paired_markdown(paired: dict, reference: str = "hf_amnesia", metric: str = "avg_gap_robust") -> str:
+    """`paired_table`'s output as a markdown table, a row per scenario and baseline."""
+    lines = [
+        f"{reference}'s {metric} minus each baseline's, paired by seed; bootstrap 95 % interval "
+        "(negative = closer to Retrain).",
+        "",
+        "| scenario | baseline | mean diff | 95 % interval | n |",
+        "|---|---|---|---|---|",
+    ]
+    for scenario, baselines in paired.items():
+        for baseline, v in baselines.items():
+            lines.append(
+                f"| {scenario} | {baseline} | {v['mean_diff']:+.2f} | [{v['lo']:+.2f}, {v['hi']:+.2f}] | {v['n']} |"
+            )
+    return "\n".join(lines)
 
 
 ANOTHER_REQUEST = "retrain (another request)"
@@ -143,30 +217,47 @@ def count_table(parts: dict) -> str:
     return _method_by_scenario({s: cells(s) for s in parts}, list(parts), str)
 
 
+def _write(out: str, name: str, text: str) -> None:
+    with open(os.path.join(out, name), "w") as f:
+        f.write(text + "\n")
+
+
+def write_aggregate(folders: list[str], out: str, reference: str = "hf_amnesia") -> dict:
+    """Read each folder's results.json and write every output named in the module docstring to
+    `out`; returns the aggregate."""
+    runs = []
+    for folder in folders:
+        with open(os.path.join(folder, "results.json")) as f:
+            runs.append(json.load(f))
+    agg = aggregate(runs)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "aggregate.json"), "w") as f:
+        json.dump(agg, f, indent=1)
+    _write(out, "aggregate.md", to_markdown(agg))
+    gaps = gap_table(agg)
+    _write(out, "gaps.md", gaps)
+    print(gaps)
+    if any("avg_gap_robust" in values for methods in agg.values() for values in methods.values()):
+        _write(out, "gaps_robust.md", gap_table(agg, "avg_gap_robust"))
+    paired = paired_table(runs, reference=reference)
+    with open(os.path.join(out, "paired.json"), "w") as f:
+        json.dump(paired, f, indent=1)
+    _write(out, "paired.md", paired_markdown(paired, reference=reference))
+    parts = count_parts(runs)
+    if parts:
+        _write(out, "counts.md", count_table(parts))
+    return agg
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="output_dir of each run (holding results.json)")
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--reference", default="hf_amnesia", help="method whose avg_gap_robust paired.json compares with the others"
+    )
     args = parser.parse_args(argv)
-    runs = []
-    for folder in args.runs:
-        with open(os.path.join(folder, "results.json")) as f:
-            runs.append(json.load(f))
-    agg = aggregate(runs)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "aggregate.json"), "w") as f:
-        json.dump(agg, f, indent=1)
-    table = to_markdown(agg)
-    with open(os.path.join(args.out, "aggregate.md"), "w") as f:
-        f.write(table + "\n")
-    gaps = gap_table(agg)
-    with open(os.path.join(args.out, "gaps.md"), "w") as f:
-        f.write(gaps + "\n")
-    print(gaps)
-    parts = count_parts(runs)
-    if parts:
-        with open(os.path.join(args.out, "counts.md"), "w") as f:
-            f.write(count_table(parts) + "\n")
+    write_aggregate(args.runs, args.out, reference=args.reference)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""How unlearning is judged: UA, RA, TA, MIA-efficacy, Avg. Gap to Retrain, RTE, sizes, plots.
+"""How unlearning is judged: UA, RA, TA, MIA-efficacy, loss AUC, Avg. Gap to Retrain, RTE, sizes, plots.
 
 Definitions follow the field's protocol (SalUn, ICLR 2024; "Model Sparsity Can Simplify Machine
 Unlearning", NeurIPS 2023); see docs/evaluation.md. Rates are in percent. scikit-learn does the
@@ -16,6 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 GAP_METRICS = ("ua", "ra", "ta", "mia")
+# The per-row loss AUC in place of the population SVC attack, which can flip and overstate
+# forgetting (Hayes et al., SaTML 2025).
+ROBUST_GAP_METRICS = ("ua", "ra", "ta", "mia_auc")
 
 
 @torch.no_grad()
@@ -92,6 +95,22 @@ def loss_attack_accuracy(forget_loss: np.ndarray, test_loss: np.ndarray, folds: 
     return float(100.0 * cross_val_score(LogisticRegression(), features, target, cv=cv).mean())
 
 
+def mia_auc(forget_loss: np.ndarray, test_loss: np.ndarray) -> float:
+    """AUC (percent) of telling forget rows from test rows by their per-row loss, lower loss = member.
+
+    50 means the losses cannot tell them apart, 100 that every forget row has a lower loss than
+    every test row (ties count half). A threshold-free per-sample check, compared with Retrain's
+    value (for memorised rows that Retrain never saw it lies below 50). NaN when either set is empty.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if len(forget_loss) == 0 or len(test_loss) == 0:
+        return float("nan")
+    target = np.concatenate([np.ones(len(forget_loss)), np.zeros(len(test_loss))])
+    score = -np.concatenate([forget_loss, test_loss])  # lower loss scores higher as a member
+    return float(100.0 * roc_auc_score(target, score))
+
+
 def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(true_label_confidence(probs, labels), 1e-12, None))
 
@@ -99,6 +118,11 @@ def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def avg_gap(method: Mapping[str, float], retrain: Mapping[str, float]) -> float:
     """Mean of |method - retrain| over UA, RA, TA and MIA-efficacy."""
     return float(np.mean([abs(method[m] - retrain[m]) for m in GAP_METRICS]))
+
+
+def avg_gap_robust(method: Mapping[str, float], retrain: Mapping[str, float]) -> float:
+    """Mean of |method - retrain| over UA, RA, TA and the loss AUC (`mia_auc`)."""
+    return float(np.mean([abs(method[m] - retrain[m]) for m in ROBUST_GAP_METRICS]))
 
 
 def relative_distance(
@@ -121,13 +145,14 @@ def unlearning_metrics(
     label_column: str = "labels",
     seed: int = 0,
 ) -> dict[str, float]:
-    """UA, RA, TA, MIA-efficacy and the loss attack of one model (percent).
+    """UA, RA, TA, MIA-efficacy, the loss attack and the loss AUC of one model (percent).
 
     For class forgetting pass as `test_set` only the test rows of the remaining classes.
     """
     forget_p, forget_y = predict_proba(model, forget_set, label_column=label_column)
     retain_p, retain_y = predict_proba(model, retain_set, label_column=label_column)
     test_p, test_y = predict_proba(model, test_set, label_column=label_column)
+    forget_loss, test_loss = cross_entropy(forget_p, forget_y), cross_entropy(test_p, test_y)
     return {
         "ua": 100.0 - accuracy(forget_p, forget_y),
         "ra": accuracy(retain_p, retain_y),
@@ -138,9 +163,8 @@ def unlearning_metrics(
             true_label_confidence(forget_p, forget_y),
             seed=seed,
         ),
-        "loss_attack": loss_attack_accuracy(
-            cross_entropy(forget_p, forget_y), cross_entropy(test_p, test_y), seed=seed
-        ),
+        "loss_attack": loss_attack_accuracy(forget_loss, test_loss, seed=seed),
+        "mia_auc": mia_auc(forget_loss, test_loss),
     }
 
 
@@ -165,19 +189,32 @@ def plot_results(results: Mapping[str, Mapping[str, Mapping[str, float]]], path:
     plt.close(fig)
 
 
+TABLE_METRICS = (
+    "ua",
+    "ra",
+    "ta",
+    "mia",
+    "mia_auc",
+    "avg_gap",
+    "avg_gap_robust",
+    "seconds",
+    "storage_bytes",
+    "dist_original",
+    "dist_retrain",
+)
+# Columns shown only where some row has them (runs from before they were measured lack them).
+OPTIONAL_METRICS = ("mia_auc", "avg_gap_robust")
+
+
+def table_columns(rows, candidates=TABLE_METRICS) -> list[str]:
+    """`candidates` less the `OPTIONAL_METRICS` that none of `rows` (metric -> value mappings) has."""
+    rows = list(rows)
+    return [m for m in candidates if m not in OPTIONAL_METRICS or any(m in row for row in rows)]
+
+
 def markdown_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], metrics=None) -> str:
     """results[scenario][method][metric] as one markdown table."""
-    metrics = metrics or [
-        "ua",
-        "ra",
-        "ta",
-        "mia",
-        "avg_gap",
-        "seconds",
-        "storage_bytes",
-        "dist_original",
-        "dist_retrain",
-    ]
+    metrics = metrics or table_columns(row for methods in results.values() for row in methods.values())
     lines = ["| scenario | method | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for scenario, methods in results.items():
         for method, values in methods.items():
