@@ -154,7 +154,7 @@ def _check_sequence(results):
 def test_canaries_get_a_wrong_label():
     from datasets import Dataset
 
-    from recipes.study import plant_canaries
+    from recipes.scenarios import plant_canaries
 
     data = Dataset.from_dict({"x": list(range(400)), "labels": [i % 4 for i in range(400)]}).with_format("torch")
     planted, rows = plant_canaries(data, "labels", 0.01, seed=0)
