@@ -53,6 +53,8 @@ METHODS = (
     "original",
     "retrain_other_seed",
     "hf_amnesia",
+    "hold_only",
+    "hf_amnesia_deleted",
     "hf_amnesia_exact",
     "hf_amnesia_exact+repair",
     "hf_amnesia_auto_no_repair",
@@ -63,6 +65,9 @@ METHODS = (
     "neggrad",
     *RESEARCH_METHODS,
 )
+# `hold_only`: forget's repair with nothing subtracted, each forget row held at the original's held-out
+# loss of its rank (no cap by the subtraction): what the policy does without a store.
+HOLD_ONLY = {"scale": 0.0, "config": ForgetConfig(hold_cap=False)}
 
 
 @dataclass
@@ -175,8 +180,11 @@ def run_study(
         retrainer.train()
         return fresh, time.perf_counter() - began
 
-    def forgetter(model: nn.Module) -> AmnesiacTrainer:
-        return AmnesiacTrainer(model=model, args=config, train_dataset=train_dataset, eval_dataset=validation)
+    def forgetter(model: nn.Module, train_rows=None) -> AmnesiacTrainer:
+        """A trainer that serves forget on `train_rows`: every training row by default, the retained rows
+        alone for hf_amnesia_deleted (the user deleted the forgotten rows)."""
+        rows = train_dataset if train_rows is None else train_rows
+        return AmnesiacTrainer(model=model, args=config, train_dataset=rows, eval_dataset=validation)
 
     def split(forget_ids: np.ndarray, scenario: str):
         in_forget = np.isin(train_ids, forget_ids)
@@ -211,14 +219,16 @@ def run_study(
         if wanted("original"):
             rows["original"] = {**evaluate(original), "seconds": 0.0, "storage_bytes": 0, "_model": original}
 
-        def amnesia(**kwargs):
+        def amnesia(train_rows=None, **kwargs):
             candidate = copy.deepcopy(original)
             began = time.perf_counter()
-            report = forgetter(candidate).forget(forget_ids, **kwargs)
+            report = forgetter(candidate, train_rows).forget(forget_ids, **kwargs)
             return candidate, time.perf_counter() - began, report
 
         variants = [
             ("hf_amnesia", {}),
+            ("hold_only", HOLD_ONLY),
+            ("hf_amnesia_deleted", {}),
             ("hf_amnesia_exact", {"scale": 1.0, "repair_steps": 0}),
             ("hf_amnesia_exact+repair", {"scale": 1.0, "repair_steps": repair_steps}),
             ("hf_amnesia_auto_no_repair", {"repair_steps": 0}),
@@ -237,11 +247,11 @@ def run_study(
         for name, kwargs in variants:
             if not (wanted(name) or name.startswith(("hf_amnesia_s", "hf_amnesia_h"))):
                 continue
-            candidate, seconds, report = amnesia(**kwargs)
+            candidate, seconds, report = amnesia(retain_set if name == "hf_amnesia_deleted" else None, **kwargs)
             rows[name] = {
                 **evaluate(candidate),
                 "seconds": seconds,
-                "storage_bytes": store_bytes,
+                "storage_bytes": 0 if name == "hold_only" else store_bytes,
                 "scale": report.scale,
                 "repair_steps": report.repair_steps,
                 "_model": candidate,
@@ -307,16 +317,21 @@ def run_study(
         return rows
 
     def run_sequence() -> dict:
-        """Five requests one after another on one model, each a fifth of the canaries, with the defaults."""
-        candidates = {"hf_amnesia": copy.deepcopy(original)}
-        servers = {name: forgetter(model_k) for name, model_k in candidates.items()}
+        """Five requests one after another on one model, each a fifth of the canaries, with the defaults
+        (hf_amnesia_deleted: on the rows left after every request so far was deleted)."""
+        names = ["hf_amnesia", *(m for m in ("hold_only", "hf_amnesia_deleted") if wanted(m))]
+        candidates = {name: copy.deepcopy(original) for name in names}
+        servers = {name: forgetter(model_k) for name, model_k in candidates.items() if name != "hf_amnesia_deleted"}
+        requests = np.array_split(planned[SEQUENCE], 5)
         rows: dict[str, dict] = {}
-        for step, request in enumerate(np.array_split(planned[SEQUENCE], 5), start=1):
+        for step, request in enumerate(requests, start=1):
+            forget_set, retain_set, test_set = split(np.concatenate(requests[:step]), "")
             reports = {}
-            for name, server in servers.items():
+            for name, model_k in candidates.items():
+                server = forgetter(model_k, retain_set) if name == "hf_amnesia_deleted" else servers[name]
                 began = time.perf_counter()
-                reports[name] = (server.forget(request), time.perf_counter() - began)
-            forget_set, retain_set, test_set = split(np.concatenate(np.array_split(planned[SEQUENCE], 5)[:step]), "")
+                report = server.forget(request, **(HOLD_ONLY if name == "hold_only" else {}))
+                reports[name] = (report, time.perf_counter() - began)
             gold, _ = retrain(config.seed, retain_set)
             measured = {}
             for name, model_k in (("retrain", gold), ("original", original), *candidates.items()):
