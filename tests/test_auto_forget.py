@@ -150,6 +150,7 @@ def _data(trainer, ids, need_holdout, hold_unseen=False, whole_class=None, holdo
         seed=trainer.args.seed,
         planned_steps=trainer._planned_training_steps(),
         ids=np.asarray(ids),
+        todo=np.asarray(ids),
         forgotten=trainer.forgotten_ids(),
         holdout=trainer.eval_dataset if holdout is None else holdout,
         whole_class=whole_class,

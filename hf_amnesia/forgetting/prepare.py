@@ -42,6 +42,7 @@ def gather(
     seed: int,
     planned_steps: int,
     ids: np.ndarray,
+    todo: np.ndarray,
     forgotten: list[int],
     holdout,
     whole_class: bool | None,
@@ -51,7 +52,12 @@ def gather(
 ) -> ForgetData:
     """Check that the automatic choice has the data it needs, and gather it: the holdout for the
     automatic scale (`need_holdout`), and for the automatic repair of a request that removes no
-    whole class (`hold_unseen`)."""
+    whole class (`hold_unseen`).
+
+    `todo` are the store's ids the request forgets now; those without a row in `train_dataset`
+    were deleted by the user. Their labels are gone with them (the store keeps none), so a request
+    holding deleted rows removes the classes every retained row lacks and the holdout has
+    (`classes_left_without_rows`), unless `whole_class=False` says it removes none."""
     if train_dataset is None:
         raise ForgetRequestError(
             "the automatic scale and repair need the retained training rows, but this trainer has no "
@@ -68,6 +74,10 @@ def gather(
     if requested.all():
         raise ForgetRequestError(f"the request leaves no training row to repair on; {EXACT}.")
     classes = forgotten_classes(train_labels, requested)
+    deleted = np.setdiff1d(todo, train_ids)
+    if len(deleted) and whole_class is not False:
+        gone = classes_left_without_rows(train_labels[~requested], holdout, len(deleted))
+        classes = sorted(set(classes) | set(gone))
     if whole_class is True and not classes:
         raise ForgetRequestError(
             "whole_class=True, but the request (with what this model already forgot) does not hold every "
@@ -82,12 +92,14 @@ def gather(
         retained_sample=select_rows(retained, retained_sample(len(retained), seed, config.retained_sample_rows)),
         planned_steps=planned_steps,
     )
-    if classes:  # the removed classes' training rows: a class request must stop predicting them
+    if classes:  # the removed classes' rows: a class request must stop predicting them
+        source = train_dataset
         rows = np.flatnonzero(np.isin(train_labels, classes))
-        data.class_rows = select_rows(
-            train_dataset, rows[retained_sample(len(rows), seed, config.retained_sample_rows)]
-        )
-    if need_holdout or (hold_unseen and not classes):
+        if len(rows) == 0:  # every training row of them was deleted: their held-out rows
+            source = holdout
+            rows = np.flatnonzero(np.isin(labels_of(holdout), classes))
+        data.class_rows = select_rows(source, rows[retained_sample(len(rows), seed, config.retained_sample_rows)])
+    if need_holdout or (hold_unseen and not classes and len(deleted) < len(todo)):  # a hold needs rows to hold
         if holdout is None or isinstance(holdout, dict):
             what = "a dict of eval datasets" if isinstance(holdout, dict) else "no held-out data"
             needs = 'scale="auto"' if need_holdout else 'repair_steps="auto"'
@@ -107,6 +119,27 @@ def gather(
     return data
 
 
+def classes_left_without_rows(retained_labels: np.ndarray, holdout, num_deleted: int) -> list[int]:
+    """Labels of the holdout that no retained training row carries: the classes a request whose
+    rows were deleted removes whole (the labels of deleted rows are gone with them)."""
+    if holdout is None or isinstance(holdout, dict):
+        what = "a dict of eval datasets" if isinstance(holdout, dict) else "no held-out data"
+        raise ForgetRequestError(
+            f"{num_deleted} of the requested ids have no row in train_dataset (their data was deleted), and forget "
+            "tells whether such a request removes whole classes from the labels of a held-out split, but got "
+            f"{what}. Pass holdout=<a labelled split never trained on> (or eval_dataset=... to the trainer), or "
+            f"whole_class=False for a request that removes no class, {EXACT}."
+        )
+    holdout_labels = labels_of(holdout)
+    if holdout_labels is None:
+        raise ForgetRequestError(
+            f"{num_deleted} of the requested ids have no row in train_dataset, and the holdout rows have no "
+            "`labels` or `label` column to tell whether the request removes whole classes. Pass a labelled "
+            f"holdout, or whole_class=False for a request that removes no class, {EXACT}."
+        )
+    return sorted(int(c) for c in np.setdiff1d(np.unique(holdout_labels), np.unique(retained_labels)))
+
+
 def prepare_unseen_hold(
     data: ForgetData,
     measure: Measurer,
@@ -124,6 +157,8 @@ def prepare_unseen_hold(
     if not config.hold_unseen or data.classes or data.holdout is None or not len(todo):
         return
     rows = np.flatnonzero(np.isin(dataset_ids(train_dataset, id_column), todo))
+    if not len(rows):  # the user deleted them: the repair is a plain one on the retained rows
+        return
     data.forget_rows = select_rows(train_dataset, rows)
     logits, held_labels = measure.predict(data.holdout)  # one pass: the losses and which rows it gets wrong
     losses = row_losses(logits, held_labels)

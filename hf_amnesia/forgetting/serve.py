@@ -186,7 +186,7 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
     if mine.digests and context.train_dataset is not None:
         train_ids = dataset_ids(context.train_dataset, args.id_column)
     earlier = forgotten_ids(mine, reader, train_ids)
-    data = _gather(context, request, earlier)
+    data = _gather(context, request, todo, earlier)
     update = forget_update(reader, todo)
     if request.scale == "auto" and config.weight_by_kept_share:  # every tensor at the same share of its whole change
         update = update * kept_share_weights(reader.manifest)
@@ -227,6 +227,13 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
             calibration=outcome.trace,
         )
         after = mine.with_ids(weights_fingerprint(params), todo.tolist())
+        if todo.size and after.weights == mine.weights:  # weights name a model state: these are still the original's
+            logger.warning(
+                "forget: the request left the weights as they were (nothing subtracted, no repair step), so "
+                "nothing is recorded as forgotten, saved or purged. Call it with a scale above 0 to forget the ids."
+            )
+            report.forgotten = []
+            return report
         set_record(model, after)
         if save_to is None:
             if context.is_main_process:
@@ -244,7 +251,7 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
     return report
 
 
-def _gather(context: ForgetContext, request: _Request, earlier: list[int]):
+def _gather(context: ForgetContext, request: _Request, todo: np.ndarray, earlier: list[int]):
     """The data the automatic choices need (None when both are fixed), checked before any change."""
     if request.scale != "auto" and request.repair_steps != "auto":
         return None
@@ -254,6 +261,7 @@ def _gather(context: ForgetContext, request: _Request, earlier: list[int]):
         seed=context.args.seed,
         planned_steps=context.planned_steps() if context.train_dataset is not None else 0,
         ids=request.ids,
+        todo=todo,
         forgotten=earlier,
         holdout=context.eval_dataset if request.holdout is None else request.holdout,
         whole_class=request.whole_class,
