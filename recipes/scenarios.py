@@ -8,6 +8,7 @@ baselines must know them); `plant_canaries` gives a share of the rows a wrong la
 from __future__ import annotations
 
 import numpy as np
+from datasets import concatenate_datasets
 
 SCENARIOS = ("class", "random_10", "random_1", "canary_1")
 SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries
@@ -26,7 +27,7 @@ def plan_forget_sets(
                     f"no training row has label {forget_class}; pick --forget_class from the labels present."
                 )
         elif name in ("canary_1", SEQUENCE):
-            chosen = canaries
+            chosen = canaries.ravel()  # [canary, copy] ids: every copy
         elif name.startswith("random_"):
             share = int(name.split("_")[1]) / 100.0
             chosen = rng.choice(train_ids, size=max(1, round(share * len(train_ids))), replace=False)
@@ -36,12 +37,19 @@ def plan_forget_sets(
     return planned
 
 
-def plant_canaries(dataset, label_column: str, share: float, seed: int):
-    """Give `share` of the rows (seeded) a random wrong label; returns (dataset, their row indices).
+def plant_canaries(
+    dataset, label_column: str, share: float, seed: int, copies: int = 1, id_column: str = "id", next_id=None
+):
+    """Give `share` of the rows (seeded) a random wrong label; returns (dataset, rows), where rows[c, j]
+    is the row of copy j of canary c (j = 0 the relabeled row itself).
 
-    The model memorises these rows; Retrain never sees them, so forgetting them is a request
+    With `copies` > 1 each canary is also appended `copies - 1` times, same features and wrong
+    label, each copy with its own id from `next_id` on (default: one above the largest id), so that
+    the model memorises them. Retrain never sees any copy, so forgetting them all is a request
     whose effect the metrics can see (scenario `canary_1`).
     """
+    if copies < 1:
+        raise ValueError(f"canary_copies must be at least 1, got {copies}.")
     labels = np.asarray(dataset[label_column])
     rng = np.random.default_rng(seed + 777)
     rows = np.sort(rng.choice(len(labels), size=max(1, round(share * len(labels))), replace=False))
@@ -51,7 +59,17 @@ def plant_canaries(dataset, label_column: str, share: float, seed: int):
         wrong[row] = rng.choice(classes[classes != labels[row]])
     form = dataset.format
     relabeled = dataset.with_format(None).remove_columns(label_column).add_column(label_column, wrong)
-    return relabeled.with_format(form["type"]), rows
+    if copies == 1:
+        return relabeled.with_format(form["type"]), rows[:, None]
+    if id_column not in relabeled.column_names:
+        raise ValueError(f"canary copies need an id column {id_column!r} to give each copy its own id.")
+    repeated = np.repeat(rows, copies - 1)  # a canary's copies side by side
+    first = int(np.max(relabeled[id_column])) + 1 if next_id is None else int(next_id)
+    new_ids = np.arange(first, first + len(repeated), dtype=np.int64)
+    appended = relabeled.select(repeated).remove_columns(id_column).add_column(id_column, new_ids)
+    planted = concatenate_datasets([relabeled, appended.select_columns(relabeled.column_names)])
+    copy_rows = len(labels) + np.arange(len(repeated)).reshape(len(rows), copies - 1)
+    return planted.with_format(form["type"]), np.column_stack([rows, copy_rows])
 
 
 def split_validation(dataset, share: float, seed: int):

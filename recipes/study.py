@@ -92,6 +92,13 @@ class StudyArguments:
     methods: str = field(
         default="all", metadata={"help": "Comma-separated methods to run (retrain always runs), or `all`."}
     )
+    canary_copies: int = field(
+        default=1,
+        metadata={
+            "help": "Each canary (`canary_1`, `sequence_5`) is trained on as this many copies, each with its own id; "
+            "the request forgets them all."
+        },
+    )
     extra_scales: str = field(
         default="",
         metadata={"help": "Also run forget at these scales, with and without repair (`hf_amnesia_s{scale}`)."},
@@ -128,10 +135,15 @@ def run_study(
     if id_column not in train_dataset.column_names:
         train_dataset = train_dataset.add_column(id_column, np.arange(len(train_dataset), dtype=np.int64))
     train_dataset, validation = split_validation(train_dataset, study.validation_fraction, config.seed)
-    canaries = None
+    canaries = None  # [canary, copy] ids
     if "canary_1" in scenarios or SEQUENCE in scenarios:
-        train_dataset, rows = plant_canaries(train_dataset, label_column, 0.01, config.seed)
+        held = [] if validation is None else np.asarray(validation[id_column])
+        next_id = int(np.max(np.concatenate([np.asarray(train_dataset[id_column]), held]))) + 1  # ids stay unique
+        train_dataset, rows = plant_canaries(
+            train_dataset, label_column, 0.01, config.seed, study.canary_copies, id_column, next_id
+        )
         canaries = np.asarray(train_dataset[id_column], dtype=np.int64)[rows]
+        canaries = canaries[np.argsort(canaries[:, 0])]
     train_ids = np.asarray(train_dataset[id_column], dtype=np.int64)
     train_labels = np.asarray(train_dataset[label_column])
     test_labels = np.asarray(test_dataset[label_column])
@@ -322,7 +334,7 @@ def run_study(
         names = ["hf_amnesia", *(m for m in ("hold_only", "hf_amnesia_deleted") if wanted(m))]
         candidates = {name: copy.deepcopy(original) for name in names}
         servers = {name: forgetter(model_k) for name, model_k in candidates.items() if name != "hf_amnesia_deleted"}
-        requests = np.array_split(planned[SEQUENCE], 5)
+        requests = [part.ravel() for part in np.array_split(canaries, 5)]  # a canary's copies in one request
         rows: dict[str, dict] = {}
         for step, request in enumerate(requests, start=1):
             forget_set, retain_set, test_set = split(np.concatenate(requests[:step]), "")
