@@ -97,6 +97,7 @@ def norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial: 
         seed=args.seed,
         planned_steps=context.planned_steps(),
         ids=forget_ids,
+        todo=forget_ids,
         forgotten=trainer.forgotten_ids(),
         holdout=None,
         whole_class=None,

@@ -37,9 +37,8 @@ from recipes.baselines import (
     per_batch_forget,
 )
 from recipes.evaluation import avg_gap, markdown_table, plot_results, relative_distance, unlearning_metrics
+from recipes.scenarios import SCENARIOS, SEQUENCE, plan_forget_sets, plant_canaries, split_validation
 
-SCENARIOS = ("class", "random_10", "random_1", "canary_1")
-SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries
 # Run only when named in --methods (not in `all`): the ablations, each a ForgetConfig that turns one
 # part of the policy off (or a fixed repair), and a third Retrain.
 RESEARCH_METHODS = (
@@ -54,6 +53,8 @@ METHODS = (
     "original",
     "retrain_other_seed",
     "hf_amnesia",
+    "hold_only",
+    "hf_amnesia_deleted",
     "hf_amnesia_exact",
     "hf_amnesia_exact+repair",
     "hf_amnesia_auto_no_repair",
@@ -64,6 +65,9 @@ METHODS = (
     "neggrad",
     *RESEARCH_METHODS,
 )
+# `hold_only`: forget's repair with nothing subtracted, each forget row held at the original's held-out
+# loss of its rank (no cap by the subtraction): what the policy does without a store.
+HOLD_ONLY = {"scale": 0.0, "config": ForgetConfig(hold_cap=False)}
 
 
 @dataclass
@@ -88,6 +92,13 @@ class StudyArguments:
     methods: str = field(
         default="all", metadata={"help": "Comma-separated methods to run (retrain always runs), or `all`."}
     )
+    canary_copies: int = field(
+        default=1,
+        metadata={
+            "help": "Each canary (`canary_1`, `sequence_5`) is trained on as this many copies, each with its own id; "
+            "the request forgets them all."
+        },
+    )
     extra_scales: str = field(
         default="",
         metadata={"help": "Also run forget at these scales, with and without repair (`hf_amnesia_s{scale}`)."},
@@ -96,56 +107,6 @@ class StudyArguments:
         default="",
         metadata={"help": "Also run forget's automatic choice with these max_harm values (`hf_amnesia_h{value}`)."},
     )
-
-
-def plan_forget_sets(
-    train_ids: np.ndarray, labels: np.ndarray, forget_class: int, seed: int, scenarios, canaries=None
-) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed + 12345)
-    planned = {}
-    for name in scenarios:
-        if name == "class":
-            chosen = train_ids[labels == forget_class]
-            if len(chosen) == 0:
-                raise ValueError(
-                    f"no training row has label {forget_class}; pick --forget_class from the labels present."
-                )
-        elif name in ("canary_1", SEQUENCE):
-            chosen = canaries
-        elif name.startswith("random_"):
-            share = int(name.split("_")[1]) / 100.0
-            chosen = rng.choice(train_ids, size=max(1, round(share * len(train_ids))), replace=False)
-        else:
-            raise ValueError(f"unknown scenario {name!r}; choose from {SCENARIOS} and {SEQUENCE}.")
-        planned[name] = np.sort(chosen)
-    return planned
-
-
-def plant_canaries(dataset, label_column: str, share: float, seed: int):
-    """Give `share` of the rows (seeded) a random wrong label; returns (dataset, their row indices).
-
-    The model memorises these rows; Retrain never sees them, so forgetting them is a request
-    whose effect the metrics can see (scenario `canary_1`).
-    """
-    labels = np.asarray(dataset[label_column])
-    rng = np.random.default_rng(seed + 777)
-    rows = np.sort(rng.choice(len(labels), size=max(1, round(share * len(labels))), replace=False))
-    classes = np.unique(labels)
-    wrong = labels.copy()
-    for row in rows:
-        wrong[row] = rng.choice(classes[classes != labels[row]])
-    form = dataset.format
-    relabeled = dataset.with_format(None).remove_columns(label_column).add_column(label_column, wrong)
-    return relabeled.with_format(form["type"]), rows
-
-
-def _split_validation(dataset, share: float, seed: int):
-    """(train, validation): `share` of the rows held out, never trained on (forget's automatic scale)."""
-    if share <= 0:
-        return dataset, None
-    order = np.random.default_rng(seed + 4242).permutation(len(dataset))
-    cut = max(1, round(share * len(dataset)))
-    return dataset.select(np.sort(order[cut:])), dataset.select(np.sort(order[:cut]))
 
 
 def run_study(
@@ -173,11 +134,16 @@ def run_study(
     id_column = config.id_column
     if id_column not in train_dataset.column_names:
         train_dataset = train_dataset.add_column(id_column, np.arange(len(train_dataset), dtype=np.int64))
-    train_dataset, validation = _split_validation(train_dataset, study.validation_fraction, config.seed)
-    canaries = None
+    train_dataset, validation = split_validation(train_dataset, study.validation_fraction, config.seed)
+    canaries = None  # [canary, copy] ids
     if "canary_1" in scenarios or SEQUENCE in scenarios:
-        train_dataset, rows = plant_canaries(train_dataset, label_column, 0.01, config.seed)
+        held = [] if validation is None else np.asarray(validation[id_column])
+        next_id = int(np.max(np.concatenate([np.asarray(train_dataset[id_column]), held]))) + 1  # ids stay unique
+        train_dataset, rows = plant_canaries(
+            train_dataset, label_column, 0.01, config.seed, study.canary_copies, id_column, next_id
+        )
         canaries = np.asarray(train_dataset[id_column], dtype=np.int64)[rows]
+        canaries = canaries[np.argsort(canaries[:, 0])]
     train_ids = np.asarray(train_dataset[id_column], dtype=np.int64)
     train_labels = np.asarray(train_dataset[label_column])
     test_labels = np.asarray(test_dataset[label_column])
@@ -226,8 +192,11 @@ def run_study(
         retrainer.train()
         return fresh, time.perf_counter() - began
 
-    def forgetter(model: nn.Module) -> AmnesiacTrainer:
-        return AmnesiacTrainer(model=model, args=config, train_dataset=train_dataset, eval_dataset=validation)
+    def forgetter(model: nn.Module, train_rows=None) -> AmnesiacTrainer:
+        """A trainer that serves forget on `train_rows`: every training row by default, the retained rows
+        alone for hf_amnesia_deleted (the user deleted the forgotten rows)."""
+        rows = train_dataset if train_rows is None else train_rows
+        return AmnesiacTrainer(model=model, args=config, train_dataset=rows, eval_dataset=validation)
 
     def split(forget_ids: np.ndarray, scenario: str):
         in_forget = np.isin(train_ids, forget_ids)
@@ -262,14 +231,16 @@ def run_study(
         if wanted("original"):
             rows["original"] = {**evaluate(original), "seconds": 0.0, "storage_bytes": 0, "_model": original}
 
-        def amnesia(**kwargs):
+        def amnesia(train_rows=None, **kwargs):
             candidate = copy.deepcopy(original)
             began = time.perf_counter()
-            report = forgetter(candidate).forget(forget_ids, **kwargs)
+            report = forgetter(candidate, train_rows).forget(forget_ids, **kwargs)
             return candidate, time.perf_counter() - began, report
 
         variants = [
             ("hf_amnesia", {}),
+            ("hold_only", HOLD_ONLY),
+            ("hf_amnesia_deleted", {}),
             ("hf_amnesia_exact", {"scale": 1.0, "repair_steps": 0}),
             ("hf_amnesia_exact+repair", {"scale": 1.0, "repair_steps": repair_steps}),
             ("hf_amnesia_auto_no_repair", {"repair_steps": 0}),
@@ -288,11 +259,11 @@ def run_study(
         for name, kwargs in variants:
             if not (wanted(name) or name.startswith(("hf_amnesia_s", "hf_amnesia_h"))):
                 continue
-            candidate, seconds, report = amnesia(**kwargs)
+            candidate, seconds, report = amnesia(retain_set if name == "hf_amnesia_deleted" else None, **kwargs)
             rows[name] = {
                 **evaluate(candidate),
                 "seconds": seconds,
-                "storage_bytes": store_bytes,
+                "storage_bytes": 0 if name == "hold_only" else store_bytes,
                 "scale": report.scale,
                 "repair_steps": report.repair_steps,
                 "_model": candidate,
@@ -358,16 +329,21 @@ def run_study(
         return rows
 
     def run_sequence() -> dict:
-        """Five requests one after another on one model, each a fifth of the canaries, with the defaults."""
-        candidates = {"hf_amnesia": copy.deepcopy(original)}
-        servers = {name: forgetter(model_k) for name, model_k in candidates.items()}
+        """Five requests one after another on one model, each a fifth of the canaries, with the defaults
+        (hf_amnesia_deleted: on the rows left after every request so far was deleted)."""
+        names = ["hf_amnesia", *(m for m in ("hold_only", "hf_amnesia_deleted") if wanted(m))]
+        candidates = {name: copy.deepcopy(original) for name in names}
+        servers = {name: forgetter(model_k) for name, model_k in candidates.items() if name != "hf_amnesia_deleted"}
+        requests = [part.ravel() for part in np.array_split(canaries, 5)]  # a canary's copies in one request
         rows: dict[str, dict] = {}
-        for step, request in enumerate(np.array_split(planned[SEQUENCE], 5), start=1):
+        for step, request in enumerate(requests, start=1):
+            forget_set, retain_set, test_set = split(np.concatenate(requests[:step]), "")
             reports = {}
-            for name, server in servers.items():
+            for name, model_k in candidates.items():
+                server = forgetter(model_k, retain_set) if name == "hf_amnesia_deleted" else servers[name]
                 began = time.perf_counter()
-                reports[name] = (server.forget(request), time.perf_counter() - began)
-            forget_set, retain_set, test_set = split(np.concatenate(np.array_split(planned[SEQUENCE], 5)[:step]), "")
+                report = server.forget(request, **(HOLD_ONLY if name == "hold_only" else {}))
+                reports[name] = (report, time.perf_counter() - began)
             gold, _ = retrain(config.seed, retain_set)
             measured = {}
             for name, model_k in (("retrain", gold), ("original", original), *candidates.items()):

@@ -17,6 +17,8 @@ METHODS = {
     "retrain",
     "retrain_other_seed",
     "hf_amnesia",
+    "hold_only",
+    "hf_amnesia_deleted",
     "hf_amnesia_exact",
     "hf_amnesia_exact+repair",
     "hf_amnesia_auto_no_repair",
@@ -112,6 +114,12 @@ def _check_outputs(out, scenarios=("class", "random_10", "random_1", "canary_1")
         assert results[scenario]["retrain"]["avg_gap"] == 0
         assert results[scenario]["hf_amnesia"]["storage_bytes"] > 0
         assert results[scenario]["hf_amnesia"]["scale"] > 0  # chosen on the validation split
+        for method in ("hold_only", "hf_amnesia_deleted"):  # the store-free twin; forget after the rows went
+            assert set(results[scenario][method]) == set(results[scenario]["hf_amnesia"]), (scenario, method)
+        assert results[scenario]["hold_only"]["storage_bytes"] == 0 and results[scenario]["hold_only"]["scale"] == 0
+        assert (
+            results[scenario]["hf_amnesia_deleted"]["storage_bytes"] == results[scenario]["hf_amnesia"]["storage_bytes"]
+        )
     assert results["class"]["retrain"]["ua"] == 100.0  # Retrain never saw the class
     assert (out / "results.md").read_text().count("|") > 100
     assert (out / "results.png").stat().st_size > 1000
@@ -149,12 +157,15 @@ def _check_sequence(results):
     for step in range(1, 6):
         assert rows[f"retrain@{step}"]["avg_gap"] == 0
         assert np.isfinite(rows[f"hf_amnesia@{step}"]["avg_gap"]) and rows[f"hf_amnesia@{step}"]["scale"] >= 0
+        for method in ("hold_only", "hf_amnesia_deleted"):
+            assert set(rows[f"{method}@{step}"]) == set(rows[f"hf_amnesia@{step}"]), (method, step)
+            assert np.isfinite(rows[f"{method}@{step}"]["avg_gap"])
 
 
 def test_canaries_get_a_wrong_label():
     from datasets import Dataset
 
-    from recipes.study import plant_canaries
+    from recipes.scenarios import plant_canaries
 
     data = Dataset.from_dict({"x": list(range(400)), "labels": [i % 4 for i in range(400)]}).with_format("torch")
     planted, rows = plant_canaries(data, "labels", 0.01, seed=0)
@@ -162,6 +173,21 @@ def test_canaries_get_a_wrong_label():
     assert len(rows) == 4 and (before[rows] != after[rows]).all()
     assert np.array_equal(np.delete(before, rows), np.delete(after, rows))
     assert planted.format["type"] == "torch" and set(after.tolist()) <= {0, 1, 2, 3}
+
+
+def test_canary_copies_share_their_label_and_carry_their_own_ids():
+    from recipes.scenarios import plan_forget_sets, plant_canaries
+
+    data = Dataset.from_dict({"x": list(range(400)), "labels": [i % 4 for i in range(400)], "id": list(range(400))})
+    planted, rows = plant_canaries(data.with_format("torch"), "labels", 0.01, seed=0, copies=3, next_id=1000)
+    single, single_rows = plant_canaries(data, "labels", 0.01, seed=0)
+    assert rows.shape == (4, 3) and len(planted) == 408 and np.array_equal(rows[:, 0], single_rows[:, 0])
+    labels, xs, ids = (np.asarray(planted[c]) for c in ("labels", "x", "id"))
+    assert (labels[rows] == np.asarray(single["labels"])[rows[:, :1]]).all()  # every copy keeps the wrong label
+    assert (xs[rows] == xs[rows[:, :1]]).all() and len(set(ids.tolist())) == 408  # same features, distinct ids
+    assert set(ids[rows[:, 1:]].ravel().tolist()) == set(range(1000, 1008))
+    planned = plan_forget_sets(ids, labels, 0, 0, ["canary_1"], canaries=ids[rows])
+    assert np.array_equal(planned["canary_1"], np.sort(ids[rows].ravel()))  # the request names every copy
 
 
 def test_mnist_idx_reader_round_trips(tmp_path):
