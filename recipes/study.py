@@ -36,7 +36,14 @@ from recipes.baselines import (
     norm_rule_forget,
     per_batch_forget,
 )
-from recipes.evaluation import avg_gap, markdown_table, plot_results, relative_distance, unlearning_metrics
+from recipes.evaluation import (
+    avg_gap,
+    avg_gap_robust,
+    markdown_table,
+    plot_results,
+    relative_distance,
+    unlearning_metrics,
+)
 from recipes.scenarios import SCENARIOS, SEQUENCE, plan_forget_sets, plant_canaries, split_validation
 
 # Run only when named in --methods (not in `all`): the ablations, each a ForgetConfig that turns one
@@ -320,6 +327,7 @@ def run_study(
         for name, row in rows.items():
             theta = flat(row.pop("_model")) if "_model" in row else theta_gold
             row["avg_gap"] = avg_gap(row, rows["retrain"])
+            row["avg_gap_robust"] = avg_gap_robust(row, rows["retrain"])
             row["dist_original"] = relative_distance(theta, theta_orig, theta_orig, theta_init)
             row["dist_retrain"] = relative_distance(theta, theta_gold, theta_orig, theta_init)
             if "repair_steps" not in row:
@@ -351,7 +359,11 @@ def run_study(
                     model_k, forget_set, retain_set, test_set, label_column, seed=config.seed
                 )
             for name, values in measured.items():
-                rows[f"{name}@{step}"] = {**values, "avg_gap": avg_gap(values, measured["retrain"])}
+                rows[f"{name}@{step}"] = {
+                    **values,
+                    "avg_gap": avg_gap(values, measured["retrain"]),
+                    "avg_gap_robust": avg_gap_robust(values, measured["retrain"]),
+                }
             for name, (report, seconds) in reports.items():
                 rows[f"{name}@{step}"].update(seconds=seconds, scale=report.scale, repair_steps=report.repair_steps)
             log(f"{SEQUENCE}: request {step}: Avg. Gap {rows[f'hf_amnesia@{step}']['avg_gap']:.2f}")

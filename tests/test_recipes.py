@@ -31,7 +31,19 @@ METHODS = {
     "neggrad",
     "neggrad+repair",
 }
-METRICS = {"ua", "ra", "ta", "mia", "avg_gap", "seconds", "storage_bytes", "dist_original", "dist_retrain"}
+METRICS = {
+    "ua",
+    "ra",
+    "ta",
+    "mia",
+    "mia_auc",
+    "avg_gap",
+    "avg_gap_robust",
+    "seconds",
+    "storage_bytes",
+    "dist_original",
+    "dist_retrain",
+}
 TINY = [
     "--num_train_epochs",
     "1",
