@@ -112,15 +112,15 @@ def gap_table(agg: dict, metric: str = "avg_gap") -> str:
 def paired_interval(diffs, resamples: int = 10_000, seed: int = 0) -> dict:
     """{"mean_diff", "lo", "hi", "n"}: the mean of paired differences (one per seed) and its
     percentile bootstrap 95 % interval (2.5th and 97.5th percentiles of the means of `resamples`
-    resamples with replacement, drawn by `np.random.default_rng(seed)`). One difference gives a
-    zero-width interval; none gives NaN."""
+    resamples with replacement, drawn by `np.random.default_rng(seed)`). Below two differences
+    there is no interval: its bounds are NaN."""
     diffs = np.asarray(diffs, dtype=float)
     n = len(diffs)
     if n == 0:
         return {"mean_diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
     mean = float(np.mean(diffs))
     if n == 1:
-        return {"mean_diff": mean, "lo": mean, "hi": mean, "n": 1}
+        return {"mean_diff": mean, "lo": float("nan"), "hi": float("nan"), "n": 1}
     means = diffs[np.random.default_rng(seed).integers(0, n, size=(resamples, n))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return {"mean_diff": mean, "lo": float(lo), "hi": float(hi), "n": n}
@@ -166,7 +166,9 @@ def paired_markdown(paired: dict, reference: str = "hf_amnesia", metric: str = "
     for scenario, baselines in paired.items():
         for baseline, v in baselines.items():
             lines.append(
-                f"| {scenario} | {baseline} | {v['mean_diff']:+.2f} | [{v['lo']:+.2f}, {v['hi']:+.2f}] | {v['n']} |"
+                f"| {scenario} | {baseline} | {v['mean_diff']:+.2f} | "
+                + ("n < 2" if np.isnan(v["lo"]) else f"[{v['lo']:+.2f}, {v['hi']:+.2f}]")
+                + f" | {v['n']} |"
             )
     return "\n".join(lines)
 

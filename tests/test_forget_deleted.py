@@ -122,6 +122,23 @@ def test_a_class_whose_rows_were_deleted_is_told_by_the_holdout(trained):
     assert set(measure.predict(told.class_rows)[1].tolist()) == {1}  # held-out rows of the class
     assert 1 not in set(np.asarray(told.holdout["labels"]).tolist())
     assert classes_of(whole_class=False).classes == []
+    # class 1 deleted, class 2's rows present and requested: both classes' rows come from the holdout
+    both = np.concatenate([class_ids, np.asarray(train["dataset_id"])[labels == 2]])
+    mixed = gather(
+        server.train_dataset,
+        id_column="dataset_id",
+        seed=0,
+        planned_steps=27,
+        ids=both,
+        todo=both,
+        forgotten=[],
+        holdout=holdout,
+        whole_class=None,
+        need_holdout=True,
+        hold_unseen=True,
+        config=ForgetConfig(),
+    )
+    assert mixed.classes == [1, 2] and set(measure.predict(mixed.class_rows)[1].tolist()) == {1, 2}
     assert classes_of(whole_class=True).classes == [1]
     report = server.forget(class_ids)
     assert report.forgotten == sorted(class_ids.tolist())

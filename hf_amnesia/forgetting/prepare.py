@@ -77,6 +77,13 @@ def gather(
     deleted = np.setdiff1d(todo, train_ids)
     if len(deleted) and whole_class is not False:
         gone = classes_left_without_rows(train_labels[~requested], holdout, len(deleted))
+        if gone:
+            logger.warning(
+                "forget: %d requested rows were deleted and no retained training row has label(s) %s, which the "
+                "holdout has: the request removes those classes whole (pass whole_class=False if it does not).",
+                len(deleted),
+                gone,
+            )
         classes = sorted(set(classes) | set(gone))
     if whole_class is True and not classes:
         raise ForgetRequestError(
@@ -95,8 +102,8 @@ def gather(
     if classes:  # the removed classes' rows: a class request must stop predicting them
         source = train_dataset
         rows = np.flatnonzero(np.isin(train_labels, classes))
-        if len(rows) == 0:  # every training row of them was deleted: their held-out rows
-            source = holdout
+        if set(np.unique(train_labels[rows]).tolist()) != set(classes):  # some classes' rows all deleted
+            source = holdout  # then the held-out rows of every removed class
             rows = np.flatnonzero(np.isin(labels_of(holdout), classes))
         data.class_rows = select_rows(source, rows[retained_sample(len(rows), seed, config.retained_sample_rows)])
     if need_holdout or (hold_unseen and not classes and len(deleted) < len(todo)):  # a hold needs rows to hold

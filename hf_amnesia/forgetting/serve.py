@@ -230,7 +230,7 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
         if todo.size and after.weights == mine.weights:  # weights name a model state: these are still the original's
             logger.warning(
                 "forget: the request left the weights as they were (nothing subtracted, no repair step), so "
-                "nothing is recorded as forgotten, saved or purged. Call it with a scale above 0 to forget the ids."
+                "nothing is recorded as forgotten, saved or purged. Call it with a scale above 0 (or repair steps) to change the model."
             )
             report.forgotten = []
             return report
