@@ -100,10 +100,10 @@ class StudyArguments:
         default="all", metadata={"help": "Comma-separated methods to run (retrain always runs), or `all`."}
     )
     canary_copies: int = field(
-        default=1,
+        default=8,
         metadata={
-            "help": "Each canary (`canary_1`, `sequence_5`) is trained on as this many copies, each with its own id; "
-            "the request forgets them all."
+            "help": "Each canary (`canary_1`, `sequence_5`) is trained on as this many copies, each with its own id, "
+            "so that the original memorises it (1: the canary alone); the request forgets them all."
         },
     )
     extra_scales: str = field(
