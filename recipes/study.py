@@ -1,7 +1,7 @@
 """The unlearning study shared by the recipes.
 
-Train once with recording; then, for each scenario (`class`, `random_10`, `random_1`), apply every
-method to a copy of the trained model, evaluate it next to Retrain, and collect
+Train once with recording; then, for each scenario (`class`, `random_10`, `random_1`, `canary_1`,
+`sequence_5`), apply every method to a copy of the trained model, evaluate it next to Retrain, and collect
 results[scenario][method][metric]. Methods and what each stores are described in
 docs/evaluation.md. Every process of a multi-process run computes the same numbers; the main
 process writes them.
