@@ -101,22 +101,22 @@ def test_a_class_whose_rows_were_deleted_is_told_by_the_holdout(trained):
     class_ids = np.asarray(train["dataset_id"])[labels == 1]
     server = _after_deletion(trainer, train, class_ids, eval_dataset=holdout)
 
-    def classes_of(**kwargs):
-        data = gather(
+    def classes_of(ids=class_ids, whole_class=None):
+        """What forget gathers for `ids` (all of them deleted or requested) on the deleted trainer."""
+        return gather(
             server.train_dataset,
             id_column="dataset_id",
             seed=0,
             planned_steps=27,
-            ids=class_ids,
-            todo=class_ids,
+            ids=ids,
+            todo=ids,
             forgotten=[],
             holdout=holdout,
+            whole_class=whole_class,
             need_holdout=True,
             hold_unseen=True,
             config=ForgetConfig(),
-            **kwargs,
         )
-        return data
 
     told = classes_of(whole_class=None)
     assert told.classes == [1]
@@ -126,20 +126,7 @@ def test_a_class_whose_rows_were_deleted_is_told_by_the_holdout(trained):
     assert classes_of(whole_class=False).classes == []
     # class 1 deleted, class 2's rows present and requested: both classes' rows come from the holdout
     both = np.concatenate([class_ids, np.asarray(train["dataset_id"])[labels == 2]])
-    mixed = gather(
-        server.train_dataset,
-        id_column="dataset_id",
-        seed=0,
-        planned_steps=27,
-        ids=both,
-        todo=both,
-        forgotten=[],
-        holdout=holdout,
-        whole_class=None,
-        need_holdout=True,
-        hold_unseen=True,
-        config=ForgetConfig(),
-    )
+    mixed = classes_of(both)
     assert mixed.classes == [1, 2] and set(measure.predict(mixed.class_rows)[1].tolist()) == {1, 2}
     assert classes_of(whole_class=True).classes == [1]
     report = server.forget(class_ids)
