@@ -61,8 +61,10 @@ class ModelAttempts:
     def subtract(self, scale: float) -> None:
         subtract_from(self.params, self.original, self.update, scale)
         if self.data is not None and self.data.forget_rows is not None:  # where the repair holds them
-            losses = self.measure.row_losses(self.data.forget_rows)
-            self.after_subtraction = losses if self.config.hold_cap else np.full_like(losses, np.inf)
+            rows = self.data.forget_rows  # without the cap, no target is capped: no pass over them
+            self.after_subtraction = (
+                self.measure.row_losses(rows) if self.config.hold_cap else np.full(len(rows), np.inf)
+            )
 
     def repair(self) -> tuple[int, bool]:
         return repair_until_restored(
