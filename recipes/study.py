@@ -54,6 +54,7 @@ RESEARCH_METHODS = (
     "hf_amnesia_plain_repair",
     "hf_amnesia_auto+repair",
     "hf_amnesia_no_neighbours",
+    "hf_amnesia_accuracy_stop",
 )
 # What --methods may name (retrain always runs; a `+repair` variant runs with its method).
 METHODS = (
@@ -255,6 +256,7 @@ def run_study(
             ("hf_amnesia_unweighted", {"config": ForgetConfig(weight_by_kept_share=False)}),
             ("hf_amnesia_plain_repair", {"config": ForgetConfig(hold_unseen=False)}),
             ("hf_amnesia_no_neighbours", {"config": ForgetConfig(neighbour_vote=False)}),
+            ("hf_amnesia_accuracy_stop", {"config": ForgetConfig(hold_until_met=False)}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [

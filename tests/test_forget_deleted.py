@@ -166,7 +166,8 @@ def test_without_the_cap_the_hold_targets_each_rows_held_out_rank():
 
 def test_the_store_free_twin_raises_the_forget_rows_loss_toward_held_out_ones(trained):
     """Nothing subtracted: with the cap (and no neighbour vote) the hold has nothing to do; without
-    it, the repair runs and raises the forget rows' loss toward their held-out targets."""
+    it, the repair runs and raises the forget rows' loss toward their held-out targets, unless it
+    stops as soon as retained accuracy is back (`hold_until_met=False`)."""
     trainer, seen, train, holdout, theta = trained
     ids = [int(i) for i in train["dataset_id"][20:30]]
     measure = Measurer(trainer.model, trainer.data_collator, 8, "dataset_id", trainer._rows)
@@ -180,4 +181,9 @@ def test_the_store_free_twin_raises_the_forget_rows_loss_toward_held_out_ones(tr
     twin = trainer.forget(ids, scale=0.0, config=ForgetConfig(hold_cap=False, neighbour_vote=False))
     assert twin.scale == 0.0 and twin.repair_steps > 0
     assert measure.row_losses(rows).mean() > before
+    _reset(trainer, theta)
+    # stopping as soon as accuracy is back: at scale 0 it never left, so the twin takes no step
+    early = dict(hold_cap=False, neighbour_vote=False, hold_until_met=False)
+    assert trainer.forget(ids, scale=0.0, config=ForgetConfig(**early)).repair_steps == 0
+    assert torch.equal(_weights(trainer), theta)
     _reset(trainer, theta)

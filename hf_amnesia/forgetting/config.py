@@ -14,7 +14,7 @@ class ForgetConfig:
 
     Pass it as `trainer.forget(ids, config=ForgetConfig(max_harm=20.0))`. The defaults are the
     measured policy of docs/results.md; the switches `weight_by_kept_share`, `hold_unseen`,
-    `hold_cap` and `neighbour_vote` turn off one part each, for ablations and baselines.
+    `hold_cap`, `hold_until_met` and `neighbour_vote` turn off one part each, for ablations and baselines.
     """
 
     max_harm: float = field(
@@ -98,6 +98,13 @@ class ForgetConfig:
             "help": "The hold lets no forget row fit worse than the subtraction left it: its target is min(a_i, h_q(i)) "
             "(False: h_q(i) alone, the held-out loss at its rank; with scale=0.0 that is the repair with nothing "
             "subtracted, the store-free twin of forget)."
+        },
+    )
+    hold_until_met: bool = field(
+        default=True,
+        metadata={
+            "help": "A repair that holds forget rows ends only when their mean loss has also reached their targets' mean "
+            "(False: it ends as soon as retained accuracy is back)."
         },
     )
     neighbour_vote: bool = field(

@@ -181,7 +181,8 @@ def repair_until_restored(
 ) -> tuple[int, bool]:
     """Fine-tune on the retained rows until their accuracy is back at the original's (one row of
     slack), holding the forget rows unseen where `prepare.prepare_unseen_hold` set that up; a hold
-    is done when the forget rows' mean loss has also reached their targets' mean (an unmet hold
+    is done when the forget rows' mean loss has also reached their targets' mean (unless
+    `config.hold_until_met` is off; an unmet hold
     does not count as a failed repair: only lost accuracy does). When
     whole classes go, the repair runs its whole budget: stopped at the original's level, class
     requests ended further from Retrain (docs/history/2026-11-results-notebook.md, "A whole class's
@@ -203,7 +204,7 @@ def repair_until_restored(
         return measure.accuracy(data.retained_sample) >= target
 
     def restored() -> bool:  # the repair's end: accuracy back, and a hold met
-        return accuracy_back() and (loss is None or loss.held())
+        return accuracy_back() and (loss is None or not config.hold_until_met or loss.held())
 
     if not data.classes and restored():
         return 0, True
