@@ -55,6 +55,7 @@ RESEARCH_METHODS = (
     "hf_amnesia_auto+repair",
     "hf_amnesia_no_neighbours",
     "hf_amnesia_accuracy_stop",
+    "hf_amnesia_no_retries",
 )
 # What --methods may name (retrain always runs; a `+repair` variant runs with its method).
 METHODS = (
@@ -257,6 +258,7 @@ def run_study(
             ("hf_amnesia_plain_repair", {"config": ForgetConfig(hold_unseen=False)}),
             ("hf_amnesia_no_neighbours", {"config": ForgetConfig(neighbour_vote=False)}),
             ("hf_amnesia_accuracy_stop", {"config": ForgetConfig(hold_until_met=False)}),
+            ("hf_amnesia_no_retries", {"config": ForgetConfig(harm_retries=0, class_retries=0)}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [
