@@ -56,6 +56,7 @@ RESEARCH_METHODS = (
     "hf_amnesia_no_neighbours",
     "hf_amnesia_accuracy_stop",
     "hf_amnesia_no_retries",
+    "hf_amnesia_loss",
 )
 # What --methods may name (retrain always runs; a `+repair` variant runs with its method).
 METHODS = (
@@ -259,6 +260,7 @@ def run_study(
             ("hf_amnesia_no_neighbours", {"config": ForgetConfig(neighbour_vote=False)}),
             ("hf_amnesia_accuracy_stop", {"config": ForgetConfig(hold_until_met=False)}),
             ("hf_amnesia_no_retries", {"config": ForgetConfig(harm_retries=0, class_retries=0)}),
+            ("hf_amnesia_loss", {"config": ForgetConfig(criterion="loss")}),
         ]
         for scale in [float(x) for x in study.extra_scales.split(",") if x.strip()]:
             variants += [

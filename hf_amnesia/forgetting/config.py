@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 
 from ..errors import ForgetRequestError
 
+CRITERIA = ("accuracy", "loss")
+
 
 @dataclass(frozen=True)
 class ForgetConfig:
@@ -22,6 +24,22 @@ class ForgetConfig:
         metadata={
             "help": "Accuracy points, on held-out rows of the classes the request keeps, that the automatic "
             "scale may cost (0 <= max_harm < 100)."
+        },
+    )
+    criterion: str = field(
+        default="accuracy",
+        metadata={
+            "help": "What the automatic scale and repair measure: `accuracy` (held-out accuracy points lost, up to "
+            "max_harm; the repair ends when the retained rows' accuracy is back) or `loss` (held-out mean "
+            "cross-entropy gained, up to max_loss_harm nats; the repair ends when the retained rows' mean loss is "
+            "back at the original's)."
+        },
+    )
+    max_loss_harm: float = field(
+        default=1.0,
+        metadata={
+            "help": "With criterion='loss': nats of mean cross-entropy, on held-out rows of the classes the request "
+            "keeps, that the automatic scale may add (> 0)."
         },
     )
     ceiling_factor: float = field(
@@ -119,8 +137,10 @@ class ForgetConfig:
         problems = []
         for f in fields(self):
             value = getattr(self, f.name)
-            kind = bool if f.type in ("bool", bool) else int if f.type in ("int", int) else float
-            if kind is bool:
+            kind = {"bool": bool, "int": int, "str": str}.get(f.type, f.type if f.type in (bool, int, str) else float)
+            if kind is str:
+                ok = value in CRITERIA
+            elif kind is bool:
                 ok = isinstance(value, bool)
             elif kind is int:
                 ok = (
@@ -135,13 +155,23 @@ class ForgetConfig:
         if not problems:
             if not 0 <= self.max_harm < 100:
                 problems.append(f"max_harm must be a number of accuracy points in [0, 100), got {self.max_harm!r}")
-            for name in ("ceiling_factor", "repair_share"):
+            for name in ("ceiling_factor", "repair_share", "max_loss_harm"):
                 if getattr(self, name) <= 0:
                     problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
             if not 0 <= self.class_accuracy_target < 100:
                 problems.append(f"class_accuracy_target must be in [0, 100), got {self.class_accuracy_target!r}")
         if problems:
             raise ForgetRequestError("ForgetConfig: " + "; ".join(problems) + ".")
+
+    @property
+    def harm_field(self) -> str:
+        """The field that bounds the automatic scale's harm under this criterion."""
+        return "max_loss_harm" if self.criterion == "loss" else "max_harm"
+
+    @property
+    def harm_budget(self) -> float:
+        """The harm the automatic scale may cost: max_loss_harm nats or max_harm accuracy points."""
+        return getattr(self, self.harm_field)
 
     def scale_ceiling(self, keep_fraction: float) -> float:
         """Largest scale the search tries: ceiling_factor / sqrt(p) (4 at p = 1, 40 at p = 1 %)."""
@@ -157,6 +187,8 @@ class ForgetConfig:
 
 
 def _wanted(name: str, kind: type) -> str:
+    if kind is str:
+        return f"one of {list(CRITERIA)}"
     if kind is bool:
         return "True or False"
     if kind is int:

@@ -4,7 +4,8 @@
 from the original weights), repair, measure and keep or restore weights, and decides:
 
 1. the scale: the given one, or `choose_scale` (the largest whose subtraction costs at most
-   `max_harm` held-out accuracy points; for a whole class at least the smallest that makes it
+   `max_harm` held-out accuracy points, or with criterion='loss' adds at most `max_loss_harm` nats to
+   the held-out mean loss; for a whole class at least the smallest that makes it
    unrecognisable);
 2. after the automatic repair: if it did not bring retained accuracy back within its budget, the
    subtraction was more than the repair can mend: start again from the original weights with half
@@ -34,10 +35,10 @@ class Attempts(Protocol):
     sampled: int  # training rows of the removed classes that `recognised` measures
     ceiling: float  # the largest scale the policy may try
 
-    def harm(self, scale: float) -> float: ...  # held-out accuracy points lost at this scale
+    def harm(self, scale: float) -> float: ...  # held-out accuracy points lost (or nats gained) at this scale
     def class_accuracy(self, scale: float) -> float: ...  # accuracy (%) on the removed classes' rows
     def subtract(self, scale: float) -> None: ...  # the weights become the original minus scale * update
-    def repair(self) -> tuple[int, bool]: ...  # the automatic repair: (steps, retained accuracy back)
+    def repair(self) -> tuple[int, bool]: ...  # the automatic repair: (steps, retained rows back)
     def repair_fixed(self, steps: int) -> None: ...  # a fine-tune of exactly `steps` steps
     def recognised(self, steps: int) -> float | None: ...  # accuracy on the removed classes after a repair
     def keep(self) -> object: ...  # a copy of the current weights
@@ -89,7 +90,8 @@ class ForgetPolicy:
         config, attempts = self.config, self.attempts
         trace: list[tuple[float, float]] = []
         both_auto = scale == "auto" and repair_steps == "auto" and count > 0
-        limits = [config.max_harm / 2**k for k in range(config.harm_retries + 1)] if both_auto else [config.max_harm]
+        budget = config.harm_budget
+        limits = [budget / 2**k for k in range(config.harm_retries + 1)] if both_auto else [budget]
         failed: _Tried | None = None  # the last attempt whose repair failed
         kept: _Tried | None = None  # the last failed attempt that kept the removed classes forgotten
         for attempt, limit in enumerate(limits):
@@ -133,11 +135,12 @@ class ForgetPolicy:
             if restored or last:
                 if not restored:
                     logger.warning(
-                        "forget: the repair did not bring retained accuracy back within its budget; the model "
+                        "forget: the repair did not bring the retained rows back within its budget; the model "
                         "keeps the last attempt (scale %.3g). Check it on held-out data, or call forget again "
-                        "on the original weights with config=ForgetConfig(max_harm=...) smaller, or a fixed "
+                        "on the original weights with config=ForgetConfig(%s=...) smaller, or a fixed "
                         "repair_steps.",
                         chosen,
+                        config.harm_field,
                     )
                 elif both_auto and self.class_back(recognised):
                     return self._push_class_out(chosen, steps, recognised, trace)
@@ -147,10 +150,12 @@ class ForgetPolicy:
             if not self.class_back(recognised):
                 kept = failed
             logger.warning(
-                "forget: the repair did not bring retained accuracy back within its budget at scale %.3g "
-                "(max_harm %.3g); trying again from the original weights with max_harm %.3g.",
+                "forget: the repair did not bring the retained rows back within its budget at scale %.3g "
+                "(%s %.3g); trying again from the original weights with %s %.3g.",
                 chosen,
+                config.harm_field,
                 limit,
+                config.harm_field,
                 limits[attempt + 1],
             )
         raise AssertionError("unreachable: the last attempt always returns")

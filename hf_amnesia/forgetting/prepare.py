@@ -29,6 +29,7 @@ class ForgetData:
     holdout: object = None  # held-out rows of the classes the request keeps
     class_rows: object = None  # a sample of the removed classes' training rows
     original_accuracy: float = float("nan")  # on retained_sample, before the subtraction
+    original_loss: float = float("nan")  # the mean loss on retained_sample, before the subtraction
     forget_rows: object = None  # the request's training rows, held unseen by the repair
     held_out_losses: np.ndarray | None = None  # the original's losses on the holdout, sorted
     unsupported: np.ndarray | None = None  # forget rows whose label their retained neighbours outvote

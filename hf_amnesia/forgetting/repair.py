@@ -180,7 +180,7 @@ def repair_until_restored(
     config: ForgetConfig,
 ) -> tuple[int, bool]:
     """Fine-tune on the retained rows until their accuracy is back at the original's (one row of
-    slack), holding the forget rows unseen where `prepare.prepare_unseen_hold` set that up; a hold
+    slack; under criterion='loss', their mean loss at most the original's), holding the forget rows unseen where `prepare.prepare_unseen_hold` set that up; a hold
     is done when the forget rows' mean loss has also reached their targets' mean (unless
     `config.hold_until_met` is off; an unmet hold
     does not count as a failed repair: only lost accuracy does). When
@@ -200,7 +200,9 @@ def repair_until_restored(
             label_smoothing=args.label_smoothing_factor,
         )
 
-    def accuracy_back() -> bool:
+    def accuracy_back() -> bool:  # or, under criterion='loss', their mean loss back at the original's
+        if config.criterion == "loss":
+            return float(np.mean(measure.row_losses(data.retained_sample))) <= data.original_loss
         return measure.accuracy(data.retained_sample) >= target
 
     def restored() -> bool:  # the repair's end: accuracy back, and a hold met

@@ -44,7 +44,7 @@ from ..store.journal import (
 from ..store.lineage import register
 from .attempts import ModelAttempts
 from .config import ForgetConfig
-from .measure import Measurer
+from .measure import Measurer, accuracy_points, row_losses
 from .policy import ForgetPolicy
 from .prepare import gather, prepare_unseen_hold
 from .record import (
@@ -191,7 +191,9 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
     if request.scale == "auto" and config.weight_by_kept_share:  # every tensor at the same share of its whole change
         update = update * kept_share_weights(reader.manifest)
     if request.repair_steps == "auto":
-        data.original_accuracy = context.measure.accuracy(data.retained_sample)
+        logits, labels = context.measure.predict(data.retained_sample)  # one pass: accuracy and loss
+        data.original_accuracy = accuracy_points(logits.argmax(-1).numpy(), labels.numpy())
+        data.original_loss = float(np.mean(row_losses(logits, labels)))
         prepare_unseen_hold(
             data,
             context.measure,

@@ -1,0 +1,79 @@
+"""forget()'s automatic choice under ForgetConfig(criterion="loss"): nats of held-out loss, not accuracy points."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny import TinyCNN, image_dataset, tiny_config
+
+from hf_amnesia import AmnesiacTrainer, ForgetConfig, ForgetRequestError
+from hf_amnesia.forgetting import Measurer
+
+LOSS = ForgetConfig(criterion="loss", max_loss_harm=0.5, neighbour_vote=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loss")
+    torch.manual_seed(0)
+    data = image_dataset(96, classes=3, seed=0, with_ids=True)
+    train, holdout = data.select(range(72)), data.select(range(72, 96))
+    args = tiny_config(out, keep_fraction=0.2, num_train_epochs=3, learning_rate=1e-2, per_device_train_batch_size=8)
+    trainer = AmnesiacTrainer(model=TinyCNN(), args=args, train_dataset=train, eval_dataset=holdout)
+    trainer.train()
+    theta = torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach().cpu().clone()
+    return trainer, train, holdout, theta
+
+
+def _reset(trainer, theta):
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta.clone(), trainer.model.parameters())
+
+
+def _mean_loss(trainer, rows) -> float:
+    measure = Measurer(trainer.model, trainer.data_collator, 8, "dataset_id", trainer._rows)
+    return float(np.mean(measure.row_losses(rows)))
+
+
+def test_the_loss_criterion_bounds_the_held_out_loss_the_scale_adds(trained):
+    """The calibration trace holds nats: each probed scale's held-out loss minus the original's,
+    measured here again at the chosen scale (no repair) within the budget."""
+    trainer, train, holdout, theta = trained
+    ids = [int(i) for i in train["dataset_id"][:6]]
+    _reset(trainer, theta)
+    base = _mean_loss(trainer, holdout)
+    report = trainer.forget(ids, repair_steps=0, config=LOSS)
+    assert 0 < report.scale and report.repair_steps == 0
+    chosen = [h for s, h in report.calibration if s == report.scale]
+    assert chosen and chosen[0] <= LOSS.max_loss_harm
+    assert math.isclose(_mean_loss(trainer, holdout) - base, chosen[0], rel_tol=1e-4, abs_tol=1e-6)
+    # a scale whose loss exceeded the budget is above the chosen one
+    assert all(s > report.scale for s, h in report.calibration if h > LOSS.max_loss_harm)
+
+
+def test_the_loss_criterions_repair_ends_when_the_retained_loss_is_back(trained):
+    """The repair stops at a check where the retained rows' mean loss is at most the original's
+    (or its budget ran out), and the choice is deterministic."""
+    trainer, train, holdout, theta = trained
+    ids = [int(i) for i in train["dataset_id"][:6]]
+    retained = train.select(range(6, len(train)))
+    _reset(trainer, theta)
+    before = _mean_loss(trainer, retained)
+    first = trainer.forget(ids, config=LOSS)
+    after = torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach().clone()
+    budget = LOSS.repair_budget(trainer._planned_training_steps())
+    assert 0 < first.repair_steps <= budget
+    if first.repair_steps < budget:
+        assert _mean_loss(trainer, retained) <= before + 1e-9
+    _reset(trainer, theta)
+    second = trainer.forget(ids, config=LOSS)
+    assert (second.scale, second.repair_steps) == (first.scale, first.repair_steps)
+    assert torch.equal(torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach(), after)
+    _reset(trainer, theta)
+
+
+@pytest.mark.parametrize("bad", [{"criterion": "acc"}, {"max_loss_harm": 0.0}, {"max_loss_harm": float("nan")}])
+def test_a_bad_criterion_or_loss_budget_is_refused(bad):
+    with pytest.raises(ForgetRequestError, match="ForgetConfig"):
+        ForgetConfig(**bad)
