@@ -29,7 +29,8 @@ if __package__ in (None, ""):  # run as a file, not with -m: make `recipes` impo
 
 from hf_amnesia import AmnesiaConfig
 from recipes.data import load_image_dataset
-from recipes.study import StudyArguments, run_study, write_outputs
+from recipes.outputs import write_outputs
+from recipes.study import StudyArguments, run_study
 
 MEAN = np.array([0.5071, 0.4865, 0.4409], dtype=np.float32)
 STD = np.array([0.2673, 0.2564, 0.2762], dtype=np.float32)

@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # run as a file, not with -m: make `recipes` impo
 
 from hf_amnesia import AmnesiaConfig
 from recipes.data import load_image_dataset
-from recipes.study import StudyArguments, run_study, write_outputs
+from recipes.outputs import write_outputs
+from recipes.study import StudyArguments, run_study
 
 MEAN, STD = 0.1307, 0.3081
 DEFAULTS = dict(

@@ -26,7 +26,8 @@ if __package__ in (None, ""):  # run as a file, not with -m: make `recipes` impo
 
 from hf_amnesia import AmnesiaConfig
 from recipes.mnist import MnistCNN
-from recipes.study import StudyArguments, run_study, write_outputs
+from recipes.outputs import write_outputs
+from recipes.study import StudyArguments, run_study
 
 DEFAULTS = dict(
     output_dir="outputs/quickstart",

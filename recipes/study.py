@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -39,8 +38,6 @@ from recipes.baselines import (
 from recipes.evaluation import (
     avg_gap,
     avg_gap_robust,
-    markdown_table,
-    plot_results,
     relative_distance,
     unlearning_metrics,
 )
@@ -388,17 +385,3 @@ def run_study(
         "store_bytes": store_bytes,
     }
     return results, meta
-
-
-def write_outputs(results: dict, meta: dict, output_dir: str) -> str:
-    """results.json, run.json, results.md and results.png in output_dir; returns the markdown table."""
-    os.makedirs(output_dir, exist_ok=True)
-    table = markdown_table(results)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(output_dir, "run.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    plot_results(results, os.path.join(output_dir, "results.png"))
-    return table
