@@ -15,6 +15,8 @@ for each selection of rows, one row count per tensor as the `rows` layout plans 
   which happens within the first epoch); hashed rows on 1-D tensors, where an index would double
   the bytes; an int32 index stored per chosen row;
 - `grad_final`: the same from the gradient at the trained weights (a choice made late);
+- `adam_init`, `adam_final`: the same from the gradient divided entrywise by Adam's denominator
+  sqrt(v_hat) + eps at the end of training (a step's delta is the gradient so divided);
 - `oracle`: the rows where d_i itself has the most energy (the most any row choice can keep).
 
 Printed per selection, for canary copies and for the other training rows: the mean share of
@@ -43,7 +45,7 @@ from hf_amnesia.store import row_plan, row_positions
 from recipes.mnist import DEFAULTS, MnistArguments, get_datasets, make_model
 from recipes.scenarios import plant_canaries, split_validation
 
-SELECTIONS = ("hash", "grad_init", "grad_final", "oracle")
+SELECTIONS = ("hash", "grad_init", "grad_final", "adam_init", "adam_final", "oracle")
 
 
 def flat(model: torch.nn.Module) -> torch.Tensor:
@@ -55,6 +57,17 @@ def per_sample_gradient(model: torch.nn.Module, row: dict) -> torch.Tensor:
     out = model(pixel_values=row["pixel_values"][None], labels=row["labels"][None])
     out["loss"].backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def adam_denominator(optimizer: torch.optim.Optimizer, params) -> torch.Tensor:
+    """sqrt(v_hat) + eps of every trainable entry, flat, from the optimizer's last state."""
+    pieces = []
+    for p in params:
+        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+        state = optimizer.state[p]
+        v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))
+        pieces.append((v_hat.sqrt() + group["eps"]).reshape(-1))
+    return torch.cat(pieces)
 
 
 def row_energy(vector: torch.Tensor, plan) -> list[torch.Tensor]:
@@ -108,7 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         options = {**DEFAULTS, "num_train_epochs": args.num_train_epochs, "keep_fraction": 1.0}
         config = AmnesiaConfig(output_dir=tmp, seed=args.seed, use_cpu=True, store_dtype="float32", **options)
-        AmnesiacTrainer(model=model, args=config, train_dataset=train).train()
+        trainer = AmnesiacTrainer(model=model, args=config, train_dataset=train)
+        trainer.train()
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        denominator = adam_denominator(optimizer, [p for p in model.parameters() if p.requires_grad])
         reader = StoreReader(Path(tmp) / "_amnesia_store")
         deltas = torch.stack([reader.read(int(i)) for i in ids])  # float32: [N, M]
         keep_seed = reader.manifest.seed
@@ -120,13 +136,15 @@ def main(argv: list[str] | None = None) -> dict:
     hashed = row_positions(keep_seed, ids, shapes, args.keep_fraction)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     gradients = {}
-    for name, state in (("grad_init", start), ("grad_final", trained)):
+    for when, state in (("init", start), ("final", trained)):
         model.load_state_dict(state)
-        gradients[name] = [row_energy(per_sample_gradient(model, train[i]), plan) for i in range(len(train))]
+        raw = [per_sample_gradient(model, train[i]) for i in range(len(train))]
+        gradients[f"grad_{when}"] = [row_energy(g, plan) for g in raw]
+        gradients[f"adam_{when}"] = [row_energy(g / denominator, plan) for g in raw]
     model.load_state_dict(trained)
 
     positions = {"hash": hashed}
-    for name in ("grad_init", "grad_final"):
+    for name in ("grad_init", "grad_final", "adam_init", "adam_final"):
         positions[name] = np.stack(
             [top_rows_positions(gradients[name][i], plan, hashed[i], True) for i in range(len(ids))]
         )
