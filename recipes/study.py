@@ -340,12 +340,14 @@ def run_study(
         return rows
 
     def run_sequence() -> dict:
-        """Five requests one after another on one model, each a fifth of the canaries, with the defaults
+        """Five requests one after another on one model, each a fifth of the canaries (one each when there
+        are fewer than five), with the defaults
         (hf_amnesia_deleted: on the rows left after every request so far was deleted)."""
         names = ["hf_amnesia", *(m for m in ("hold_only", "hf_amnesia_deleted") if wanted(m))]
         candidates = {name: copy.deepcopy(original) for name in names}
         servers = {name: forgetter(model_k) for name, model_k in candidates.items() if name != "hf_amnesia_deleted"}
-        requests = [part.ravel() for part in np.array_split(canaries, 5)]  # a canary's copies in one request
+        # a canary's copies in one request; fewer than five requests when there are fewer canaries (none empty)
+        requests = [part.ravel() for part in np.array_split(canaries, min(5, len(canaries)))]
         rows: dict[str, dict] = {}
         for step, request in enumerate(requests, start=1):
             forget_set, retain_set, test_set = split(np.concatenate(requests[:step]), "")
