@@ -17,7 +17,10 @@ for each selection of rows, one row count per tensor as the `rows` layout plans 
 - `grad_final`: the same from the gradient at the trained weights (a choice made late);
 - `adam_init`, `adam_final`: the same from the gradient divided entrywise by Adam's denominator
   sqrt(v_hat) + eps at the end of training (a step's delta is the gradient so divided);
-- `oracle`: the rows where d_i itself has the most energy (the most any row choice can keep).
+- `oracle`: the rows where d_i itself has the most energy (the most any row choice can keep);
+- `lowrank_oracle`: on tensors with more than one column, d_i's best rank-r approximation (its
+  truncated SVD) with r the largest whose r * (rows + columns) values fit the tensor's row
+  budget; hashed rows where r would be 0 and on 1-D tensors (the most any rank-r store keeps).
 
 Printed per selection, for canary copies and for the other training rows: the mean share of
 ||d_i||^2 kept, and for whole requests (all canary copies; 1 % of the other rows, seeded) the
@@ -68,6 +71,26 @@ def adam_denominator(optimizer: torch.optim.Optimizer, params) -> torch.Tensor:
         v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))
         pieces.append((v_hat.sqrt() + group["eps"]).reshape(-1))
     return torch.cat(pieces)
+
+
+def lowrank_approx(delta: torch.Tensor, plan, hashed: np.ndarray) -> tuple[torch.Tensor, int]:
+    """(`lowrank_oracle`'s approximation of one sample's delta, its values per sample)."""
+    approx, offset, column, values = torch.zeros_like(delta), 0, 0, 0
+    for rows, cols, kept in plan:
+        rank = kept * cols // (rows + cols) if cols > 1 else 0
+        if rank:
+            u, sigma, vh = torch.linalg.svd(
+                delta[offset : offset + rows * cols].reshape(rows, cols), full_matrices=False
+            )
+            approx[offset : offset + rows * cols] = ((u[:, :rank] * sigma[:rank]) @ vh[:rank]).reshape(-1)
+            values += rank * (rows + cols)
+        else:
+            where = torch.as_tensor(hashed[column : column + kept * cols], dtype=torch.int64)
+            approx[where] = delta[where]
+            values += kept * cols
+        offset += rows * cols
+        column += kept * cols
+    return approx, values
 
 
 def row_energy(vector: torch.Tensor, plan) -> list[torch.Tensor]:
@@ -188,6 +211,29 @@ def main(argv: list[str] | None = None) -> dict:
             f"{100 * row['share_others']:.2f} % | {row['canary_1_cos']:.3f} / {row['canary_1_norm_ratio']:.3f} | "
             f"{row['random_1_cos']:.3f} / {row['random_1_norm_ratio']:.3f} |"
         )
+    approx_sums = {request: torch.zeros(deltas.shape[1], dtype=torch.float64) for request in requests}
+    share, values = np.empty(len(ids)), 0
+    for i in range(len(ids)):
+        approx, values = lowrank_approx(deltas[i].double(), plan, hashed[i])
+        share[i] = float(approx.pow(2).sum() / energy[i].clamp_min(1e-300))
+        for request, members in requests.items():
+            if i in members:
+                approx_sums[request] += approx
+    row = {
+        "bytes_per_sample": 2 * values,
+        "share_canaries": float(share[is_canary].mean()),
+        "share_others": float(share[~is_canary].mean()),
+    }
+    for request, members in requests.items():
+        exact, approx = deltas[members].double().sum(dim=0), approx_sums[request]
+        row[f"{request}_cos"] = float(torch.dot(approx, exact) / (approx.norm() * exact.norm()).clamp_min(1e-300))
+        row[f"{request}_norm_ratio"] = float(approx.norm() / exact.norm().clamp_min(1e-300))
+    figures["lowrank_oracle"] = row
+    print(
+        f"| lowrank_oracle | {row['bytes_per_sample']} | {100 * row['share_canaries']:.2f} % | "
+        f"{100 * row['share_others']:.2f} % | {row['canary_1_cos']:.3f} / {row['canary_1_norm_ratio']:.3f} | "
+        f"{row['random_1_cos']:.3f} / {row['random_1_norm_ratio']:.3f} |"
+    )
     print(json.dumps(figures))
     return figures
 
