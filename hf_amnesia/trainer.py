@@ -318,12 +318,15 @@ class AmnesiacTrainer(Trainer):
             return self._remove_unused_columns(dataset, description="forget")
         return dataset
 
-    def _planned_training_steps(self) -> int:
+    def _planned_training_steps(self, num_rows: int | None = None) -> int:
+        """The training's optimizer steps: max_steps, or the epochs over `num_rows` rows (default:
+        the train_dataset's)."""
         args = self.args
         if args.max_steps and args.max_steps > 0:
             return int(args.max_steps)
         per_step = args.per_device_train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
-        return math.ceil(math.ceil(len(self.train_dataset) / per_step) * args.num_train_epochs)
+        rows = len(self.train_dataset) if num_rows is None else num_rows
+        return math.ceil(math.ceil(rows / per_step) * args.num_train_epochs)
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

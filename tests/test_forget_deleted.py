@@ -131,6 +131,9 @@ def test_a_class_whose_rows_were_deleted_is_told_by_the_holdout(trained):
     assert classes_of(whole_class=True).classes == [1]
     report = server.forget(class_ids)
     assert report.forgotten == sorted(class_ids.tolist())
+    # a class's repair runs its whole budget: a share of the training's steps, not of the rows left
+    full = ForgetConfig().repair_budget(trainer._planned_training_steps())
+    assert report.repair_steps == full > ForgetConfig().repair_budget(server._planned_training_steps())
     held_out_class = holdout.filter(lambda r: int(r["labels"]) == 1)
     assert measure.accuracy(held_out_class) <= 100.0 / len(held_out_class) + 1e-9  # the class is no longer predicted
 

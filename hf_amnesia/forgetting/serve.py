@@ -73,7 +73,7 @@ class ForgetContext:
     train_dataset: object
     eval_dataset: object
     measure: Measurer
-    planned_steps: Callable[[], int]  # the training's optimizer steps
+    planned_steps: Callable[[int], int]  # the training's optimizer steps, given how many rows it trained on
     save_model: Callable[[str], None]
     is_main_process: bool
     wait_for_everyone: Callable[[], None]
@@ -186,7 +186,7 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
     if mine.digests and context.train_dataset is not None:
         train_ids = dataset_ids(context.train_dataset, args.id_column)
     earlier = forgotten_ids(mine, reader, train_ids)
-    data = _gather(context, request, todo, earlier)
+    data = _gather(context, request, todo, earlier, reader)
     update = forget_update(reader, todo)
     if request.scale == "auto" and config.weight_by_kept_share:  # every tensor at the same share of its whole change
         update = update * kept_share_weights(reader.manifest)
@@ -253,15 +253,20 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
     return report
 
 
-def _gather(context: ForgetContext, request: _Request, todo: np.ndarray, earlier: list[int]):
-    """The data the automatic choices need (None when both are fixed), checked before any change."""
+def _gather(context: ForgetContext, request: _Request, todo: np.ndarray, earlier: list[int], reader: StoreReader):
+    """The data the automatic choices need (None when both are fixed), checked before any change.
+    The repair's budget is a share of the training's steps: planned over the rows the store
+    recorded, so that rows deleted since do not shrink it."""
     if request.scale != "auto" and request.repair_steps != "auto":
         return None
+    planned = 0
+    if context.train_dataset is not None:
+        planned = context.planned_steps(max(len(context.train_dataset), reader.recorded_count()))
     return gather(
         context.train_dataset,
         id_column=context.args.id_column,
         seed=context.args.seed,
-        planned_steps=context.planned_steps() if context.train_dataset is not None else 0,
+        planned_steps=planned,
         ids=request.ids,
         todo=todo,
         forgotten=earlier,

@@ -66,6 +66,12 @@ class StoreReader:
         live = [ids[self._live(shard)] for shard, ids in enumerate(self._ids)]
         return np.unique(np.concatenate(live)) if live else np.zeros(0, np.int64)
 
+    def recorded_count(self) -> int:
+        """How many distinct ids the training recorded: those held, and those purged since."""
+        held = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
+        purged = np.asarray(sorted(set().union(*self._purged)), dtype=np.int64)
+        return len(np.union1d(held, purged))
+
     def locate(self, dataset_id: int) -> list[tuple[int, int]]:
         """(shard, row) pairs holding this id (one per process that trained on it)."""
         found = []
