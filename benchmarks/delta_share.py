@@ -148,11 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.train()
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         denominator = adam_denominator(optimizer, [p for p in model.parameters() if p.requires_grad])
-        reader = StoreReader(Path(tmp) / "_amnesia_store")
+        reader = StoreReader(config.store_dir)
         deltas = torch.stack([reader.read(int(i)) for i in ids])  # float32: [N, M]
         keep_seed = reader.manifest.seed
     final = flat(model)
-    completeness = float((deltas.double().sum(dim=0) - (final - initial)).abs().max())
+    completeness = float((deltas.sum(dim=0, dtype=torch.float64) - (final - initial)).abs().max())
 
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     plan = row_plan(args.keep_fraction, shapes)
@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed + 12345)
     typical = np.flatnonzero(~is_canary)
     requests = {"canary_1": np.flatnonzero(is_canary), "random_1": rng.choice(typical, round(0.01 * len(ids)), False)}
-    energy = deltas.double().pow(2).sum(dim=1)
+    energy = torch.linalg.vector_norm(deltas, dim=1, dtype=torch.float64).pow(2)
     value_bytes = 2 * hashed.shape[1]  # float16 values, as a default store keeps them
-    index_rows = sum(kept for _, cols, kept in plan if cols > 1)
+    index_rows = {"multi": sum(kept for _, cols, kept in plan if cols > 1), "all": sum(kept for *_, kept in plan)}
     figures: dict = {"completeness_max_abs": completeness, "num_params": int(initial.numel()), "k": hashed.shape[1]}
     print(
         f"{args.dataset_name} {args.model} seed {args.seed}: M={initial.numel()}, K={hashed.shape[1]}, "
@@ -193,12 +193,13 @@ def main(argv: list[str] | None = None) -> dict:
         kept = torch.gather(deltas, 1, torch.as_tensor(positions[name], dtype=torch.int64))
         share = (kept.double().pow(2).sum(dim=1) / energy.clamp_min(1e-300)).numpy()
         row = {
-            "bytes_per_sample": value_bytes + (4 * index_rows if name != "hash" else 0),
+            "bytes_per_sample": value_bytes
+            + (0 if name == "hash" else 4 * index_rows["all" if name == "oracle" else "multi"]),
             "share_canaries": float(share[is_canary].mean()),
             "share_others": float(share[~is_canary].mean()),
         }
         for request, members in requests.items():
-            exact = deltas[members].double().sum(dim=0)
+            exact = deltas[members].sum(dim=0, dtype=torch.float64)
             approx = torch.zeros_like(exact)
             approx.index_add_(
                 0, torch.as_tensor(positions[name][members].reshape(-1)), kept[members].double().reshape(-1)
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         "share_others": float(share[~is_canary].mean()),
     }
     for request, members in requests.items():
-        exact, approx = deltas[members].double().sum(dim=0), approx_sums[request]
+        exact, approx = deltas[members].sum(dim=0, dtype=torch.float64), approx_sums[request]
         row[f"{request}_cos"] = float(torch.dot(approx, exact) / (approx.norm() * exact.norm()).clamp_min(1e-300))
         row[f"{request}_norm_ratio"] = float(approx.norm() / exact.norm().clamp_min(1e-300))
     figures["lowrank_oracle"] = row

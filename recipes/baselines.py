@@ -95,7 +95,7 @@ def norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial: 
         context.train_dataset,
         id_column=args.id_column,
         seed=args.seed,
-        planned_steps=context.planned_steps(),
+        planned_steps=context.planned_steps(StoreReader(args.store_dir).recorded_count()),
         ids=forget_ids,
         todo=forget_ids,
         forgotten=trainer.forgotten_ids(),

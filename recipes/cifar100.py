@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     make_model = lambda: ResNet18GN(num_classes=100, width=script_args.model_width)  # noqa: E731
     results, meta = run_study(make_model, train, test, config, script_args, log=state.print)
     if state.is_main_process:
-        state.print(write_outputs(results, meta, config.output_dir))
+        state.print(write_outputs(results, meta, config.output_dir, argv))
     return results
 
 

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     side = int(train[0]["pixel_values"].shape[-1])
     results, meta = run_study(lambda: make_model(script_args, side), train, test, config, script_args, log=state.print)
     if state.is_main_process:
-        table = write_outputs(results, meta, config.output_dir)
+        table = write_outputs(results, meta, config.output_dir, argv)
         state.print(table)
     return results
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         lambda: MnistCNN(side=8, channels=(8, 16), hidden=32), train, test, config, script_args, log=state.print
     )
     if state.is_main_process:
-        write_outputs(results, meta, config.output_dir)
+        write_outputs(results, meta, config.output_dir, argv)
         state.print(
             "\nAvg. Gap to Retrain (percentage points, lower is better; retrain_other_seed is the noise floor):"
         )

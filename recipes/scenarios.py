@@ -11,7 +11,7 @@ import numpy as np
 from datasets import concatenate_datasets
 
 SCENARIOS = ("class", "random_10", "random_1", "canary_1")
-SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries
+SEQUENCE = "sequence_5"  # five successive requests on one model, each a fifth of the canaries (fewer if fewer)
 
 
 def plan_forget_sets(

@@ -43,8 +43,8 @@ from recipes.evaluation import (
 )
 from recipes.scenarios import SCENARIOS, SEQUENCE, plan_forget_sets, plant_canaries, split_validation
 
-# Run only when named in --methods (not in `all`): the ablations, each a ForgetConfig that turns one
-# part of the policy off (or a fixed repair), and a third Retrain.
+# Run only when named in --methods (not in `all`): the ablations and candidates, each a ForgetConfig
+# that turns parts of the policy off or changes its criterion (or a fixed repair), and a third Retrain.
 RESEARCH_METHODS = (
     "retrain_third_seed",
     "hf_amnesia_unweighted",

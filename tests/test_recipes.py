@@ -252,6 +252,7 @@ def test_quickstart_runs_shortened(tmp_path):
     assert (tmp_path / "results.json").exists()
     facts = json.loads((tmp_path / "run.json").read_text())  # what ran: the code's commit and the command line
     assert {"commit", "dirty", "argv", "hf_amnesia_version"} <= set(facts) and facts["seed"] == 42
+    assert facts["argv"][1:] == ["--output_dir", str(tmp_path), "--num_train_epochs", "2", "--max_train_samples", "300"]
     # a rerun into the same folder starts from a fresh store (the old run's deltas are not mixed in)
     again = quickstart.main(
         ["--output_dir", str(tmp_path), "--num_train_epochs", "1", "--max_train_samples", "200", "--scenarios", "class"]

@@ -29,10 +29,11 @@ class ForgetConfig:
     criterion: str = field(
         default="accuracy",
         metadata={
+            "choices": CRITERIA,
             "help": "What the automatic scale and repair measure: `accuracy` (held-out accuracy points lost, up to "
             "max_harm; the repair ends when the retained rows' accuracy is back) or `loss` (held-out mean "
             "cross-entropy gained, up to max_loss_harm nats; the repair ends when the retained rows' mean loss is "
-            "back at the original's)."
+            "back at the original's).",
         },
     )
     max_loss_harm: float = field(
@@ -76,8 +77,8 @@ class ForgetConfig:
     harm_retries: int = field(
         default=3,
         metadata={
-            "help": "Halvings of max_harm tried, each from the original weights, when the repair cannot mend a "
-            "subtraction within its budget."
+            "help": "Halvings of max_harm (max_loss_harm with criterion='loss') tried, each from the original "
+            "weights, when the repair cannot mend a subtraction within its budget."
         },
     )
     class_retries: int = field(
@@ -113,7 +114,8 @@ class ForgetConfig:
     hold_cap: bool = field(
         default=True,
         metadata={
-            "help": "The hold lets no forget row fit worse than the subtraction left it: its target is min(a_i, h_q(i)) "
+            "help": "The hold lets no forget row fit worse than the subtraction left it: its target is "
+            "min(a_i, h_q(i)) "
             "(False: h_q(i) alone, the held-out loss at its rank; with scale=0.0 that is the repair with nothing "
             "subtracted, the store-free twin of forget)."
         },
@@ -121,8 +123,9 @@ class ForgetConfig:
     hold_until_met: bool = field(
         default=True,
         metadata={
-            "help": "A repair that holds forget rows ends only when their mean loss has also reached their targets' mean "
-            "(False: it ends as soon as retained accuracy is back)."
+            "help": "A repair that holds forget rows ends only when their mean loss has also reached their "
+            "targets' mean "
+            "(False: it ends as soon as the retained rows are back)."
         },
     )
     neighbour_vote: bool = field(
@@ -139,7 +142,7 @@ class ForgetConfig:
             value = getattr(self, f.name)
             kind = {"bool": bool, "int": int, "str": str}.get(f.type, f.type if f.type in (bool, int, str) else float)
             if kind is str:
-                ok = value in CRITERIA
+                ok = isinstance(value, str) and value in f.metadata["choices"]
             elif kind is bool:
                 ok = isinstance(value, bool)
             elif kind is int:
@@ -188,7 +191,7 @@ class ForgetConfig:
 
 def _wanted(name: str, kind: type) -> str:
     if kind is str:
-        return f"one of {list(CRITERIA)}"
+        return f"one of {list(ForgetConfig.__dataclass_fields__[name].metadata['choices'])}"
     if kind is bool:
         return "True or False"
     if kind is int:

@@ -4,16 +4,17 @@
 from the original weights), repair, measure and keep or restore weights, and decides:
 
 1. the scale: the given one, or `choose_scale` (the largest whose subtraction costs at most
-   `max_harm` held-out accuracy points, or with criterion='loss' adds at most `max_loss_harm` nats to
-   the held-out mean loss; for a whole class at least the smallest that makes it
+   `max_harm` held-out accuracy points, or with criterion='loss' adds at most `max_loss_harm`
+   nats to the held-out mean loss; for a whole class at least the smallest that makes it
    unrecognisable);
-2. after the automatic repair: if it did not bring retained accuracy back within its budget, the
-   subtraction was more than the repair can mend: start again from the original weights with half
-   the harm budget (at most `harm_retries` times; a halving that gives no smaller scale is
-   skipped). If an attempt brings a removed class back and an earlier, unmended attempt kept it
-   forgotten, keep that earlier one (smaller scales only leave more of the class). If a mended
-   attempt brings the class back, try twice the scale (at most `class_retries` times, never above
-   the ceiling) and keep the first attempt that leaves the class forgotten.
+2. after the automatic repair: if it did not bring the retained rows back (their accuracy, or with
+   criterion='loss' their mean loss) within its budget, the subtraction was more than the repair
+   can mend: start again from the original weights with half the harm budget (at most
+   `harm_retries` times; a halving that gives no smaller scale is skipped). If an attempt brings
+   a removed class back and an earlier, unmended attempt kept it forgotten, keep that earlier one
+   (smaller scales only leave more of the class). If a mended attempt brings the class back, try
+   twice the scale (at most `class_retries` times, never above the ceiling) and keep the first
+   attempt that leaves the class forgotten.
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ class ForgetPolicy:
                     continue
                 attempts.restore(failed.weights)
                 logger.warning(
-                    "forget: no smaller max_harm gave a smaller scale; the model keeps the attempt at scale "
-                    "%.3g, whose repair did not bring retained accuracy back. Check it on held-out data.",
+                    "forget: no smaller %s gave a smaller scale; the model keeps the attempt at scale "
+                    "%.3g, whose repair did not bring the retained rows back. Check it on held-out data.",
+                    config.harm_field,
                     failed.scale,
                 )
                 self._warn_if_class_is_back(failed.recognised, failed.steps)  # measured on these weights
@@ -125,7 +127,7 @@ class ForgetPolicy:
                 logger.warning(
                     "forget: the repair at scale %.3g brought the removed class back (%.1f %% of its sampled "
                     "training rows classified correctly); the model keeps the earlier attempt at scale %.3g, "
-                    "which kept the class forgotten but whose repair did not bring retained accuracy back. "
+                    "which kept the class forgotten but whose repair did not bring the retained rows back. "
                     "Check it on held-out data.",
                     chosen,
                     recognised,
@@ -161,10 +163,10 @@ class ForgetPolicy:
         raise AssertionError("unreachable: the last attempt always returns")
 
     def _push_class_out(self, scale: float, steps: int, recognised: float, trace) -> Outcome:
-        """The repair brought retained accuracy back, and a removed class with it: try again from the
+        """The repair brought the retained rows back, and a removed class with it: try again from the
         original weights at twice the scale, at most `class_retries` times and never above the
         ceiling, and keep the first attempt that leaves the class forgotten (warned if its repair did
-        not bring retained accuracy back); if none does, keep the first attempt, warned."""
+        not bring the retained rows back); if none does, keep the first attempt, warned."""
         attempts = self.attempts
         first = _Tried(scale, steps, attempts.keep(), recognised)
         for _ in range(self.config.class_retries):
@@ -184,7 +186,7 @@ class ForgetPolicy:
                 if not restored:
                     logger.warning(
                         "forget: the model keeps the attempt at scale %.3g, which keeps the class forgotten but "
-                        "whose repair did not bring retained accuracy back. Check it on held-out data.",
+                        "whose repair did not bring the retained rows back. Check it on held-out data.",
                         scale,
                     )
                 return Outcome(scale, int(steps), trace)

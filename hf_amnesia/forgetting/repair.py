@@ -1,6 +1,7 @@
 """The repair: an unrecorded fine-tune on the retained rows, with a plain `transformers.Trainer`.
 
-`repair_until_restored` fine-tunes until the retained rows' accuracy is back at the original's.
+`repair_until_restored` fine-tunes until the retained rows' accuracy (or, with criterion='loss',
+their mean loss) is back at the original's.
 Unless whole classes go, its loss (`HoldUnseenLoss`, the Trainer's `compute_loss_func`) is the
 retained batch's cross-entropy (label-smoothed as the Trainer would) plus a hinge that holds the
 forget rows no better fitted than held-out rows (`hold.unseen_targets`); the sum is a per-batch
@@ -180,13 +181,17 @@ def repair_until_restored(
     config: ForgetConfig,
 ) -> tuple[int, bool]:
     """Fine-tune on the retained rows until their accuracy is back at the original's (one row of
-    slack; under criterion='loss', their mean loss at most the original's), holding the forget rows unseen where `prepare.prepare_unseen_hold` set that up; a hold
-    is done when the forget rows' mean loss has also reached their targets' mean (unless
-    `config.hold_until_met` is off; an unmet hold
-    does not count as a failed repair: only lost accuracy does). When
-    whole classes go, the repair runs its whole budget: stopped at the original's level, class
+    slack; under criterion='loss', their mean loss at most the original's), holding the forget
+    rows unseen where `prepare.prepare_unseen_hold` set that up; a hold is done when the forget
+    rows' mean loss has also reached their targets' mean (unless `config.hold_until_met` is off;
+    an unmet hold does not count as a failed repair: only the retained rows do). When whole
+    classes go, the repair runs its whole budget: stopped at the original's level, class
     requests ended further from Retrain (docs/history/2026-11-results-notebook.md, "A whole class's
-    repair runs its whole budget"). Returns (steps taken, whether it is back)."""
+    repair runs its whole budget"). Returns (steps taken, whether the retained rows are back)."""
+    if config.criterion == "loss" and not np.isfinite(data.original_loss):
+        raise ValueError(
+            "criterion='loss' needs data.original_loss, the retained sample's mean loss before the subtraction."
+        )
     target = data.original_accuracy - 100.0 / len(data.retained_sample)
     loss = None
     if data.forget_rows is not None:
@@ -223,4 +228,4 @@ def repair_until_restored(
     )
     if steps >= budget and loss is not None and not loss.held():
         logger.info("forget: the repair's budget ran out before the forget rows fit like held-out ones.")
-    return steps, steps < budget or accuracy_back()  # only lost accuracy makes the policy subtract less
+    return steps, steps < budget or accuracy_back()  # only the retained rows make the policy subtract less

@@ -4,8 +4,9 @@ The stored deltas of a request are exact per-sample shares of training, but part
 kept entries) and first-order (each was computed along the original trajectory, and the shares
 of one batch cancel each other). Subtracting them at scale 1 forgets too little at small keep
 fractions and breaks the model at large ones, so `forget(ids)` searches the scale on data the
-user has: the largest `s` whose subtraction costs at most `max_harm` accuracy points on held-out
-rows of the classes the request keeps (harm grows with `s`, so a bisection on `log s` finds it in
+user has: the largest `s` whose subtraction costs at most `max_harm` accuracy points (or, with
+criterion='loss', adds at most `max_loss_harm` nats of mean loss) on held-out rows of the classes
+the request keeps (harm grows with `s`, so a bisection on `log s` finds it in
 a few evaluations). When the request removes whole classes and that scale still leaves them
 recognisable, the smallest scale that does not is taken instead: Retrain cannot predict a class
 it never saw. docs/method.md, "The forget policy, step by step", explains each step.
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ScaleChoice:
-    """The scale `forget` chose, and every (scale, harm in accuracy points) it measured."""
+    """The scale `forget` chose, and every (scale, harm) it measured (accuracy points, or nats)."""
 
     scale: float
     trace: list[tuple[float, float]] = field(default_factory=list)

@@ -73,7 +73,7 @@ class ForgetContext:
     train_dataset: object
     eval_dataset: object
     measure: Measurer
-    planned_steps: Callable[[int], int]  # the training's optimizer steps, given how many rows it trained on
+    planned_steps: Callable[..., int]  # the training's optimizer steps (over `num_rows` rows, default the train set's)
     save_model: Callable[[str], None]
     is_main_process: bool
     wait_for_everyone: Callable[[], None]
@@ -232,7 +232,8 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
         if todo.size and after.weights == mine.weights:  # weights name a model state: these are still the original's
             logger.warning(
                 "forget: the request left the weights as they were (nothing subtracted, no repair step), so "
-                "nothing is recorded as forgotten, saved or purged. Call it with a scale above 0 (or repair steps) to change the model."
+                "nothing is recorded as forgotten, saved or purged. Call it with a scale above 0 (or repair steps) "
+                "to change the model."
             )
             report.forgotten = []
             return report
