@@ -125,6 +125,7 @@ def test_purge_erases_rows_in_place_and_keeps_other_checksums(tmp_path):
     reader = StoreReader(tmp_path)
     assert reader.read(0) is None and reader.read(7) is None and reader.read(5) is not None
     assert 0 not in reader.all_ids() and len(reader.all_ids()) == 8
+    assert reader.recorded_count() == 10  # purged ids were still trained on: the training's rows count them
     with pytest.raises(StoreError, match="checksum"):
         reader.read(3)
 
