@@ -1,6 +1,8 @@
 """forget()'s automatic choice under ForgetConfig(criterion="loss"): nats of held-out loss, not accuracy points."""
 
+import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -60,14 +62,17 @@ def test_the_loss_criterions_repair_ends_when_the_retained_loss_is_back(trained)
     retained = train.select(range(6, len(train)))
     _reset(trainer, theta)
     before = _mean_loss(trainer, retained)
-    first = trainer.forget(ids, config=LOSS)
+    config = replace(LOSS, repair_share=1.0)  # a budget of a whole training: room to get back
+    first = trainer.forget(ids, config=config)
     after = torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach().clone()
-    budget = LOSS.repair_budget(trainer._planned_training_steps())
-    assert 0 < first.repair_steps <= budget
-    if first.repair_steps < budget:
-        assert _mean_loss(trainer, retained) <= before + 1e-9
+    budget = config.repair_budget(trainer._planned_training_steps())
+    assert 0 < first.repair_steps < budget, (
+        first.repair_steps,
+        budget,
+    )  # stopped at a check, before the budget ran out
+    assert _mean_loss(trainer, retained) <= before + 1e-9
     _reset(trainer, theta)
-    second = trainer.forget(ids, config=LOSS)
+    second = trainer.forget(ids, config=config)
     assert (second.scale, second.repair_steps) == (first.scale, first.repair_steps)
     assert torch.equal(torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach(), after)
     _reset(trainer, theta)
@@ -77,3 +82,15 @@ def test_the_loss_criterions_repair_ends_when_the_retained_loss_is_back(trained)
 def test_a_bad_criterion_or_loss_budget_is_refused(bad):
     with pytest.raises(ForgetRequestError, match="ForgetConfig"):
         ForgetConfig(**bad)
+
+
+def test_a_repair_that_cannot_get_the_loss_back_halves_the_loss_budget(trained, caplog):
+    """With a budget of a tenth of training the repair does not get the retained loss back here:
+    the policy starts again with max_loss_harm halved, and its warnings say so in nats."""
+    trainer, train, holdout, theta = trained
+    _reset(trainer, theta)
+    with caplog.at_level(logging.WARNING, logger="hf_amnesia"):
+        trainer.forget([int(i) for i in train["dataset_id"][:6]], config=LOSS)
+    assert "(max_loss_harm 0.5); trying again from the original weights with max_loss_harm 0.25" in caplog.text
+    assert "max_harm" not in caplog.text.replace("max_loss_harm", "")
+    _reset(trainer, theta)
