@@ -189,52 +189,48 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print("| selection | bytes/sample | share canaries | share others | canary_1 cos / norm | random_1 cos / norm |")
     print("|---|---|---|---|---|---|")
-    for name in SELECTIONS:
-        kept = torch.gather(deltas, 1, torch.as_tensor(positions[name], dtype=torch.int64))
-        share = (kept.double().pow(2).sum(dim=1) / energy.clamp_min(1e-300)).numpy()
+    exact = {request: deltas[members].sum(dim=0, dtype=torch.float64) for request, members in requests.items()}
+
+    def summary(bytes_per_sample: int, share: np.ndarray, kept_sums: dict) -> dict:
         row = {
-            "bytes_per_sample": value_bytes
-            + (0 if name == "hash" else 4 * index_rows["all" if name == "oracle" else "multi"]),
+            "bytes_per_sample": bytes_per_sample,
             "share_canaries": float(share[is_canary].mean()),
             "share_others": float(share[~is_canary].mean()),
         }
+        for request, approx in kept_sums.items():
+            whole = exact[request]
+            row[f"{request}_cos"] = float(torch.dot(approx, whole) / (approx.norm() * whole.norm()).clamp_min(1e-300))
+            row[f"{request}_norm_ratio"] = float(approx.norm() / whole.norm().clamp_min(1e-300))
+        return row
+
+    for name in SELECTIONS:
+        kept = torch.gather(deltas, 1, torch.as_tensor(positions[name], dtype=torch.int64))
+        share = (kept.double().pow(2).sum(dim=1) / energy.clamp_min(1e-300)).numpy()
+        kept_sums = {}
         for request, members in requests.items():
-            exact = deltas[members].sum(dim=0, dtype=torch.float64)
-            approx = torch.zeros_like(exact)
+            approx = torch.zeros(deltas.shape[1], dtype=torch.float64)
             approx.index_add_(
                 0, torch.as_tensor(positions[name][members].reshape(-1)), kept[members].double().reshape(-1)
             )
-            row[f"{request}_cos"] = float(torch.dot(approx, exact) / (approx.norm() * exact.norm()).clamp_min(1e-300))
-            row[f"{request}_norm_ratio"] = float(approx.norm() / exact.norm().clamp_min(1e-300))
-        figures[name] = row
-        print(
-            f"| {name} | {row['bytes_per_sample']} | {100 * row['share_canaries']:.2f} % | "
-            f"{100 * row['share_others']:.2f} % | {row['canary_1_cos']:.3f} / {row['canary_1_norm_ratio']:.3f} | "
-            f"{row['random_1_cos']:.3f} / {row['random_1_norm_ratio']:.3f} |"
-        )
-    approx_sums = {request: torch.zeros(deltas.shape[1], dtype=torch.float64) for request in requests}
+            kept_sums[request] = approx
+        indices = 0 if name == "hash" else 4 * index_rows["all" if name == "oracle" else "multi"]
+        figures[name] = summary(value_bytes + indices, share, kept_sums)
+    kept_sums = {request: torch.zeros(deltas.shape[1], dtype=torch.float64) for request in requests}
     share, values = np.empty(len(ids)), 0
     for i in range(len(ids)):
         approx, values = lowrank_approx(deltas[i].double(), plan, hashed[i])
         share[i] = float(approx.pow(2).sum() / energy[i].clamp_min(1e-300))
         for request, members in requests.items():
             if i in members:
-                approx_sums[request] += approx
-    row = {
-        "bytes_per_sample": 2 * values,
-        "share_canaries": float(share[is_canary].mean()),
-        "share_others": float(share[~is_canary].mean()),
-    }
-    for request, members in requests.items():
-        exact, approx = deltas[members].sum(dim=0, dtype=torch.float64), approx_sums[request]
-        row[f"{request}_cos"] = float(torch.dot(approx, exact) / (approx.norm() * exact.norm()).clamp_min(1e-300))
-        row[f"{request}_norm_ratio"] = float(approx.norm() / exact.norm().clamp_min(1e-300))
-    figures["lowrank_oracle"] = row
-    print(
-        f"| lowrank_oracle | {row['bytes_per_sample']} | {100 * row['share_canaries']:.2f} % | "
-        f"{100 * row['share_others']:.2f} % | {row['canary_1_cos']:.3f} / {row['canary_1_norm_ratio']:.3f} | "
-        f"{row['random_1_cos']:.3f} / {row['random_1_norm_ratio']:.3f} |"
-    )
+                kept_sums[request] += approx
+    figures["lowrank_oracle"] = summary(2 * values, share, kept_sums)
+    for name in (*SELECTIONS, "lowrank_oracle"):
+        row = figures[name]
+        print(
+            f"| {name} | {row['bytes_per_sample']} | {100 * row['share_canaries']:.2f} % | "
+            f"{100 * row['share_others']:.2f} % | {row['canary_1_cos']:.3f} / {row['canary_1_norm_ratio']:.3f} | "
+            f"{row['random_1_cos']:.3f} / {row['random_1_norm_ratio']:.3f} |"
+        )
     print(json.dumps(figures))
     return figures
 
