@@ -124,8 +124,7 @@ class ForgetConfig:
         default=True,
         metadata={
             "help": "A repair that holds forget rows ends only when their mean loss has also reached their "
-            "targets' mean "
-            "(False: it ends as soon as the retained rows are back)."
+            "targets' mean (False: it ends as soon as the retained rows are back)."
         },
     )
     neighbour_vote: bool = field(
@@ -140,7 +139,7 @@ class ForgetConfig:
         problems = []
         for f in fields(self):
             value = getattr(self, f.name)
-            kind = {"bool": bool, "int": int, "str": str}.get(f.type, f.type if f.type in (bool, int, str) else float)
+            kind = {"bool": bool, "int": int, "str": str}.get(getattr(f.type, "__name__", f.type), float)
             if kind is str:
                 ok = isinstance(value, str) and value in f.metadata["choices"]
             elif kind is bool:

@@ -205,13 +205,13 @@ def repair_until_restored(
             label_smoothing=args.label_smoothing_factor,
         )
 
-    def accuracy_back() -> bool:  # or, under criterion='loss', their mean loss back at the original's
+    def retained_back() -> bool:  # their accuracy back at the original's, or under criterion='loss' their mean loss
         if config.criterion == "loss":
             return float(np.mean(measure.row_losses(data.retained_sample))) <= data.original_loss
         return measure.accuracy(data.retained_sample) >= target
 
-    def restored() -> bool:  # the repair's end: accuracy back, and a hold met
-        return accuracy_back() and (loss is None or not config.hold_until_met or loss.held())
+    def restored() -> bool:  # the repair's end: the retained rows back, and a hold met
+        return retained_back() and (loss is None or not config.hold_until_met or loss.held())
 
     if not data.classes and restored():
         return 0, True
@@ -228,4 +228,4 @@ def repair_until_restored(
     )
     if steps >= budget and loss is not None and not loss.held():
         logger.info("forget: the repair's budget ran out before the forget rows fit like held-out ones.")
-    return steps, steps < budget or accuracy_back()  # only the retained rows make the policy subtract less
+    return steps, steps < budget or retained_back()  # only the retained rows make the policy subtract less
