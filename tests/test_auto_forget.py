@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from tiny import TinyCNN, image_dataset, text_dataset, tiny_bert, tiny_config
+from tiny import TinyCNN, image_dataset, text_dataset, tiny_bert, tiny_config, trained_tiny_cnn
 
 from hf_amnesia import AmnesiacTrainer, ForgetConfig, ForgetRequestError, StoreReader
 from hf_amnesia.forgetting import ForgetPolicy, Measurer
@@ -118,16 +118,7 @@ def test_the_policy_halves_the_harm_budget_until_a_repair_mends_the_subtraction(
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("auto")
-    torch.manual_seed(0)
-    data = image_dataset(96, classes=3, seed=0, with_ids=True)
-    train, holdout = data.select(range(72)), data.select(range(72, 96))
-    model = TinyCNN()
-    args = tiny_config(out, keep_fraction=0.2, num_train_epochs=3, learning_rate=1e-2, per_device_train_batch_size=8)
-    trainer = AmnesiacTrainer(model=model, args=args, train_dataset=train, eval_dataset=holdout)
-    trainer.train()
-    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().clone()
-    return trainer, train, holdout, theta
+    return trained_tiny_cnn(tmp_path_factory.mktemp("auto"))
 
 
 def _reset(trainer, theta):

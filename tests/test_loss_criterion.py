@@ -7,9 +7,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from tiny import TinyCNN, image_dataset, tiny_config
+from tiny import trained_tiny_cnn
 
-from hf_amnesia import AmnesiacTrainer, ForgetConfig, ForgetRequestError
+from hf_amnesia import ForgetConfig, ForgetRequestError
 from hf_amnesia.forgetting import Measurer
 
 LOSS = ForgetConfig(criterion="loss", max_loss_harm=0.5, neighbour_vote=False)
@@ -17,15 +17,7 @@ LOSS = ForgetConfig(criterion="loss", max_loss_harm=0.5, neighbour_vote=False)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("loss")
-    torch.manual_seed(0)
-    data = image_dataset(96, classes=3, seed=0, with_ids=True)
-    train, holdout = data.select(range(72)), data.select(range(72, 96))
-    args = tiny_config(out, keep_fraction=0.2, num_train_epochs=3, learning_rate=1e-2, per_device_train_batch_size=8)
-    trainer = AmnesiacTrainer(model=TinyCNN(), args=args, train_dataset=train, eval_dataset=holdout)
-    trainer.train()
-    theta = torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach().cpu().clone()
-    return trainer, train, holdout, theta
+    return trained_tiny_cnn(tmp_path_factory.mktemp("loss"))
 
 
 def _reset(trainer, theta):

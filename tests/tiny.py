@@ -116,6 +116,21 @@ def tiny_config(out, **overrides):
     return AmnesiaConfig(**{**base, **overrides})
 
 
+def trained_tiny_cnn(out):
+    """A TinyCNN trained with recording on 72 rows of 3 classes (24 more held out as eval_dataset):
+    (trainer, train, holdout, trained weights as one CPU vector)."""
+    from hf_amnesia import AmnesiacTrainer
+
+    torch.manual_seed(0)
+    data = image_dataset(96, classes=3, seed=0, with_ids=True)
+    train, holdout = data.select(range(72)), data.select(range(72, 96))
+    args = tiny_config(out, keep_fraction=0.2, num_train_epochs=3, learning_rate=1e-2, per_device_train_batch_size=8)
+    trainer = AmnesiacTrainer(model=TinyCNN(), args=args, train_dataset=train, eval_dataset=holdout)
+    trainer.train()
+    theta = torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach().cpu().clone()
+    return trainer, train, holdout, theta
+
+
 def run_two_processes(script: str, *args: str, port: int, timeout: int = 900) -> None:
     """Run `script` in 2 CPU processes with torchrun; fail the test with its stderr if it fails."""
     import os
