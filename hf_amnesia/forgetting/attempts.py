@@ -49,18 +49,12 @@ class ModelAttempts:
         subtract_from(self.params, self.original, self.update, scale)
         return self.measure.accuracy(rows)
 
-    def _holdout_score(self) -> float:
-        """Held-out accuracy (points), or minus the mean held-out loss (nats) under criterion='loss'."""
-        if self.config.criterion == "loss":
-            return -float(np.mean(self.measure.row_losses(self.data.holdout)))
-        return self.measure.accuracy(self.data.holdout)
-
     def harm(self, scale: float) -> float:
         if self._base is None:  # the original's held-out score
             restore(self.params, self.original)
-            self._base = self._holdout_score()
+            self._base = self.measure.score(self.data.holdout, self.config.criterion)
         subtract_from(self.params, self.original, self.update, scale)
-        return self._base - self._holdout_score()
+        return self._base - self.measure.score(self.data.holdout, self.config.criterion)
 
     def class_accuracy(self, scale: float) -> float:
         return self._accuracy_at(scale, self.data.class_rows)

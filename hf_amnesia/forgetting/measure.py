@@ -72,6 +72,13 @@ class Measurer:
         logits, labels = self.predict(dataset)
         return accuracy_points(logits.argmax(-1).numpy(), labels.numpy())
 
+    def score(self, dataset, criterion: str) -> float:
+        """Higher is better: top-1 accuracy (points), or minus the mean cross-entropy (nats) for
+        criterion 'loss' (ForgetConfig.criterion)."""
+        if criterion == "loss":
+            return -float(np.mean(self.row_losses(dataset)))
+        return self.accuracy(dataset)
+
     def row_losses(self, dataset) -> np.ndarray:
         """Cross-entropy of each row of `dataset` (float64)."""
         logits, labels = self.predict(dataset)

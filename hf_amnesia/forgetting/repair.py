@@ -192,7 +192,10 @@ def repair_until_restored(
         raise ValueError(
             "criterion='loss' needs data.original_loss, the retained sample's mean loss before the subtraction."
         )
-    target = data.original_accuracy - 100.0 / len(data.retained_sample)
+    if config.criterion == "loss":  # the original's score on them (accuracy: less one row of slack)
+        target = -data.original_loss
+    else:
+        target = data.original_accuracy - 100.0 / len(data.retained_sample)
     loss = None
     if data.forget_rows is not None:
         loss = HoldUnseenLoss(
@@ -206,9 +209,7 @@ def repair_until_restored(
         )
 
     def retained_back() -> bool:  # their accuracy back at the original's, or under criterion='loss' their mean loss
-        if config.criterion == "loss":
-            return float(np.mean(measure.row_losses(data.retained_sample))) <= data.original_loss
-        return measure.accuracy(data.retained_sample) >= target
+        return measure.score(data.retained_sample, config.criterion) >= target
 
     def restored() -> bool:  # the repair's end: the retained rows back, and a hold met
         return retained_back() and (loss is None or not config.hold_until_met or loss.held())
