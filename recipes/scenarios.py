@@ -29,8 +29,10 @@ def plan_forget_sets(
         elif name in ("canary_1", SEQUENCE):
             chosen = canaries.ravel()  # [canary, copy] ids: every copy
         elif name.startswith("random_"):
+            # Typical rows: a canary copy's twins stay behind, so Retrain still fits it (not a do-no-harm row).
+            typical = train_ids if canaries is None else np.setdiff1d(train_ids, np.ravel(canaries))
             share = int(name.split("_")[1]) / 100.0
-            chosen = rng.choice(train_ids, size=max(1, round(share * len(train_ids))), replace=False)
+            chosen = rng.choice(typical, size=max(1, round(share * len(train_ids))), replace=False)
         else:
             raise ValueError(f"unknown scenario {name!r}; choose from {SCENARIOS} and {SEQUENCE}.")
         planned[name] = np.sort(chosen)

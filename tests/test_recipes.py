@@ -202,8 +202,9 @@ def test_canary_copies_share_their_label_and_carry_their_own_ids():
     assert (labels[rows] == np.asarray(single["labels"])[rows[:, :1]]).all()  # every copy keeps the wrong label
     assert (xs[rows] == xs[rows[:, :1]]).all() and len(set(ids.tolist())) == 408  # same features, distinct ids
     assert set(ids[rows[:, 1:]].ravel().tolist()) == set(range(1000, 1008))
-    planned = plan_forget_sets(ids, labels, 0, 0, ["canary_1"], canaries=ids[rows])
+    planned = plan_forget_sets(ids, labels, 0, 0, ["canary_1", "random_10"], canaries=ids[rows])
     assert np.array_equal(planned["canary_1"], np.sort(ids[rows].ravel()))  # the request names every copy
+    assert len(planned["random_10"]) == 41 and not set(planned["random_10"]) & set(ids[rows].ravel())
 
 
 def test_mnist_idx_reader_round_trips(tmp_path):
