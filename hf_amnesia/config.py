@@ -49,7 +49,10 @@ class AmnesiaConfig(TrainingArguments):
     )
     store_dtype: str | None = field(
         default=None,
-        metadata={"help": f"Value type on disk: one of {sorted(STORE_DTYPES)} (default {DEFAULT_STORE_DTYPE})."},
+        metadata={
+            "help": f"Value type on disk: one of {sorted(STORE_DTYPES)} (default {DEFAULT_STORE_DTYPE}; float32 for a "
+            "PEFT model, whose adapters are small)."
+        },
     )
     id_column: str = field(
         default="dataset_id",

@@ -69,6 +69,47 @@ def text_dataset(n: int = 16, seq: int = 10, classes: int = 3, seed: int = 0) ->
     return Dataset.from_dict(data).with_format("torch")
 
 
+def tiny_gpt2_lm(seed: int = 0, vocab: int = 40, positions: int = 16):
+    """A 2-layer GPT-2 causal LM (hidden 16), no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=positions, n_embd=16, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama(seed: int = 0, vocab: int = 40, tied: bool = False):
+    """A 2-layer Llama-style causal LM (RMSNorm, rotary positions, grouped KV heads), tied or untied
+    input and output embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=tied, pad_token_id=0,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def lm_dataset(n: int = 12, seq: int = 10, vocab: int = 40, seed: int = 0, with_ids: bool = False) -> Dataset:
+    """Token rows of varied length padded with id 0 at the end; `labels` are the input ids with -100
+    on the padding (a causal LM shifts them itself)."""
+    rng = np.random.default_rng(seed)
+    input_ids = np.zeros((n, seq), dtype=np.int64)
+    mask = np.zeros((n, seq), dtype=np.int64)
+    for i, length in enumerate(rng.integers(3, seq + 1, size=n)):
+        input_ids[i, :length] = rng.integers(1, vocab, size=length)
+        mask[i, :length] = 1
+    labels = np.where(mask == 1, input_ids, -100)
+    data = {"input_ids": input_ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+    if with_ids:
+        data["dataset_id"] = (np.arange(n) * 3 + 1000).tolist()
+    return Dataset.from_dict(data).with_format("torch")
+
+
 def tiny_vit(seed: int = 0, classes: int = 3, dropout: float = 0.0):
     from transformers import ViTConfig, ViTForImageClassification
 
