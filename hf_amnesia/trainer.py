@@ -293,7 +293,12 @@ class AmnesiacTrainer(Trainer):
             train_dataset=self.train_dataset,
             eval_dataset=self.eval_dataset,
             measure=Measurer(
-                self.model, self.data_collator, self.args.per_device_eval_batch_size, self.args.id_column, self._rows
+                self.model,
+                self.data_collator,
+                self.args.per_device_eval_batch_size,
+                self.args.id_column,
+                self._rows,
+                shift_labels=is_causal_lm(self.model),
             ),
             planned_steps=self._planned_training_steps,
             save_model=self.save_model,
@@ -360,3 +365,13 @@ def _as_amnesia_config(args) -> AmnesiaConfig:
 
 
 __all__ = ["AmnesiacTrainer", "influence_holders", "last_complete_checkpoint"]
+
+
+def is_causal_lm(model) -> bool:
+    """Whether `model` (or a PEFT model's base) is a causal LM, whose position t predicts token t+1:
+    its per-row losses shift the labels by one, as its own loss does."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith(("ForCausalLM", "LMHeadModel"))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from ..errors import ForgetRequestError
 
-CRITERIA = ("accuracy", "loss")
+CRITERIA = ("auto", "accuracy", "loss")
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,15 @@ class ForgetConfig:
         },
     )
     criterion: str = field(
-        default="accuracy",
+        default="auto",
         metadata={
             "choices": CRITERIA,
             "help": "What the automatic scale and repair measure: `accuracy` (held-out accuracy points lost, up to "
             "max_harm; the repair ends when the retained rows' accuracy is back) or `loss` (held-out mean "
             "cross-entropy gained, up to max_loss_harm nats; the repair ends when the retained rows' mean loss is "
-            "back at the original's).",
+            "back within one standard error of the original's). `auto`: accuracy for rows of one class label, "
+            "loss for sequences (a language model's labels, a token per position; a row's loss is its mean over "
+            "its tokens).",
         },
     )
     max_loss_harm: float = field(
@@ -164,6 +166,13 @@ class ForgetConfig:
                 problems.append(f"class_accuracy_target must be in [0, 100), got {self.class_accuracy_target!r}")
         if problems:
             raise ForgetRequestError("ForgetConfig: " + "; ".join(problems) + ".")
+
+    def resolved(self, sequences: bool) -> ForgetConfig:
+        """This config with criterion `auto` replaced by what the rows call for: `loss` for
+        sequences, `accuracy` for class labels."""
+        if self.criterion != "auto":
+            return self
+        return replace(self, criterion="loss" if sequences else "accuracy")
 
     @property
     def harm_field(self) -> str:

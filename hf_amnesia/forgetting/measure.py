@@ -1,12 +1,14 @@
 """Measuring a model on rows: logits, per-row losses, accuracy and classifier features (one copy each).
 
-Everything the automatic forget reads of the data goes through `Measurer.predict`, in eval mode,
-the same on every process.
+Everything the automatic forget reads of the data goes through `Measurer.batches`, in eval mode,
+the same on every process. A row is a class label (a classifier) or a sequence whose `labels` hold one token
+each (a language model, -100 where nothing is predicted): a sequence's loss is its mean over its
+predicted tokens, and it has no accuracy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -53,36 +55,57 @@ class Measurer:
         batch_size: int,
         id_column: str,
         rows_for_model: Callable = lambda dataset: dataset,
+        shift_labels: bool = False,
     ):
         self.model, self.collate, self.batch_size, self.id_column = model, collate, batch_size, id_column
-        self.rows_for_model = rows_for_model
+        self.rows_for_model, self.shift_labels = rows_for_model, shift_labels
 
     @torch.no_grad()
-    def predict(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (float32, CPU) and labels of every row of `dataset`."""
+    def batches(self, dataset) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Logits and labels of `dataset`, a batch at a time, in eval mode."""
         was_training = self.model.training
         self.model.eval()
-        loader = DataLoader(self.rows_for_model(dataset), batch_size=self.batch_size, collate_fn=self.collate)
-        logits, labels = zip(*(logits_and_labels(self.model, batch, self.id_column) for batch in loader))
-        self.model.train(was_training)
-        return torch.cat(logits).float().cpu(), torch.cat(labels).cpu()
+        try:
+            loader = DataLoader(self.rows_for_model(dataset), batch_size=self.batch_size, collate_fn=self.collate)
+            for batch in loader:
+                yield logits_and_labels(self.model, batch, self.id_column)
+        finally:
+            self.model.train(was_training)
+
+    def predict(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (float32, CPU) and labels of every row of `dataset` (a classifier's: a language
+        model's logits of every token would not fit; `evaluate` measures those a batch at a time)."""
+        logits, labels = zip(*((logits.float().cpu(), labels.cpu()) for logits, labels in self.batches(dataset)))
+        return torch.cat(logits), torch.cat(labels)
+
+    def evaluate(self, dataset) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each row's loss (float64) and whether the model classifies it correctly (None for
+        sequences, which have no accuracy), measured a batch at a time."""
+        losses, correct = [], []
+        for logits, labels in self.batches(dataset):
+            labels = labels.to(logits.device)
+            losses.append(row_losses_of(logits, labels, self.shift_labels).double().cpu().numpy())
+            if not is_sequence(logits, labels):
+                correct.append((logits.argmax(-1) == labels).cpu().numpy())
+        return np.concatenate(losses), np.concatenate(correct) if correct else None
 
     def accuracy(self, dataset) -> float:
         """Top-1 accuracy (percent) on `dataset`."""
-        logits, labels = self.predict(dataset)
-        return accuracy_points(logits.argmax(-1).numpy(), labels.numpy())
+        _, correct = self.evaluate(dataset)
+        if correct is None:
+            raise ValueError("accuracy needs one class label per row; sequences are measured by their loss.")
+        return float(100.0 * np.mean(correct)) if len(correct) else float("nan")
 
     def score(self, dataset, criterion: str) -> float:
-        """Higher is better: top-1 accuracy (points), or minus the mean cross-entropy (nats) for
+        """Higher is better: top-1 accuracy (points), or minus the mean per-row loss (nats) for
         criterion 'loss' (ForgetConfig.criterion)."""
         if criterion == "loss":
             return -float(np.mean(self.row_losses(dataset)))
         return self.accuracy(dataset)
 
     def row_losses(self, dataset) -> np.ndarray:
-        """Cross-entropy of each row of `dataset` (float64)."""
-        logits, labels = self.predict(dataset)
-        return row_losses(logits, labels)
+        """Cross-entropy of each row of `dataset` (float64; a sequence's mean over its tokens)."""
+        return self.evaluate(dataset)[0]
 
     def features(self, dataset) -> tuple[np.ndarray | None, np.ndarray]:
         """Each row's input to the model's classifier layer (its last nn.Linear), and the labels;
@@ -91,16 +114,48 @@ class Measurer:
         if not linears:
             return None, labels_of(dataset)
         captured: list[torch.Tensor] = []
-        hook = linears[-1].register_forward_hook(lambda module, args, out: captured.append(args[0].detach()))
+        hook = linears[-1].register_forward_hook(lambda module, args, out: captured.append(args[0].detach().cpu()))
         try:
-            logits, labels = self.predict(dataset)
+            labels = torch.cat([labels.cpu() for _, labels in self.batches(dataset)])
         finally:
             hook.remove()
         if any(c.dim() != 2 for c in captured) or sum(len(c) for c in captured) != len(labels):
             return None, labels.numpy()
-        return torch.cat(captured).float().cpu().numpy(), labels.numpy()
+        return torch.cat(captured).float().numpy(), labels.numpy()
 
 
 def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """Cross-entropy of each row, from its logits and label (float64)."""
-    return nn.functional.cross_entropy(logits, labels.long(), reduction="none").double().numpy()
+    return row_losses_of(logits, labels).double().numpy()
+
+
+def is_sequence(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether the labels hold one token per position (B x T against B x T x V logits)."""
+    return labels.dim() >= 2 and logits.dim() == labels.dim() + 1
+
+
+def row_losses_of(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool = False) -> torch.Tensor:
+    """Each row's cross-entropy (float32, differentiable): a class label's, or a sequence's mean over
+    its predicted tokens (labels -100 predict nothing). With `shift_labels` (a causal LM) position t's
+    logits predict token t+1, as the model's own loss does."""
+    labels = labels.long()
+    if not is_sequence(logits, labels):
+        return nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    if shift_labels:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    tokens = nn.functional.cross_entropy(logits.float().transpose(1, -1), labels, ignore_index=-100, reduction="none")
+    counted = (labels != -100).reshape(len(labels), -1).sum(dim=1)
+    return tokens.reshape(len(labels), -1).sum(dim=1) / counted.clamp(min=1)
+
+
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool = False, smoother=None) -> torch.Tensor:
+    """A batch's training loss as the model computes it: the mean over the batch's rows, or over its
+    predicted tokens for sequences; `smoother` is a `LabelSmoother` to smooth the labels with."""
+    if smoother is not None:
+        return smoother({"logits": logits}, labels, shift_labels=shift_labels and is_sequence(logits, labels))
+    if not is_sequence(logits, labels):
+        return nn.functional.cross_entropy(logits, labels.long())
+    if shift_labels:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return nn.functional.cross_entropy(flat, labels.long().reshape(-1), ignore_index=-100)

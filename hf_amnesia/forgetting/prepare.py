@@ -7,11 +7,11 @@ import logging
 
 import numpy as np
 
-from ..data import dataset_ids, labels_of, select_rows, without_ids
+from ..data import dataset_ids, has_sequence_labels, labels_of, select_rows, without_ids
 from ..errors import ForgetRequestError
 from .config import ForgetConfig
 from .hold import forgotten_classes, misfit_loss, retained_sample, unsupported_by_neighbours
-from .measure import Measurer, row_losses
+from .measure import Measurer
 
 logger = logging.getLogger(__name__)
 
@@ -65,34 +65,16 @@ def gather(
             f"train_dataset. Pass train_dataset=... to the trainer, {EXACT}."
         )
     train_ids = dataset_ids(train_dataset, id_column)
-    train_labels = labels_of(train_dataset)
-    if train_labels is None:
-        raise ForgetRequestError(
-            "the automatic scale and repair measure classification accuracy, but the training rows have "
-            f"no `labels` or `label` column of one class per row; {EXACT}, with your own scale."
-        )
     requested = np.isin(train_ids, np.union1d(ids, np.asarray(forgotten, dtype=np.int64)))
+    deleted = np.setdiff1d(todo, train_ids)
+    sequences = has_sequence_labels(train_dataset)
+    train_labels = None if sequences else labels_of(train_dataset)
+    if sequences:
+        classes = _sequence_request(config, whole_class)
+    else:
+        classes = _class_request(train_labels, requested, len(deleted), holdout, whole_class)
     if requested.all():
         raise ForgetRequestError(f"the request leaves no training row to repair on; {EXACT}.")
-    classes = forgotten_classes(train_labels, requested)
-    deleted = np.setdiff1d(todo, train_ids)
-    if len(deleted) and whole_class is not False:
-        gone = classes_left_without_rows(train_labels[~requested], holdout, len(deleted))
-        if gone:
-            logger.warning(
-                "forget: %d requested rows were deleted and no retained training row has label(s) %s, which the "
-                "holdout has: the request removes those classes whole (pass whole_class=False if it does not).",
-                len(deleted),
-                gone,
-            )
-        classes = sorted(set(classes) | set(gone))
-    if whole_class is True and not classes:
-        raise ForgetRequestError(
-            "whole_class=True, but the request (with what this model already forgot) does not hold every "
-            "training row of any label. Request all rows of the class, e.g. ids_of_label(...)."
-        )
-    if whole_class is False:
-        classes = []
     retained = without_ids(train_dataset, id_column, set(train_ids[requested].tolist()))
     data = ForgetData(
         classes=classes,
@@ -108,23 +90,70 @@ def gather(
             rows = np.flatnonzero(np.isin(labels_of(holdout), classes))
         data.class_rows = select_rows(source, rows[retained_sample(len(rows), seed, config.retained_sample_rows)])
     if need_holdout or (hold_unseen and not classes and len(deleted) < len(todo)):  # a hold needs rows to hold
-        if holdout is None or isinstance(holdout, dict):
-            what = "a dict of eval datasets" if isinstance(holdout, dict) else "no held-out data"
-            needs = 'scale="auto"' if need_holdout else 'repair_steps="auto"'
-            raise ForgetRequestError(
-                f"{needs} measures held-out rows, but got {what}. Pass holdout=<a split "
-                f"never trained on and not your test split> (or eval_dataset=... to the trainer), {EXACT}."
-            )
-        holdout_labels = labels_of(holdout)
-        if holdout_labels is None:
-            raise ForgetRequestError(f"the holdout rows have no `labels` or `label` column; {EXACT}.")
-        kept = np.flatnonzero(~np.isin(holdout_labels, classes))
-        if len(kept) == 0:
-            raise ForgetRequestError(
-                f"the holdout has no rows of the classes the request keeps; add such rows, {EXACT}."
-            )
-        data.holdout = select_rows(holdout, kept)
+        data.holdout = _kept_holdout(holdout, classes, need_holdout)
     return data
+
+
+def _class_request(train_labels, requested, num_deleted: int, holdout, whole_class) -> list[int]:
+    """The classes a request on rows of one class label each removes whole (`num_deleted` of its
+    ids have no training row)."""
+    if train_labels is None:
+        raise ForgetRequestError(
+            "the automatic scale and repair measure the training rows by their labels, but they have no `labels` "
+            f"or `label` column of one class per row (or of a token per position); {EXACT}, with your own scale."
+        )
+    classes = forgotten_classes(train_labels, requested)
+    if num_deleted and whole_class is not False:
+        gone = classes_left_without_rows(train_labels[~requested], holdout, num_deleted)
+        if gone:
+            logger.warning(
+                "forget: %d requested rows were deleted and no retained training row has label(s) %s, which the "
+                "holdout has: the request removes those classes whole (pass whole_class=False if it does not).",
+                num_deleted,
+                gone,
+            )
+        classes = sorted(set(classes) | set(gone))
+    if whole_class is True and not classes:
+        raise ForgetRequestError(
+            "whole_class=True, but the request (with what this model already forgot) does not hold every "
+            "training row of any label. Request all rows of the class, e.g. ids_of_label(...)."
+        )
+    return [] if whole_class is False else classes
+
+
+def _sequence_request(config: ForgetConfig, whole_class: bool | None) -> list[int]:
+    """A request on sequences (a token per position) removes no class, and is measured by its loss."""
+    if whole_class:
+        raise ForgetRequestError(
+            "whole_class=True, but the training rows' labels hold a token per position (a language model), not "
+            "one class per row, so no request removes a class. Leave whole_class unset."
+        )
+    if config.criterion == "accuracy":
+        raise ForgetRequestError(
+            "criterion='accuracy' needs one class label per row, but the training rows' labels hold a token per "
+            "position (a language model). Use ForgetConfig(criterion='loss') (or leave it at 'auto')."
+        )
+    return []
+
+
+def _kept_holdout(holdout, classes: list[int], need_holdout: bool):
+    """The held-out rows the automatic choice measures: those of the classes the request keeps."""
+    if holdout is None or isinstance(holdout, dict):
+        what = "a dict of eval datasets" if isinstance(holdout, dict) else "no held-out data"
+        needs = 'scale="auto"' if need_holdout else 'repair_steps="auto"'
+        raise ForgetRequestError(
+            f"{needs} measures held-out rows, but got {what}. Pass holdout=<a split "
+            f"never trained on and not your test split> (or eval_dataset=... to the trainer), {EXACT}."
+        )
+    if has_sequence_labels(holdout):
+        return holdout
+    holdout_labels = labels_of(holdout)
+    if holdout_labels is None:
+        raise ForgetRequestError(f"the holdout rows have no `labels` or `label` column; {EXACT}.")
+    kept = np.flatnonzero(~np.isin(holdout_labels, classes))
+    if len(kept) == 0:
+        raise ForgetRequestError(f"the holdout has no rows of the classes the request keeps; add such rows, {EXACT}.")
+    return select_rows(holdout, kept)
 
 
 def classes_left_without_rows(retained_labels: np.ndarray, holdout, num_deleted: int) -> list[int]:
@@ -168,10 +197,11 @@ def prepare_unseen_hold(
     if not len(rows):  # the user deleted them: the repair is a plain one on the retained rows
         return
     data.forget_rows = select_rows(train_dataset, rows)
-    logits, held_labels = measure.predict(data.holdout)  # one pass: the losses and which rows it gets wrong
-    losses = row_losses(logits, held_labels)
+    losses, correct = measure.evaluate(data.holdout)  # one pass: the losses and which rows it gets wrong
     data.held_out_losses = np.sort(losses)
-    data.misfit_loss = misfit_loss(losses, logits.argmax(-1).numpy() == held_labels.numpy())
+    if correct is None:  # sequences: no class to misfit, no label for neighbours to vote on
+        return
+    data.misfit_loss = misfit_loss(losses, correct)
     if not config.neighbour_vote:
         return
     features, labels = measure.features(data.forget_rows)

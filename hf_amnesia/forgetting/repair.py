@@ -3,7 +3,8 @@
 `repair_until_restored` fine-tunes until the retained rows' accuracy (or, with criterion='loss',
 their mean loss) is back at the original's.
 Unless whole classes go, its loss (`HoldUnseenLoss`, the Trainer's `compute_loss_func`) is the
-retained batch's cross-entropy (label-smoothed as the Trainer would) plus a hinge that holds the
+retained batch's cross-entropy (over its predicted tokens for sequences; label-smoothed as the
+Trainer would) plus a hinge that holds the
 forget rows no better fitted than held-out rows (`hold.unseen_targets`); the sum is a per-batch
 mean, divided by the gradient accumulation steps like any such loss. This module and the trainer
 are the only ones that know `Trainer`.
@@ -25,7 +26,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 from ..config import training_fields
 from .config import ForgetConfig
 from .hold import unseen_targets
-from .measure import Measurer, logits_and_labels, logits_of
+from .measure import Measurer, batch_loss, logits_and_labels, logits_of, row_losses_of
 from .prepare import ForgetData
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class HoldUnseenLoss:
         self.rows = measure.rows_for_model(data.forget_rows)
         self.collate, self.id_column, self.batch_size = measure.collate, measure.id_column, batch_size
         self.smoother = LabelSmoother(epsilon=label_smoothing) if label_smoothing else None
+        self.shift_labels = measure.shift_labels
         self.order = torch.Generator().manual_seed(seed)
         self.queue: list[int] = []
 
@@ -148,19 +150,16 @@ class HoldUnseenLoss:
         if labels is None:
             raise ValueError(
                 "the repair's batch has no `labels`: a custom data collator renamed or dropped them. "
-                "Keep the class labels under `labels` in the collated batch."
+                "Keep the labels under `labels` in the collated batch."
             )
-        if self.smoother is not None:
-            loss = self.smoother({"logits": logits_of(outputs)}, labels)
-        else:
-            loss = nn.functional.cross_entropy(logits_of(outputs), labels)
+        loss = batch_loss(logits_of(outputs), labels, self.shift_labels, self.smoother)
         if len(self.queue) < self.batch_size:  # the forget rows in a seeded order
             self.queue += torch.randperm(len(self.rows), generator=self.order).tolist()
         picked, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
         batch = self.collate([self.rows[i] for i in picked])
         # the same rows on every process, so the model itself (not its DDP wrapper) serves
         logits, targets_of = logits_and_labels(self.model, batch, self.id_column)
-        losses = nn.functional.cross_entropy(logits.float(), targets_of.long().to(logits.device), reduction="none")
+        losses = row_losses_of(logits, targets_of.to(logits.device), self.shift_labels)
         unsupported = None if self.data.unsupported is None else self.data.unsupported[picked]
         targets = unseen_targets(
             losses.detach().cpu().numpy(),

@@ -24,7 +24,7 @@ import numpy as np
 from torch import nn
 
 from ..config import AmnesiaConfig
-from ..data import dataset_ids, without_ids
+from ..data import dataset_ids, has_sequence_labels, without_ids
 from ..errors import ForgetIncompleteError, ForgetRequestError, StoreError
 from ..faults import crash_point
 from ..layout import ParamLayout
@@ -44,7 +44,7 @@ from ..store.journal import (
 from ..store.lineage import register
 from .attempts import ModelAttempts
 from .config import ForgetConfig
-from .measure import Measurer, accuracy_points, row_losses
+from .measure import Measurer
 from .policy import ForgetPolicy
 from .prepare import gather, prepare_unseen_hold
 from .record import (
@@ -99,6 +99,7 @@ def serve(
     if not isinstance(config, ForgetConfig):
         raise ForgetRequestError(f"config must be a ForgetConfig, got {type(config).__name__}.")
     check_choices(scale, repair_steps)
+    config = config.resolved(has_sequence_labels(context.train_dataset))
     if repair_steps and context.train_dataset is None:
         raise ForgetRequestError(
             "repairing fine-tunes on the retained training data, but this trainer has no train_dataset. "
@@ -191,9 +192,10 @@ def _serve_locked(context: ForgetContext, request: _Request) -> ForgetReport:
     if request.scale == "auto" and config.weight_by_kept_share:  # every tensor at the same share of its whole change
         update = update * kept_share_weights(reader.manifest)
     if request.repair_steps == "auto":
-        logits, labels = context.measure.predict(data.retained_sample)  # one pass: accuracy and loss
-        data.original_accuracy = accuracy_points(logits.argmax(-1).numpy(), labels.numpy())
-        data.original_loss = float(np.mean(row_losses(logits, labels)))
+        losses, correct = context.measure.evaluate(data.retained_sample)  # one pass: accuracy and loss
+        data.original_loss = float(np.mean(losses))
+        if correct is not None:  # sequences have no accuracy
+            data.original_accuracy = float(100.0 * np.mean(correct))
         prepare_unseen_hold(
             data,
             context.measure,

@@ -1,0 +1,139 @@
+"""forget(ids) on a causal LM, full and LoRA: rows are sequences, measured by their mean token loss.
+
+A language model's labels hold a token per position, so the automatic choice measures losses
+(ForgetConfig criterion 'auto' resolves to 'loss'), no request removes a class, and a row's loss is
+its mean over its predicted tokens with the labels shifted by one, as the model's own loss.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import TinyCNN, lm_dataset, tiny_config, tiny_gpt2_lm, tiny_llama
+
+from hf_amnesia import AmnesiacTrainer, ForgetConfig, ForgetRequestError
+from hf_amnesia.forgetting.measure import batch_loss, logits_of, row_losses_of
+from hf_amnesia.trainer import is_causal_lm
+
+peft = pytest.importorskip("peft")
+FORGET = [1000, 1003, 1006]  # three of the 24 training rows (ids 1000, 1003, ...)
+
+
+def _lora(model, targets):
+    return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def _train(out, model, keep_fraction, rows=24):
+    args = tiny_config(out, keep_fraction=keep_fraction, num_train_epochs=3, learning_rate=1e-2)
+    trainer = AmnesiacTrainer(
+        model=model, args=args, train_dataset=lm_dataset(rows, with_ids=True), eval_dataset=lm_dataset(12, seed=1)
+    )
+    trainer.train()
+    return trainer
+
+
+def _weights(trainer):
+    return torch.cat([p.detach().reshape(-1).clone() for p in trainer.model.parameters()])
+
+
+def _reset(trainer, theta):
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta.clone(), trainer.model.parameters())
+
+
+def _files(folder) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module", params=["full", "lora"])
+def trained(request, tmp_path_factory):
+    """GPT-2 trained with recording: all weights at keep 0.25, or a LoRA adapter at keep 1.0."""
+    model = tiny_gpt2_lm()
+    if request.param == "lora":
+        model = _lora(model, ["c_attn"])
+    trainer = _train(tmp_path_factory.mktemp(request.param), model, 0.25 if request.param == "full" else 1.0)
+    return trainer, _weights(trainer)
+
+
+def test_causal_lms_are_told_from_classifiers():
+    assert is_causal_lm(tiny_gpt2_lm()) and is_causal_lm(tiny_llama())
+    assert is_causal_lm(_lora(tiny_gpt2_lm(), ["c_attn"]))
+    assert not is_causal_lm(TinyCNN())
+
+
+def test_row_and_batch_losses_are_the_models_own(trained):
+    """Each row's measured loss is the model's loss on that row alone; the repair's batch loss is
+    the model's loss on the batch (the mean over every predicted token)."""
+    trainer, _ = trained
+    model, data = trainer.model, lm_dataset(6, seed=2)
+    measure = trainer.forget_context().measure
+    assert measure.shift_labels
+    measured = measure.row_losses(data)
+    model.eval()
+    with torch.no_grad():
+        own = [float(model(**{k: v[i : i + 1] for k, v in data[:6].items()}).loss) for i in range(6)]
+        batch = data[:6]
+        logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+        whole = float(model(**batch).loss)
+        per_row = row_losses_of(logits, batch["labels"], shift_labels=True)
+    model.train()
+    np.testing.assert_allclose(measured, own, rtol=1e-5)
+    np.testing.assert_allclose(per_row.numpy(), own, rtol=1e-5)
+    assert abs(float(batch_loss(logits, batch["labels"], shift_labels=True)) - whole) <= 1e-5 * whole
+
+
+def test_the_default_forget_chooses_by_loss_and_changes_the_model(trained):
+    """forget(ids) with every default: the scale's harm is held-out nats within max_loss_harm, the
+    ids are recorded as forgotten, and the same request is deterministic."""
+    trainer, theta = trained
+    _reset(trainer, theta)
+    report = trainer.forget(FORGET)
+    assert report.forgotten == FORGET and report.scale > 0
+    budget = ForgetConfig().max_loss_harm
+    chosen = [harm for scale, harm in report.calibration if scale == report.scale]
+    assert chosen and all(np.isfinite(chosen)) and chosen[-1] <= budget * 1.0001
+    after = _weights(trainer)
+    assert not torch.equal(after, theta)
+    assert set(FORGET) <= set(trainer.forgotten_ids())
+    _reset(trainer, theta)
+    again = trainer.forget(FORGET)
+    assert (again.scale, again.repair_steps) == (report.scale, report.repair_steps)
+    assert torch.equal(_weights(trainer), after)
+    _reset(trainer, theta)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"whole_class": True}, "Leave whole_class unset"),
+        ({"config": ForgetConfig(criterion="accuracy")}, "criterion='loss'"),
+        ({"holdout": {"a": lm_dataset(4)}}, "dict of eval datasets"),
+    ],
+    ids=["whole_class", "accuracy", "holdout_dict"],
+)
+def test_a_request_the_rows_cannot_serve_is_refused_and_changes_nothing(trained, kwargs, message):
+    trainer, theta = trained
+    _reset(trainer, theta)
+    store = _files(trainer.args.store_dir)
+    with pytest.raises(ForgetRequestError, match=message):
+        trainer.forget(FORGET, **kwargs)
+    assert torch.equal(_weights(trainer), theta)
+    assert _files(trainer.args.store_dir) == store
+    assert not set(FORGET) & set(trainer.forgotten_ids())
+
+
+def test_a_llama_forgets_rows_already_deleted(tmp_path):
+    """The rows' data was deleted: forget needs no row of theirs (no class is inferred from sequences)
+    and the store's subtraction with a plain repair serves the request."""
+    trainer = _train(tmp_path, tiny_llama(tied=True), 0.25)
+    theta = _weights(trainer)
+    data = trainer.train_dataset
+    keep = [i for i, row_id in enumerate(data.with_format(None)["dataset_id"]) if row_id not in FORGET]
+    later = AmnesiacTrainer(
+        model=trainer.model, args=trainer.args, train_dataset=data.select(keep), eval_dataset=trainer.eval_dataset
+    )
+    report = later.forget(FORGET)
+    assert report.forgotten == FORGET and report.scale > 0
+    assert not torch.equal(_weights(later), theta)
