@@ -5,6 +5,7 @@
 
 Prints tables, then as its last line one JSON object with: overhead_cnn, overhead_bert (the
 default `rows` layout), overhead_cnn_entries, overhead_bert_entries (`keep_layout="entries"`),
+overhead_lora (a LoRA fine-tune of a GPT-2, the whole adapter recorded),
 overhead_cnn_tails_filling, overhead_cnn_tails_full (a 220-step run: while the open momentum
 tails fill, and once they are full), opacus_dense_cnn, peak_mem_ratio_cnn, store_overhead_pct, forget_1_ms, forget_6000_s,
 rte_speedup (Retrain without one id / forget of that id), rte_speedup_6000, forget_default_s,
@@ -62,6 +63,37 @@ def bert():
         num_labels=2,
     )
     return BertForSequenceClassification(config)
+
+
+def lora_gpt2():
+    """GPT-2 (4 layers, width 256, vocabulary 8,192, 128 positions) with a rank-8 LoRA on c_attn."""
+    import peft
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=8192, n_positions=128, n_embd=256, n_layer=4, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    lora = peft.LoraConfig(r=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    return peft.get_peft_model(GPT2LMHeadModel(config), lora)
+
+
+def token_rows(n, seq=128, vocab=8192, seed=0):
+    ids = np.random.default_rng(seed).integers(0, vocab, (n, seq))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+
+
+def overhead_lora(steps=60, batch=8, rounds=3):
+    """Recording (keep_fraction 1.0, the whole adapter) / plain median step time of a LoRA fine-tune,
+    steps 3-60 of each run, the median over `rounds` alternating pairs of runs."""
+    data = token_rows(batch * steps)
+    pairs = []
+    for _ in range(rounds):
+        plain = statistics.median(step_times(lora_gpt2, data, batch, steps, record=False)[3:])
+        recording = statistics.median(step_times(lora_gpt2, data, batch, steps, record=True, keep_fraction=1.0)[3:])
+        pairs.append((recording / plain, plain, recording))
+    return sorted(pairs)[len(pairs) // 2]
 
 
 def images(n, seed=0):
@@ -367,6 +399,11 @@ def main(argv=None):
     print(
         f"tiny BERT (seq 128, batch 32, p=0.01): plain {plain * 1e3:.1f} ms/step, recording "
         + ", ".join(f"{layout} {amnesiac[layout] * 1e3:.1f} ms/step ({ratio[layout]:.2f}x)" for layout in layouts)
+    )
+    result["overhead_lora"], plain, recording = overhead_lora()
+    print(
+        f"LoRA r=8 on GPT-2 c_attn (4 layers, width 256, seq 128, batch 8, p=1.0): plain {plain * 1e3:.1f} ms/step, "
+        f"recording {recording * 1e3:.1f} ms/step ({result['overhead_lora']:.2f}x; median of 3 alternating runs)"
     )
     result["opacus_dense_cnn"] = opacus_dense(64, 8)
     result["peak_mem_ratio_cnn"], peaks = peak_memory_ratio()
