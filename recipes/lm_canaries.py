@@ -49,6 +49,7 @@ from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, ForgetConfig
 from hf_amnesia.forgetting import finetune
 from hf_amnesia.forgetting.measure import batch_loss
 from hf_amnesia.store import folder_bytes
+from recipes.aggregate import paired_markdown, paired_table
 from recipes.outputs import code_version
 
 MODULES = (
@@ -58,6 +59,11 @@ MODULES = (
     "typing", "unittest", "urllib.parse", "uuid", "zipfile",
 )  # fmt: skip
 DIGITS = 4
+SCENARIO = "secrets"
+METRICS = (
+    "exposure", "exposure_repeated", "exposure_single", "exposure_max", "exposure_gap", "heldout_ppl",
+    "ppl_change_pct", "seconds", "storage_bytes", "scale", "repair_steps",
+)  # fmt: skip
 METHODS = (
     "original", "retrain", "retrain_other_seed", "hf_amnesia_lora", "hf_amnesia_deleted", "hold_only",
     "neggrad+repair", "finetune", "original_full", "hf_amnesia",
@@ -65,7 +71,7 @@ METHODS = (
 DEFAULTS = dict(
     learning_rate=3e-3,
     per_device_train_batch_size=32,
-    num_train_epochs=4,
+    num_train_epochs=8,
     warmup_steps=0,
     weight_decay=0.0,
     max_grad_norm=1.0,
@@ -80,13 +86,15 @@ DEFAULTS = dict(
 
 @dataclass
 class CanaryArguments:
-    seq_len: int = field(default=128, metadata={"help": "Characters per text row."})
-    max_rows: int = field(default=2000, metadata={"help": "Text rows used (pretraining, fine-tuning, held out)."})
+    seq_len: int = field(default=64, metadata={"help": "Characters per text row."})
+    max_rows: int = field(default=4000, metadata={"help": "Text rows used (pretraining, fine-tuning, held out)."})
     canaries: int = field(default=10, metadata={"help": "Secrets planted in the fine-tuning rows."})
-    canary_copies: int = field(default=8, metadata={"help": "Rows of each odd-numbered secret, each with its id."})
+    canary_copies: int = field(default=64, metadata={"help": "Rows of each odd-numbered secret, each with its id."})
     hidden: int = field(default=64, metadata={"help": "GPT-2 width (2 layers, 4 heads)."})
     pretrain_epochs: float = field(default=6.0, metadata={"help": "Unrecorded pretraining epochs on public text."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank, on c_attn and c_proj."})
+    lora_rank: int = field(
+        default=8, metadata={"help": "LoRA rank, on c_attn, c_proj and c_fc (every linear layer of the blocks)."}
+    )
     full_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the full fine-tune."})
     full_keep_fraction: float = field(default=0.01, metadata={"help": "keep_fraction of the full fine-tune."})
     max_loss_harm: float | None = field(
@@ -249,7 +257,7 @@ def run(config: AmnesiaConfig, canary: CanaryArguments, log=print) -> dict:
         set_seed(seed)
         import peft
 
-        lora = peft.LoraConfig(r=canary.lora_rank, target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM")
+        lora = peft.LoraConfig(r=canary.lora_rank, target_modules=["c_attn", "c_proj", "c_fc"], task_type="CAUSAL_LM")
         return peft.get_peft_model(copy.deepcopy(base), lora)
 
     def measure(model) -> dict:
@@ -313,8 +321,13 @@ def run(config: AmnesiaConfig, canary: CanaryArguments, log=print) -> dict:
             results["original_full"] = {**measure(full.model), "seconds": full_seconds, "storage_bytes": 0}
         if "hf_amnesia" in methods:
             timed("hf_amnesia", copy.deepcopy(full.model), full_bytes, forgetter(full_args, train))
+    for row in results.values():  # distances to Retrain, and the held-out cost against the original
+        if "retrain" in results:
+            row["exposure_gap"] = abs(row["exposure"] - results["retrain"]["exposure"])
+        if "original" in results:
+            row["ppl_change_pct"] = 100.0 * (row["heldout_ppl"] / results["original"]["heldout_ppl"] - 1.0)
     facts = {
-        "scenario": "secrets",
+        "scenario": SCENARIO,
         "train_rows": len(train),
         "canary_rows": len(forget_ids),
         "copies": copies,
@@ -343,8 +356,36 @@ def _train(trainer: AmnesiacTrainer) -> None:
     trainer.train()
 
 
+def write_aggregate(folders: list[str], out: str, reference: str = "hf_amnesia_lora") -> dict:
+    """Mean and std over the runs in `folders` (aggregate.json, aggregate.md), and `reference`'s
+    exposure_gap minus each baseline's, paired by run with a bootstrap 95 % interval (paired.json,
+    paired.md; recipes.aggregate.paired_table)."""
+    runs = [json.loads((Path(folder) / "results.json").read_text()) for folder in folders]
+    agg: dict[str, dict] = {}
+    for method in dict.fromkeys(m for r in runs for m in r[SCENARIO]):
+        rows = [r[SCENARIO][method] for r in runs if method in r[SCENARIO]]
+        agg[method] = {
+            k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
+            for k in METRICS
+            if (v := [row[k] for row in rows if k in row])
+        }
+    paired = paired_table(runs, reference=reference, metric="exposure_gap")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "aggregate.json").write_text(json.dumps({SCENARIO: agg}, indent=1))
+    (Path(out) / "paired.json").write_text(json.dumps(paired, indent=1))
+    keys = ["exposure", "exposure_repeated", "exposure_gap", "heldout_ppl", "ppl_change_pct", "seconds"]
+    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for method, metrics in agg.items():
+        cells = [f"{metrics[k]['mean']:.2f} ± {metrics[k]['std']:.2f}" if k in metrics else "" for k in keys]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    (Path(out) / "aggregate.md").write_text("\n".join(lines) + "\n")
+    (Path(out) / "paired.md").write_text(paired_markdown(paired, reference=reference, metric="exposure_gap"))
+    print("\n".join(lines))
+    return agg
+
+
 def markdown(results: dict) -> str:
-    keys = ["exposure", "exposure_repeated", "exposure_max", "heldout_ppl", "seconds", "scale", "repair_steps"]
+    keys = ["exposure", "exposure_repeated", "exposure_gap", "heldout_ppl", "ppl_change_pct", "seconds", "scale"]
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, row in results.items():
         cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
@@ -357,9 +398,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.set_defaults(**DEFAULTS, output_dir="outputs/lm_canaries")
     canary, config = parser.parse_args_into_dataclasses(args=argv)
     out = run(config, canary)
-    out["run"]["code"] = code_version(argv)
+    out["run"].update(code_version(argv), seed=config.seed)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(config.output_dir) / "results.json").write_text(json.dumps(out, indent=2))
+    (Path(config.output_dir) / "results.json").write_text(json.dumps({SCENARIO: out["results"]}, indent=2))
+    (Path(config.output_dir) / "run.json").write_text(json.dumps(out["run"], indent=2))
     table = markdown(out["results"])
     (Path(config.output_dir) / "results.md").write_text(table)
     plot(out["results"], Path(config.output_dir) / "results.png")

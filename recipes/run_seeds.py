@@ -8,7 +8,8 @@ Seed S runs `python recipes/<recipe>.py <args after --> --seed S --output_dir OU
 subprocess. A seed whose OUT/seed_S/results.json exists is skipped, so running the same command
 again resumes where it stopped. A failing seed is reported and the others still run; the exit code
 is nonzero if any failed. Afterwards every seed with a results.json is aggregated into
-OUT/aggregate (`recipes.aggregate.write_aggregate`: aggregate.json, gaps.md, paired.json, ...).
+OUT/aggregate (`recipes.aggregate.write_aggregate`: aggregate.json, gaps.md, paired.json, ...;
+`recipes.lm_canaries.write_aggregate` for lm_canaries).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if __package__ in (None, ""):  # run as a file, not with -m: make `recipes` impo
 
 from recipes.aggregate import write_aggregate
 
-RECIPES = ("mnist", "cifar100")
+RECIPES = ("mnist", "cifar100", "lm_canaries")
 RUNNER_FLAGS = ("--seed", "--output_dir")  # set per seed by the runner
 
 
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", required=True, choices=RECIPES, help="recipes/<recipe>.py runs for each seed")
     parser.add_argument("--seeds", required=True, type=parse_seeds, help="`100-102` or `100,101,105`")
     parser.add_argument("--out", required=True, help="seed S writes to OUT/seed_S, the aggregate to OUT/aggregate")
-    parser.add_argument("--reference", default="hf_amnesia", help="the method paired.json compares with the others")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="the method paired.json compares with the others (hf_amnesia; hf_amnesia_lora for lm_canaries)",
+    )
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing, write nothing")
     args = parser.parse_args(own)
     clash = [a for a in recipe_args if a.split("=", 1)[0] in RUNNER_FLAGS]
@@ -90,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"then aggregates the seeds with a results.json into {aggregate_dir}")
     elif done:
         print(f"aggregating {len(done)} of {len(args.seeds)} seeds into {aggregate_dir}", flush=True)
-        write_aggregate(done, aggregate_dir, reference=args.reference)
+        if args.recipe == "lm_canaries":  # its own metrics: exposure against Retrain's
+            from recipes.lm_canaries import write_aggregate as write_lm_aggregate
+
+            write_lm_aggregate(done, aggregate_dir, reference=args.reference or "hf_amnesia_lora")
+        else:
+            write_aggregate(done, aggregate_dir, reference=args.reference or "hf_amnesia")
     if failed:
         print(f"failed seeds: {', '.join(map(str, failed))} (run the same command again to retry them)")
     return 1 if failed else 0

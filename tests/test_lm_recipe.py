@@ -50,7 +50,7 @@ TINY = ["--use_cpu", "--seq_len", "32", "--max_rows", "80", "--canaries", "2", "
 def test_the_canary_recipe_runs_every_method(tmp_path):
     argv = [*TINY, "--pretrain_epochs", "1", "--output_dir", str(tmp_path)]
     out = lm_canaries.main(argv)
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    results = json.loads((tmp_path / "results.json").read_text())["secrets"]
     assert set(results) == set(lm_canaries.METHODS) == set(out["results"])
     for name, row in results.items():
         assert 0 <= row["exposure"] <= row["exposure_max"] <= math.log2(10**4) + 1e-9, name
@@ -64,3 +64,9 @@ def test_the_canary_recipe_runs_every_method(tmp_path):
     assert facts["lora_trainable_params"] < facts["params"] / 2  # only the adapter is trained and recorded
     assert (tmp_path / "results.md").read_text().startswith("| method |")
     assert (tmp_path / "results.png").stat().st_size > 0
+    assert results["retrain"]["exposure_gap"] == 0 and results["original"]["ppl_change_pct"] == 0
+    assert json.loads((tmp_path / "run.json").read_text())["seed"] == 42
+    agg = lm_canaries.write_aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / "agg"))
+    assert agg["hf_amnesia"]["exposure"]["n"] == 2
+    paired = json.loads((tmp_path / "agg" / "paired.json").read_text())["secrets"]
+    assert paired["finetune"]["n"] == 2 and "hf_amnesia_lora" not in paired  # the reference is not a baseline
