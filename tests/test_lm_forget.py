@@ -137,3 +137,44 @@ def test_a_llama_forgets_rows_already_deleted(tmp_path):
     report = later.forget(FORGET)
     assert report.forgotten == FORGET and report.scale > 0
     assert not torch.equal(_weights(later), theta)
+
+
+NEW_PROCESS = """
+import json, sys
+import peft, torch
+from transformers import GPT2LMHeadModel
+from hf_amnesia import AmnesiaConfig, AmnesiacTrainer
+base, adapter, store, out = sys.argv[1:5]
+model = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), adapter, is_trainable=True)
+before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+args = AmnesiaConfig(output_dir=out, store_dir=store, report_to=[], use_cpu=True)
+trainer = AmnesiacTrainer(model=model, args=args)
+again = trainer.forget([1000, 1003, 1006], scale=1.0, repair_steps=0)
+unchanged = all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+more = trainer.forget([1003, 1009], scale=1.0, repair_steps=0)
+print(json.dumps({"again": [again.forgotten, again.already_forgotten], "unchanged": unchanged,
+                  "more": [more.forgotten, more.already_forgotten]}))
+"""
+
+
+def test_a_saved_lora_adapter_never_subtracts_an_id_twice_in_a_new_process(tmp_path):
+    """forget(ids) (every default) on a LoRA GPT-2, the adapter saved; a new process loads base and
+    adapter and asks for the same ids again: none is subtracted twice, a new one still is."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base = tiny_gpt2_lm()
+    base.save_pretrained(str(tmp_path / "base"))
+    trainer = _train(tmp_path / "run", _lora(base, ["c_attn"]), 1.0)
+    assert trainer.forget(FORGET).forgotten == FORGET
+    trainer.save_model(str(tmp_path / "adapter"))
+    code = subprocess.run(
+        [sys.executable, "-c", NEW_PROCESS, str(tmp_path / "base"), str(tmp_path / "adapter"), trainer.args.store_dir,
+         str(tmp_path / "later")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert code.returncode == 0, code.stderr[-3000:]
+    result = json.loads(code.stdout.strip().splitlines()[-1])
+    assert result == {"again": [[], FORGET], "unchanged": True, "more": [[1009], [1003]]}
