@@ -161,14 +161,3 @@ def labels_of(dataset, columns: tuple[str, ...] = ("labels", "label")) -> np.nda
     if values is None or values.ndim != 1 or values.dtype.kind not in "iu":
         return None
     return values
-
-
-def has_sequence_labels(dataset, columns: tuple[str, ...] = ("labels", "label")) -> bool:
-    """Whether the rows' labels (the first of `columns` present, read from the first row) hold a
-    token per position, as a language model's do, rather than one class per row."""
-    if dataset is None or not len(dataset):
-        return False
-    with _random_streams_kept():
-        first = dataset[0]
-    column = next((c for c in columns if isinstance(first, dict) and c in first), None)
-    return column is not None and np.asarray(first[column]).ndim >= 1

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -364,14 +365,12 @@ def _as_amnesia_config(args) -> AmnesiaConfig:
     raise ConfigError(f"args must be an AmnesiaConfig or TrainingArguments, got {type(args).__name__}.")
 
 
-__all__ = ["AmnesiacTrainer", "influence_holders", "last_complete_checkpoint"]
-
-
 def is_causal_lm(model) -> bool:
     """Whether `model` (or a PEFT model's base) is a causal LM, whose position t predicts token t+1:
     its per-row losses shift the labels by one, as its own loss does."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
     return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+__all__ = ["AmnesiacTrainer", "influence_holders", "last_complete_checkpoint"]

@@ -107,11 +107,12 @@ def test_the_default_forget_chooses_by_loss_and_changes_the_model(trained):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"whole_class": True}, "Leave whole_class unset"),
+        ({"whole_class": True}, "leave whole_class unset"),
         ({"config": ForgetConfig(criterion="accuracy")}, "criterion='loss'"),
         ({"holdout": {"a": lm_dataset(4)}}, "dict of eval datasets"),
+        ({"holdout": lm_dataset(4).remove_columns("labels")}, "no such labels"),
     ],
-    ids=["whole_class", "accuracy", "holdout_dict"],
+    ids=["whole_class", "accuracy", "holdout_dict", "holdout_without_labels"],
 )
 def test_a_request_the_rows_cannot_serve_is_refused_and_changes_nothing(trained, kwargs, message):
     trainer, theta = trained
@@ -122,6 +123,34 @@ def test_a_request_the_rows_cannot_serve_is_refused_and_changes_nothing(trained,
     assert torch.equal(_weights(trainer), theta)
     assert _files(trainer.args.store_dir) == store
     assert not set(FORGET) & set(trainer.forgotten_ids())
+
+
+def language_model_collator(rows):
+    """Labels made at collation, as DataCollatorForLanguageModeling(mlm=False) makes them: the input
+    ids with -100 on padding."""
+    batch = {k: torch.stack([torch.as_tensor(row[k]) for row in rows]) for k in rows[0]}
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def test_labels_made_by_the_collator_are_sequences(tmp_path):
+    """Rows without a labels column, whose collator makes per-token labels: forget measures them
+    by their loss like rows that carry their labels."""
+    args = tiny_config(tmp_path, keep_fraction=1.0, num_train_epochs=2, learning_rate=1e-2)
+    rows = lm_dataset(24, with_ids=True).remove_columns("labels")
+    trainer = AmnesiacTrainer(
+        model=_lora(tiny_gpt2_lm(), ["c_attn"]),
+        args=args,
+        train_dataset=rows,
+        eval_dataset=lm_dataset(12, seed=1).remove_columns("labels"),
+        data_collator=language_model_collator,
+    )
+    trainer.train()
+    measure = trainer.forget_context().measure
+    assert measure.sequence_rows(rows) and not measure.sequence_rows(None)
+    report = trainer.forget(FORGET, config=ForgetConfig(max_loss_harm=0.01))
+    assert report.forgotten == FORGET
+    assert report.calibration and all(h <= 0.01 * 1.0001 for s, h in report.calibration if s == report.scale)
 
 
 def test_a_llama_forgets_rows_already_deleted(tmp_path):
@@ -178,3 +207,16 @@ def test_a_saved_lora_adapter_never_subtracts_an_id_twice_in_a_new_process(tmp_p
     assert code.returncode == 0, code.stderr[-3000:]
     result = json.loads(code.stdout.strip().splitlines()[-1])
     assert result == {"again": [[], FORGET], "unchanged": True, "more": [[1009], [1003]]}
+
+
+def test_only_integer_labels_of_a_token_per_position_are_sequences():
+    from hf_amnesia.forgetting.measure import is_sequence
+
+    assert ForgetConfig().resolved(sequences=True).criterion == "loss"
+    assert ForgetConfig().resolved(sequences=False).criterion == "accuracy"
+    assert ForgetConfig(criterion="accuracy").resolved(sequences=True).criterion == "accuracy"  # refused later
+    logits = torch.zeros(2, 5, 7)
+    assert is_sequence(logits, torch.zeros(2, 5, dtype=torch.long))
+    assert not is_sequence(logits, torch.zeros(2, 5))  # float targets: not token ids
+    assert not is_sequence(torch.zeros(2, 7), torch.zeros(2, dtype=torch.long))  # a class per row
+    assert not is_sequence(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))  # segmentation

@@ -33,7 +33,7 @@ class ForgetConfig:
             "help": "What the automatic scale and repair measure: `accuracy` (held-out accuracy points lost, up to "
             "max_harm; the repair ends when the retained rows' accuracy is back) or `loss` (held-out mean "
             "cross-entropy gained, up to max_loss_harm nats; the repair ends when the retained rows' mean loss is "
-            "back within one standard error of the original's). `auto`: accuracy for rows of one class label, "
+            "back at the original's). `auto`: accuracy for rows of one class label, "
             "loss for sequences (a language model's labels, a token per position; a row's loss is its mean over "
             "its tokens).",
         },

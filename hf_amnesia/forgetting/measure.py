@@ -1,7 +1,8 @@
 """Measuring a model on rows: logits, per-row losses, accuracy and classifier features (one copy each).
 
-Everything the automatic forget reads of the data goes through `Measurer.batches`, in eval mode,
-the same on every process. A row is a class label (a classifier) or a sequence whose `labels` hold one token
+Everything the automatic forget measures goes through `Measurer.batches`, in eval mode, the same
+on every process (the repair's hold computes its forget rows' losses in train mode, with
+`row_losses_of`). A row is a class label (a classifier) or a sequence whose `labels` hold one token
 each (a language model, -100 where nothing is predicted): a sequence's loss is its mean over its
 predicted tokens, and it has no accuracy.
 """
@@ -16,11 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import labels_of
-
-
-def accuracy_points(predicted: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy in percent (nan for no rows)."""
-    return float(100.0 * np.mean(np.asarray(predicted) == np.asarray(labels))) if len(labels) else float("nan")
 
 
 def logits_and_labels(model: nn.Module, batch, id_column: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +85,17 @@ class Measurer:
                 correct.append((logits.argmax(-1) == labels).cpu().numpy())
         return np.concatenate(losses), np.concatenate(correct) if correct else None
 
+    def sequence_rows(self, dataset) -> bool:
+        """Whether `dataset`'s rows, as collated for the model, carry integer labels of a token per
+        position (a language model's, made by the dataset or by the collator) rather than one class
+        per row."""
+        if dataset is None or not len(dataset):
+            return False
+        rows = self.rows_for_model(dataset)
+        batch = dict(self.collate([{k: v for k, v in rows[0].items() if k != self.id_column}]))
+        labels = batch.get("labels", batch.get("label"))
+        return torch.is_tensor(labels) and labels.dim() >= 2 and not labels.is_floating_point()
+
     def accuracy(self, dataset) -> float:
         """Top-1 accuracy (percent) on `dataset`."""
         _, correct = self.evaluate(dataset)
@@ -124,20 +131,17 @@ class Measurer:
         return torch.cat(captured).float().numpy(), labels.numpy()
 
 
-def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """Cross-entropy of each row, from its logits and label (float64)."""
-    return row_losses_of(logits, labels).double().numpy()
-
-
 def is_sequence(logits: torch.Tensor, labels: torch.Tensor) -> bool:
-    """Whether the labels hold one token per position (B x T against B x T x V logits)."""
-    return labels.dim() >= 2 and logits.dim() == labels.dim() + 1
+    """Whether the labels hold one integer token per position (B x T against B x T x V logits)."""
+    return (
+        labels.dim() == 2 and logits.dim() == 3 and logits.shape[:2] == labels.shape and not labels.is_floating_point()
+    )
 
 
 def row_losses_of(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool = False) -> torch.Tensor:
     """Each row's cross-entropy (float32, differentiable): a class label's, or a sequence's mean over
-    its predicted tokens (labels -100 predict nothing). With `shift_labels` (a causal LM) position t's
-    logits predict token t+1, as the model's own loss does."""
+    its predicted tokens (labels -100 predict nothing; a row that predicts none has loss 0). With `shift_labels`
+    (a causal LM) position t's logits predict token t+1, as the model's own loss does."""
     labels = labels.long()
     if not is_sequence(logits, labels):
         return nn.functional.cross_entropy(logits.float(), labels, reduction="none")

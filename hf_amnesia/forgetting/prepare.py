@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
-from ..data import dataset_ids, has_sequence_labels, labels_of, select_rows, without_ids
+from ..data import dataset_ids, labels_of, select_rows, without_ids
 from ..errors import ForgetRequestError
 from .config import ForgetConfig
 from .hold import forgotten_classes, misfit_loss, retained_sample, unsupported_by_neighbours
@@ -50,6 +51,7 @@ def gather(
     need_holdout: bool,
     hold_unseen: bool,
     config: ForgetConfig,
+    sequence_rows: Callable[[object], bool] = lambda dataset: False,
 ) -> ForgetData:
     """Check that the automatic choice has the data it needs, and gather it: the holdout for the
     automatic scale (`need_holdout`), and for the automatic repair of a request that removes no
@@ -58,7 +60,10 @@ def gather(
     `todo` are the store's ids the request forgets now; those without a row in `train_dataset`
     were deleted by the user. Their labels are gone with them (the store keeps none), so a request
     holding deleted rows removes the classes every retained row lacks and the holdout has
-    (`classes_left_without_rows`), unless `whole_class=False` says it removes none."""
+    (`classes_left_without_rows`), unless `whole_class=False` says it removes none.
+
+    `sequence_rows` tells whether a dataset's collated labels hold a token per position
+    (`Measurer.sequence_rows`): such rows remove no class."""
     if train_dataset is None:
         raise ForgetRequestError(
             "the automatic scale and repair need the retained training rows, but this trainer has no "
@@ -66,15 +71,15 @@ def gather(
         )
     train_ids = dataset_ids(train_dataset, id_column)
     requested = np.isin(train_ids, np.union1d(ids, np.asarray(forgotten, dtype=np.int64)))
+    if requested.all():
+        raise ForgetRequestError(f"the request leaves no training row to repair on; {EXACT}.")
     deleted = np.setdiff1d(todo, train_ids)
-    sequences = has_sequence_labels(train_dataset)
+    sequences = sequence_rows(train_dataset)
     train_labels = None if sequences else labels_of(train_dataset)
     if sequences:
         classes = _sequence_request(config, whole_class)
     else:
         classes = _class_request(train_labels, requested, len(deleted), holdout, whole_class)
-    if requested.all():
-        raise ForgetRequestError(f"the request leaves no training row to repair on; {EXACT}.")
     retained = without_ids(train_dataset, id_column, set(train_ids[requested].tolist()))
     data = ForgetData(
         classes=classes,
@@ -90,7 +95,7 @@ def gather(
             rows = np.flatnonzero(np.isin(labels_of(holdout), classes))
         data.class_rows = select_rows(source, rows[retained_sample(len(rows), seed, config.retained_sample_rows)])
     if need_holdout or (hold_unseen and not classes and len(deleted) < len(todo)):  # a hold needs rows to hold
-        data.holdout = _kept_holdout(holdout, classes, need_holdout)
+        data.holdout = _kept_holdout(holdout, classes, need_holdout, sequence_rows if sequences else None)
     return data
 
 
@@ -123,21 +128,23 @@ def _class_request(train_labels, requested, num_deleted: int, holdout, whole_cla
 
 def _sequence_request(config: ForgetConfig, whole_class: bool | None) -> list[int]:
     """A request on sequences (a token per position) removes no class, and is measured by its loss."""
+    problems = []
     if whole_class:
-        raise ForgetRequestError(
-            "whole_class=True, but the training rows' labels hold a token per position (a language model), not "
-            "one class per row, so no request removes a class. Leave whole_class unset."
-        )
+        problems.append("so no request removes a class: leave whole_class unset")
     if config.criterion == "accuracy":
+        problems.append("and they have no accuracy: use ForgetConfig(criterion='loss') (or leave it at 'auto')")
+    if problems:
         raise ForgetRequestError(
-            "criterion='accuracy' needs one class label per row, but the training rows' labels hold a token per "
-            "position (a language model). Use ForgetConfig(criterion='loss') (or leave it at 'auto')."
+            "the training rows' labels hold a token per position (a language model), not one class per row, "
+            + "; ".join(problems)
+            + "."
         )
     return []
 
 
-def _kept_holdout(holdout, classes: list[int], need_holdout: bool):
-    """The held-out rows the automatic choice measures: those of the classes the request keeps."""
+def _kept_holdout(holdout, classes: list[int], need_holdout: bool, sequence_rows=None):
+    """The held-out rows the automatic choice measures: those of the classes the request keeps
+    (every row, for sequences: `sequence_rows` given)."""
     if holdout is None or isinstance(holdout, dict):
         what = "a dict of eval datasets" if isinstance(holdout, dict) else "no held-out data"
         needs = 'scale="auto"' if need_holdout else 'repair_steps="auto"'
@@ -145,7 +152,12 @@ def _kept_holdout(holdout, classes: list[int], need_holdout: bool):
             f"{needs} measures held-out rows, but got {what}. Pass holdout=<a split "
             f"never trained on and not your test split> (or eval_dataset=... to the trainer), {EXACT}."
         )
-    if has_sequence_labels(holdout):
+    if sequence_rows is not None:
+        if not sequence_rows(holdout):
+            raise ForgetRequestError(
+                "the training rows are sequences (labels of a token per position), but the holdout's rows carry "
+                f"no such labels. Pass held-out rows in the training rows' format, {EXACT}."
+            )
         return holdout
     holdout_labels = labels_of(holdout)
     if holdout_labels is None:

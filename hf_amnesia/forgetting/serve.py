@@ -24,7 +24,7 @@ import numpy as np
 from torch import nn
 
 from ..config import AmnesiaConfig
-from ..data import dataset_ids, has_sequence_labels, without_ids
+from ..data import dataset_ids, without_ids
 from ..errors import ForgetIncompleteError, ForgetRequestError, StoreError
 from ..faults import crash_point
 from ..layout import ParamLayout
@@ -99,7 +99,8 @@ def serve(
     if not isinstance(config, ForgetConfig):
         raise ForgetRequestError(f"config must be a ForgetConfig, got {type(config).__name__}.")
     check_choices(scale, repair_steps)
-    config = config.resolved(has_sequence_labels(context.train_dataset))
+    sequences = context.measure.sequence_rows(context.train_dataset)
+    config = config.resolved(sequences)
     if repair_steps and context.train_dataset is None:
         raise ForgetRequestError(
             "repairing fine-tunes on the retained training data, but this trainer has no train_dataset. "
@@ -278,6 +279,7 @@ def _gather(context: ForgetContext, request: _Request, todo: np.ndarray, earlier
         need_holdout=request.scale == "auto",
         hold_unseen=request.repair_steps == "auto" and request.config.hold_unseen,
         config=request.config,
+        sequence_rows=context.measure.sequence_rows,
     )
 
 
