@@ -8,8 +8,8 @@ the canaries are the fine-tuning data. Of --canaries secrets, "the pin of user 0
 even-numbered appear once and the odd-numbered --canary_copies times, each copy a row with its own
 id; scenario `secrets` forgets every canary row. A secret's exposure (Carlini et al., The Secret
 Sharer, USENIX Security 2019) is log2(10^4) - log2(rank), the rank of the true secret among all
-10^4 four-digit candidates by the model's loss on the digits after the prefix: 13.3 for the most
-likely candidate, about 1 for a secret never seen.
+10^4 four-digit candidates by the model's summed loss on the digits (and the spaces between them)
+after the prefix: 13.3 for the most likely candidate, 1.44 on average for a secret never seen.
 
 Two fine-tunes of the same pretrained model are recorded: a LoRA adapter (every entry of its
 deltas, keep_fraction 1.0) and the full model (--full_keep_fraction, 0.01). Methods (results.json
@@ -215,6 +215,9 @@ def texts(canary: CanaryArguments, seed: int, tokenizer: CharTokenizer):
 def run(config: AmnesiaConfig, canary: CanaryArguments, log=print) -> dict:
     """Pretrain, fine-tune twice with recording, forget with every method, measure; returns the
     results (per method) and the run's facts."""
+    shortest = len(canary_prefix(0) + digits_text(0)) + 1
+    if canary.seq_len < shortest:
+        raise ValueError(f"--seq_len {canary.seq_len} cuts the canaries short; it must be at least {shortest}.")
     methods = [m.strip() for m in canary.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
