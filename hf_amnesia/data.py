@@ -94,7 +94,7 @@ def _columns(dataset, columns: tuple[str, ...], start: int = 0) -> list[list]:
     read in one pass. Reading a row may run random transforms, so the global random streams are
     restored afterwards: reading ids or labels must not move training's random draws."""
     values: list[list] = [[] for _ in columns]
-    with _random_streams_kept():
+    with random_streams_kept():
         for i in range(start, len(dataset)):
             row = dataset[i]  # only the wanted columns are kept, not the rows
             for kept, c in zip(values, columns):
@@ -107,7 +107,7 @@ def _integers(values: list) -> np.ndarray:
 
 
 @contextmanager
-def _random_streams_kept():
+def random_streams_kept():
     """Restore Python's, NumPy's and torch's global random states (CPU, and CUDA once initialised)
     on exit."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
@@ -150,7 +150,7 @@ def labels_of(dataset, columns: tuple[str, ...] = ("labels", "label")) -> np.nda
         column = next((c for c in columns if c in dataset.column_names), None)
         values = None if column is None else np.asarray(dataset[column])
     else:
-        with _random_streams_kept():
+        with random_streams_kept():
             first = dataset[0] if len(dataset) else {}
         column = next((c for c in columns if isinstance(first, dict) and c in first), None)
         if column is None:

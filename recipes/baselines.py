@@ -104,6 +104,7 @@ def norm_rule_forget(trainer: AmnesiacTrainer, forget_ids: np.ndarray, initial: 
         need_holdout=False,
         hold_unseen=False,
         config=policy,
+        sequence_rows=context.measure.sequence_rows,
     )
     data.original_accuracy = context.measure.accuracy(data.retained_sample)
     update = forget_update(StoreReader(args.store_dir), forget_ids)

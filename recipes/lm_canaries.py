@@ -31,6 +31,7 @@ import importlib
 import inspect
 import json
 import math
+import platform
 import shutil
 import sys
 import time
@@ -339,6 +340,7 @@ def run(config: AmnesiaConfig, canary: CanaryArguments, log=print) -> dict:
         "lora_store_bytes": lora_bytes,
         "lora_trainable_params": sum(p.numel() for p in original.parameters() if p.requires_grad),
         "params": sum(p.numel() for p in base.parameters()),
+        "python": platform.python_version(),  # the docstrings, so the text, differ between versions
         "repair_budget": budget,
     }
     return {"results": results, "run": facts}

@@ -148,6 +148,7 @@ def _data(trainer, ids, need_holdout, hold_unseen=False, whole_class=None, holdo
         need_holdout=need_holdout,
         hold_unseen=hold_unseen,
         config=DEFAULTS,
+        sequence_rows=_measure(trainer).sequence_rows,
     )
 
 

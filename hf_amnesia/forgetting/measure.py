@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import labels_of
+from ..data import labels_of, random_streams_kept
 
 
 def logits_and_labels(model: nn.Module, batch, id_column: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,10 +91,10 @@ class Measurer:
         per row."""
         if dataset is None or not len(dataset):
             return False
-        rows = self.rows_for_model(dataset)
-        batch = dict(self.collate([{k: v for k, v in rows[0].items() if k != self.id_column}]))
+        with random_streams_kept():  # a random transform or collator must not move training's draws
+            batch = dict(self.collate([self.rows_for_model(dataset)[0]]))
         labels = batch.get("labels", batch.get("label"))
-        return torch.is_tensor(labels) and labels.dim() >= 2 and not labels.is_floating_point()
+        return torch.is_tensor(labels) and labels.dim() == 2 and not labels.is_floating_point()
 
     def accuracy(self, dataset) -> float:
         """Top-1 accuracy (percent) on `dataset`."""

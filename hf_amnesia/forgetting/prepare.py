@@ -51,7 +51,7 @@ def gather(
     need_holdout: bool,
     hold_unseen: bool,
     config: ForgetConfig,
-    sequence_rows: Callable[[object], bool] = lambda dataset: False,
+    sequence_rows: Callable[[object], bool],
 ) -> ForgetData:
     """Check that the automatic choice has the data it needs, and gather it: the holdout for the
     automatic scale (`need_holdout`), and for the automatic repair of a request that removes no

@@ -99,8 +99,8 @@ def serve(
     if not isinstance(config, ForgetConfig):
         raise ForgetRequestError(f"config must be a ForgetConfig, got {type(config).__name__}.")
     check_choices(scale, repair_steps)
-    sequences = context.measure.sequence_rows(context.train_dataset)
-    config = config.resolved(sequences)
+    if "auto" in (scale, repair_steps):  # what the automatic choice measures: accuracy or loss
+        config = config.resolved(context.measure.sequence_rows(context.train_dataset))
     if repair_steps and context.train_dataset is None:
         raise ForgetRequestError(
             "repairing fine-tunes on the retained training data, but this trainer has no train_dataset. "
