@@ -142,11 +142,9 @@ def row_losses_of(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool
     """Each row's cross-entropy (float32, differentiable): a class label's, or a sequence's mean over
     its predicted tokens (labels -100 predict nothing; a row that predicts none has loss 0). With `shift_labels`
     (a causal LM) position t's logits predict token t+1, as the model's own loss does."""
-    labels = labels.long()
     if not is_sequence(logits, labels):
-        return nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    if shift_labels:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        return nn.functional.cross_entropy(logits.float(), labels.long(), reduction="none")
+    logits, labels = _predicted(logits, labels.long(), shift_labels)
     tokens = nn.functional.cross_entropy(logits.float().transpose(1, -1), labels, ignore_index=-100, reduction="none")
     counted = (labels != -100).reshape(len(labels), -1).sum(dim=1)
     return tokens.reshape(len(labels), -1).sum(dim=1) / counted.clamp(min=1)
@@ -159,7 +157,11 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool = 
         return smoother({"logits": logits}, labels, shift_labels=shift_labels and is_sequence(logits, labels))
     if not is_sequence(logits, labels):
         return nn.functional.cross_entropy(logits, labels.long())
-    if shift_labels:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+    logits, labels = _predicted(logits, labels, shift_labels)
     flat = logits.float().reshape(-1, logits.shape[-1])
     return nn.functional.cross_entropy(flat, labels.long().reshape(-1), ignore_index=-100)
+
+
+def _predicted(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's logits and the tokens they predict: shifted by one for a causal LM."""
+    return (logits[:, :-1], labels[:, 1:]) if shift_labels else (logits, labels)
