@@ -18,6 +18,11 @@ the optimizer consumed at step s. The bracket needs the future, so each step's c
     sum_{t=s..T} b1^(t-s) x_t = b1^(e-s) (L_T - L_{s-1}).
 
 Stored deltas omit the factor `Q_T`; `forget` multiplies by the current `Q`.
+With a memory budget smaller than the open tails need (`max_open` < window), a step is closed
+after `L = max_open` steps and the rest of its bracket is estimated with its denominator frozen at
+closing (bounded tails): `sum_{t>c} b1^(t-s) x_t ~ b1^(c-s) R_c x_c`, `R_c` from the planned
+learning rates (`rest_factor`); the recorder passes `R_c x_c` as `x_rest`.
+
 See docs/method.md for the derivation and docs/limits.md for the memory bound of the open tails.
 """
 
@@ -80,11 +85,17 @@ class MomentumLedger:
     the rest at the end of training.
     """
 
-    def __init__(self, num_params: int, beta1: float, tail_tolerance: float = 1e-7, device="cpu"):
+    def __init__(
+        self, num_params: int, beta1: float, tail_tolerance: float = 1e-7, device="cpu", max_open: int | None = None
+    ):
         if not 0.0 < beta1 < 1.0:
             raise ValueError(f"beta1 must be in (0, 1), got {beta1}")
+        if max_open is not None and max_open < 1:
+            raise ValueError(f"max_open must be at least 1, got {max_open}")
         self.beta1 = float(beta1)
         self.tail_tolerance = float(tail_tolerance)
+        # bounded tails: a step closes after `max_open` steps, the rest of its tail estimated
+        self.max_open = max_open if max_open is not None and max_open < self.window else None
         self.ledger = torch.zeros(num_params, dtype=torch.float64, device=device)
         self.base = 1  # step e whose term has weight b1^0
         self.open: deque[OpenStep] = deque()
@@ -102,8 +113,11 @@ class MomentumLedger:
         ids: np.ndarray,
         positions: torch.Tensor,
         contrib: torch.Tensor,
+        x_rest: torch.Tensor | None = None,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Account optimizer step `t` (1-based, consecutive) and yield the deltas that closed."""
+        """Account optimizer step `t` (1-based, consecutive) and yield the deltas that closed.
+        `x_rest` (bounded tails only, dense like `x_t`): `R_t x_t`, the estimated rest of the tails
+        that close at this step; without it their rest is left out."""
         if len(ids):
             if positions.numel() >= self.ledger.numel():
                 start = self.pool.take(self.ledger.shape, torch.float64, self.ledger.device).copy_(self.ledger)
@@ -117,6 +131,8 @@ class MomentumLedger:
         _add_into(self.ledger, x_t, self.beta1 ** (t - self.base))
         while self.open and self.beta1 ** (t + 1 - self.open[0].step) < self.tail_tolerance:
             yield self._close(self.open.popleft())
+        while self.max_open is not None and self.open and t + 1 - self.open[0].step >= self.max_open:
+            yield self._close(self.open.popleft(), x_rest, self.beta1 ** (t - self.base))
         if self.beta1 ** (t - self.base) < REBASE_WEIGHT:
             self._rebase(t + 1)
 
@@ -124,9 +140,11 @@ class MomentumLedger:
         while self.open:
             yield self._close(self.open.popleft())
 
-    def _close(self, item: OpenStep) -> tuple[np.ndarray, torch.Tensor]:
+    def _close(self, item: OpenStep, x_rest=None, rest_weight: float = 0.0) -> tuple[np.ndarray, torch.Tensor]:
         start = _gather(item.start, item.positions) if item.start.dim() == 1 else item.start
         tail = _gather(self.ledger, item.positions).sub_(start)  # float64: the difference cancels digits
+        if x_rest is not None:  # b1^(t-e) R_t x_t in the ledger's base
+            tail.add_(_gather(x_rest, item.positions).to(tail.dtype), alpha=rest_weight)
         coef = -(1.0 - self.beta1) * self.beta1 ** (self.base - item.step)
         deltas = tail.float().mul_(coef).mul_(item.contrib)
         for done in (item.contrib, item.start, item.positions):
@@ -182,6 +200,29 @@ class MomentumLedger:
 def _stored_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor holds; none for a broadcast view (the positions when K = M)."""
     return 0 if tensor.dim() and tensor.stride(0) == 0 else tensor.numel() * tensor.element_size()
+
+
+def rest_factor(beta1: float, step: int, lr_now: float, lrs_ahead, weight_decay: float = 0.0) -> float:
+    """`R_t = sum_k b1^k (lr_{t+k} / lr_t) (1 - b1^t) / (1 - b1^(t+k)) prod_{u=t+1..t+k} 1 / (1 - lr_u lam)`
+    over k = 1..len(lrs_ahead): the rest of a momentum tail closed at step `t`, in units of `x_t`,
+    with the Adam denominator frozen at step t and the learning rates `lrs_ahead` (lr_{t+1}, ...)
+    of the planned schedule. 0 when `lr_now` is 0 (then x_t is 0 too)."""
+    if lr_now <= 0.0:
+        return 0.0
+    total, decay, power = 0.0, 1.0, 1.0
+    for k, lr in enumerate(lrs_ahead, start=1):
+        power *= beta1
+        decay *= 1.0 - float(lr) * weight_decay
+        total += power * (float(lr) / lr_now) * (1.0 - beta1**step) / (1.0 - beta1 ** (step + k)) / decay
+    return total
+
+
+def bounded_steps(budget_bytes: float, samples_per_step: int, k: int, num_params: int, window: int) -> int | None:
+    """How many steps the open tails may hold within `budget_bytes` (at least 1), or None when the
+    whole window fits (exact tails)."""
+    per_step = open_tail_bound(1, samples_per_step, k, num_params)
+    steps = int(budget_bytes // per_step) if per_step else window
+    return None if steps >= window else max(1, steps)
 
 
 def open_tail_bound(window: int, samples_per_step: int, k: int, num_params: int) -> int:

@@ -85,6 +85,14 @@ class AmnesiaConfig(TrainingArguments):
             "(0 < tolerance < 1); the relative error left out is about this value."
         },
     )
+    tail_memory_budget_mb: float = field(
+        default=1024.0,
+        metadata={
+            "help": "Memory the open momentum tails may take on the training device, per process. When a step's "
+            "tail would stay open longer than fits, it is closed early and its rest estimated with the Adam "
+            "denominator frozen (bounded tails, docs/limits.md); within the budget the tails are exact."
+        },
+    )
 
     def __post_init__(self):
         if self.fsdp or self.deepspeed:  # refused before TrainingArguments sets the sharding up
@@ -100,6 +108,10 @@ class AmnesiaConfig(TrainingArguments):
             raise ConfigError(f"keep_seed must be an integer in [0, 2**32), got {self.keep_seed}.")
         if not (0.0 < self.tail_tolerance < 1.0):
             raise ConfigError(f"tail_tolerance must satisfy 0 < tail_tolerance < 1, got {self.tail_tolerance}.")
+        if not (float(self.tail_memory_budget_mb) > 0.0):
+            raise ConfigError(
+                f"tail_memory_budget_mb must be a positive number of MiB, got {self.tail_memory_budget_mb}."
+            )
         if not self.id_column or not isinstance(self.id_column, str):
             raise ConfigError(f"id_column must be a non-empty column name, got {self.id_column!r}.")
         if self.store_dir is None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import MomentumLedger, adam_step_weights
+from .attribution import MomentumLedger, adam_step_weights, bounded_steps, rest_factor
 from .errors import UnsupportedOptimizerError, UnsupportedTrainingError
 from .per_sample import PerSampleCapture
 from .store import Manifest, ShardWriter, manifest_positions, row_plan, row_positions, row_positions_torch
@@ -43,6 +43,8 @@ class Recorder:
         world_size: int = 1,
         tail_tolerance: float = 1e-7,
         sum_ids: np.ndarray | None = None,
+        tail_budget_bytes: float | None = None,
+        samples_per_step: int = 1,
     ):
         self.manifest = manifest
         self.layout = manifest.layout
@@ -55,7 +57,15 @@ class Recorder:
                 f"param groups use different beta1 values {sorted(beta1s)}; use one beta1 for all groups."
             )
         device = self.params[0].device
-        self.ledger = MomentumLedger(self.layout.num_params, beta1s.pop(), tail_tolerance, device)
+        beta1, k, num_params = beta1s.pop(), manifest.k, self.layout.num_params
+        window = MomentumLedger(1, beta1, tail_tolerance, "meta").window
+        bound = (
+            None
+            if tail_budget_bytes is None
+            else bounded_steps(tail_budget_bytes, samples_per_step, k, num_params, window)
+        )
+        self.ledger = MomentumLedger(num_params, beta1, tail_tolerance, device, max_open=bound)
+        self._schedule, self._total_steps, self._x_rest = None, None, None
         # sum_ids: every id this process may train on; their closed deltas are summed in memory
         # (made before any hook or file is opened: nothing to undo if it does not fit)
         self.sums = None if sum_ids is None else DeltaSums(sum_ids, self.k, device)
@@ -150,9 +160,46 @@ class Recorder:
             ids = np.zeros(0, dtype=np.int64)
             positions = contrib = None
         self.steps += 1
-        for closed_ids, deltas in self.ledger.step(self.steps, x_t, ids, positions, contrib):
+        x_rest = (
+            self._rest_of(x_t, states, hyper) if self.ledger.max_open and self.steps >= self.ledger.max_open else None
+        )
+        for closed_ids, deltas in self.ledger.step(self.steps, x_t, ids, positions, contrib, x_rest):
             self._closed(closed_ids, deltas)
         self.record_seconds += time.perf_counter() - began
+
+    def plan_schedule(self, scheduler, total_steps: int) -> None:
+        """The learning rates planned for the steps ahead (bounded tails estimate the rest of a tail
+        from them): those of a `LambdaLR` (what `transformers.get_scheduler` makes) and the run's
+        total steps; with another scheduler, the current rates are taken to stay."""
+        self._total_steps = int(total_steps)
+        lambdas, bases = getattr(scheduler, "lr_lambdas", None), getattr(scheduler, "base_lrs", None)
+        if lambdas is not None and bases is not None and len(lambdas) == len(bases):
+            self._schedule = lambda step: [base * f(step - 1) for base, f in zip(bases, lambdas)]
+
+    def _rest_of(self, x_t: torch.Tensor, states: list[dict], hyper: list[dict]) -> torch.Tensor:
+        """`R_t x_t` per parameter tensor (`attribution.rest_factor`): the rest of the tails that
+        close at this step, over the steps their exact window has left (and training has left)."""
+        horizon = self.ledger.window - self.ledger.max_open
+        if self._total_steps is not None:
+            horizon = max(0, min(horizon, self._total_steps - self.steps))
+        groups = self.optimizer.param_groups
+        index = {id(group): g for g, group in enumerate(groups)}
+        ahead = [self._schedule(u) for u in range(self.steps + 1, self.steps + 1 + horizon)] if self._schedule else None
+        if self._x_rest is None or self._x_rest.shape != x_t.shape or self._x_rest.dtype != x_t.dtype:
+            self._x_rest = torch.empty_like(x_t)
+        factors, offset = {}, 0
+        for param, state, group in zip(self.params, states, hyper):
+            piece = slice(offset, offset + param.numel())
+            offset += param.numel()
+            if "step" not in state:
+                self._x_rest[piece] = 0.0
+                continue
+            g, step, lr = index[id(group)], int(state["step"]), float(group["lr"])
+            if (g, step) not in factors:
+                lrs = [rates[g] for rates in ahead] if ahead is not None else [lr] * horizon
+                factors[g, step] = rest_factor(self.ledger.beta1, step, lr, lrs, float(group["weight_decay"]))
+            torch.mul(x_t[piece], factors[g, step], out=self._x_rest[piece])
+        return self._x_rest
 
     def _closed(self, ids: np.ndarray, deltas: torch.Tensor) -> None:
         if self.sums is None:

@@ -240,7 +240,14 @@ def recording_plan(manifest: Manifest, recorder, args: AmnesiaConfig, num_rows: 
     """One line on what recording will take: entries per sample, the store's size, the open tails' memory."""
     ledger = recorder.ledger
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    tails = open_tail_bound(ledger.window, per_step, manifest.k, manifest.num_params)
+    open_steps = ledger.max_open or ledger.window
+    tails = open_tail_bound(open_steps, per_step, manifest.k, manifest.num_params)
+    bounded = (
+        f", bounded by tail_memory_budget_mb={args.tail_memory_budget_mb:g}: closed after {open_steps} of their "
+        f"{ledger.window} steps, the rest estimated"
+        if ledger.max_open
+        else ""
+    )
     store = ""
     if num_rows is not None:
         size = num_rows * manifest.k * (4 if manifest.dtype == "float32" else 2)
@@ -249,7 +256,7 @@ def recording_plan(manifest: Manifest, recorder, args: AmnesiaConfig, num_rows: 
     return (
         f"hf_amnesia: recording {manifest.k} of {manifest.num_params} trainable entries per sample "
         f"(keep_fraction={manifest.keep_fraction}, {manifest.dtype}){store} in {args.store_dir}; "
-        f"the open momentum tails ({ledger.window} steps of {per_step} samples) take up to "
+        f"the open momentum tails ({open_steps} steps of {per_step} samples{bounded}) take up to "
         f"{tails / 2**20:.1f} MiB on {ledger.ledger.device} (docs/limits.md, Memory)"
         + (f"; the in-memory sums take {sums.values.numel() * 4 / 2**20:.1f} MiB there." if sums is not None else ".")
     )

@@ -120,6 +120,8 @@ class AmnesiacTrainer(Trainer):
             world_size=accelerator.num_processes,
             tail_tolerance=self.args.tail_tolerance,
             sum_ids=train_ids if sums else None,
+            tail_budget_bytes=self.args.tail_memory_budget_mb * 2**20,
+            samples_per_step=self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
         )
         if not self._resume_requested:
             if accelerator.is_main_process:
@@ -128,6 +130,12 @@ class AmnesiacTrainer(Trainer):
         rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
         logger.warning(recording_plan(manifest, self._recorder, self.args, rows))
         self._record_started = time.perf_counter()
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self._recorder is not None:  # bounded tails estimate the rest of a tail from the planned rates
+            self._recorder.plan_schedule(scheduler, num_training_steps)
+        return scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         ids = inputs.pop(self.args.id_column, None)
@@ -192,6 +200,7 @@ class AmnesiacTrainer(Trainer):
         if self.accelerator.is_main_process:
             manifest = self._recorder.manifest
             manifest.decay = self._recorder.decay.tolist()
+            manifest.note_tails(self._recorder.ledger.max_open)
             manifest.final_weights = weights_fingerprint(manifest.layout.params_of(self.model))
             manifest.save(Path(self.args.store_dir))
             end = self._standing.with_ids(manifest.final_weights, ())

@@ -4,18 +4,21 @@ import numpy as np
 import pytest
 import torch
 
-from hf_amnesia.attribution import MomentumLedger, adam_step_weights
+from hf_amnesia.attribution import MomentumLedger, adam_step_weights, bounded_steps, open_tail_bound, rest_factor
 
 
-def _replay(steps, beta1, tail_tolerance, weight_decay, opt_cls=torch.optim.AdamW, checkpoint_at=None):
+def _replay(
+    steps, beta1, tail_tolerance, weight_decay, opt_cls=torch.optim.AdamW, checkpoint_at=None, max_open=None, rest=True
+):
     torch.manual_seed(0)
     num, batch = 7, 3
     param = torch.nn.Parameter(torch.randn(num, dtype=torch.float64))
     theta0 = param.detach().clone()
     kwargs = {"weight_decay": weight_decay} if weight_decay else {}
     opt = opt_cls([param], lr=0.05, betas=(beta1, 0.99), **kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * (1 - s / (steps + 1)))
-    ledger = MomentumLedger(num, beta1, tail_tolerance)
+    schedule = lambda s: min(1.0, (s + 1) / 5) * (1 - s / (steps + 1))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    ledger = MomentumLedger(num, beta1, tail_tolerance, max_open=max_open)
     decay = torch.ones(1, dtype=torch.float64)
     per_sample = {}
     positions = torch.arange(num).repeat(batch, 1)
@@ -25,7 +28,12 @@ def _replay(steps, beta1, tail_tolerance, weight_decay, opt_cls=torch.optim.Adam
         opt.step()
         x_t, decay = adam_step_weights([param], [opt.state[param]], [opt.param_groups[0]], decay)
         ids = np.arange(batch) + 10 * (t % 4)  # ids recur: deltas accumulate over "epochs"
-        for closed, delta in ledger.step(t, x_t, ids, positions, contrib):
+        x_rest = None
+        if ledger.max_open is not None and rest:  # the planned learning rates of the steps left
+            horizon = min(ledger.window - ledger.max_open, steps - t)
+            ahead = [0.05 * schedule(u - 1) for u in range(t + 1, t + 1 + horizon)]
+            x_rest = x_t * rest_factor(beta1, t, 0.05 * schedule(t - 1), ahead, weight_decay)
+        for closed, delta in ledger.step(t, x_t, ids, positions, contrib, x_rest):
             for i, d in zip(closed, delta.double()):
                 per_sample[int(i)] = per_sample.get(int(i), 0) + d
         sched.step()
@@ -63,6 +71,36 @@ def test_open_tails_stay_bounded_by_the_window():
     _, ledger = _replay(300, 0.9, 1e-7, 0.0)
     assert ledger.window == 153  # ceil(log(1e-7) / log(0.9))
     assert len(ledger.open) <= ledger.window
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_bounded_tails_estimate_the_rest_of_each_tail(weight_decay):
+    # Closed after 8 steps, each tail's rest is estimated with the denominator frozen: the sum of
+    # deltas is 20 times closer to the training change than with the rest left out (random
+    # gradients: the denominator moves far more from step to step than in training).
+    err, ledger = _replay(300, 0.9, 1e-7, weight_decay, max_open=8)
+    assert ledger.max_open == 8 and len(ledger.open) < 8
+    truncated, _ = _replay(300, 0.9, 1e-7, weight_decay, max_open=8, rest=False)
+    assert truncated >= 0.2 and err <= truncated / 20
+    longer, _ = _replay(300, 0.9, 1e-7, weight_decay, max_open=32)
+    assert longer <= 2e-3
+
+
+def test_a_budget_that_holds_the_window_keeps_the_tails_exact():
+    exact, _ = _replay(120, 0.9, 1e-12, 0.1)
+    bounded, ledger = _replay(120, 0.9, 1e-12, 0.1, max_open=10_000)
+    assert ledger.max_open is None and bounded == exact
+    one_step = open_tail_bound(1, 64, 100, 10_000)
+    assert bounded_steps(one_step * 8.5, 64, 100, 10_000, window=153) == 8
+    assert bounded_steps(one_step * 153, 64, 100, 10_000, window=153) is None
+    assert bounded_steps(1, 64, 100, 10_000, window=153) == 1  # never fewer than one step
+
+
+def test_rest_factor_is_the_geometric_sum_at_a_constant_rate():
+    # Constant lr, no decay, late in training (bias correction ~ 1): R = sum_k b1^k
+    r = rest_factor(0.9, 10_000, 1e-3, [1e-3] * 50)
+    assert r == pytest.approx(sum(0.9**k for k in range(1, 51)), rel=1e-9)
+    assert rest_factor(0.9, 5, 0.0, [1e-3] * 5) == 0.0
 
 
 def test_truncated_tail_error_is_about_the_tolerance():

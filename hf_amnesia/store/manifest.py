@@ -45,6 +45,9 @@ class Manifest:
     run_id: str | None = None  # the id of the recording run that last started
     commits: int = 0  # forget requests committed into this store
     key_check: str | None = None  # public check value of the store's key (`keys.key_check`)
+    # None: every run's momentum tails were exact; else the fewest steps a run kept them open
+    # before estimating their rest (bounded tails, `attribution.MomentumLedger`)
+    bounded_tail_steps: int | None = None
     format_version: int = FORMAT_VERSION
     library_version: str = __version__
 
@@ -71,6 +74,7 @@ class Manifest:
             "run_id": self.run_id,
             "commits": self.commits,
             "key_check": self.key_check,
+            "bounded_tail_steps": self.bounded_tail_steps,
             "k": self.k,
             "dtype": self.dtype,
             "seed": self.seed,
@@ -116,6 +120,7 @@ class Manifest:
             run_id=_typed(data, "run_id", (str, type(None))),
             commits=_typed(data, "commits", int),
             key_check=_typed(data, "key_check", (str, type(None))),
+            bounded_tail_steps=_typed({"b": data.get("bounded_tail_steps")}, "b", (int, type(None))),
             format_version=_typed(data, "format_version", int),
             library_version=_typed(data, "library_version", str),
         )
@@ -126,6 +131,8 @@ class Manifest:
             return "its layout does not match its fingerprint"
         if self.dtype not in STORE_DTYPES or self.keep_layout not in KEEP_LAYOUTS:
             return f"dtype {self.dtype!r} or keep_layout {self.keep_layout!r} is not one hf_amnesia writes"
+        if self.bounded_tail_steps is not None and self.bounded_tail_steps < 1:
+            return "bounded_tail_steps is below 1"
         if not 0 < self.keep_fraction <= 1 or self.seed < 0 or self.num_shards < 1 or self.commits < 0:
             return "keep_fraction, seed, num_shards or commits is out of range"
         if data.get("num_params") != self.num_params or data.get("k") != self.k:
@@ -133,6 +140,11 @@ class Manifest:
         if self.decay and len(self.decay) != len(self.layout.names):
             return f"it holds {len(self.decay)} decay factors for {len(self.layout.names)} tensors"
         return None
+
+    def note_tails(self, max_open: int | None) -> None:
+        """Record a run's tail mode: bounded after `max_open` steps, or exact (None)."""
+        if max_open is not None:
+            self.bounded_tail_steps = min(max_open, self.bounded_tail_steps or max_open)
 
     def create(self, store_dir: Path) -> None:
         """Save this manifest as that of a new store: its key and `store_id` are made first, the
