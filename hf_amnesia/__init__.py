@@ -14,6 +14,7 @@ from .errors import (
     UnsupportedTrainingError,
 )
 from .forgetting import ForgetConfig, ForgetReport
+from .planning import RecordingPlan, plan
 from .store import StoreReader
 from .trainer import AmnesiacTrainer, influence_holders, last_complete_checkpoint
 from .version import __version__
@@ -28,6 +29,7 @@ __all__ = [
     "ForgetReport",
     "ForgetRequestError",
     "ModelLineageError",
+    "RecordingPlan",
     "StoreError",
     "StoreReader",
     "UnsupportedModelError",
@@ -37,4 +39,5 @@ __all__ = [
     "ids_of_label",
     "influence_holders",
     "last_complete_checkpoint",
+    "plan",
 ]

@@ -7,6 +7,7 @@ hf-amnesia verify run/_amnesia_store
 hf-amnesia migrate run/_amnesia_store  # a store of format version 1 to version 2
 hf-amnesia recover run/_amnesia_store  # finish a forget request a crash interrupted
 hf-amnesia holders run              # checkpoints that may still hold forgotten influence
+hf-amnesia plan gpt2_folder --rows 50000 --batch-size 8 --epochs 3   # what recording will cost
 
 Exit codes: 0 served; 2 refused, nothing changed; 3 committed but not finished (run
 `hf-amnesia recover STORE`); 4 served in part: ids in "purged_elsewhere" still influence the model.
@@ -215,6 +216,20 @@ def cmd_holders(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .planning import meta_model, plan
+
+    targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
+    model = meta_model(args.model, args.lora_r, targets)
+    result = plan(
+        model, args.rows, args.batch_size, args.epochs, args.keep_fraction, args.keep_layout, args.store_dtype,
+        args.gradient_accumulation_steps, args.processes, tail_memory_budget_mb=args.tail_memory_budget_mb,
+        sum_deltas_in_memory=args.sum_deltas_in_memory,
+    )  # fmt: skip
+    print(json.dumps(result.to_json()) if args.json else result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-amnesia", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,6 +262,22 @@ def main(argv: list[str] | None = None) -> int:
     holders = sub.add_parser("holders", help="list checkpoints that may still hold forgotten influence")
     holders.add_argument("output_dir")
     holders.set_defaults(run=cmd_holders)
+    planner = sub.add_parser("plan", help="what recording a training run will cost: store, tail memory, copies")
+    planner.add_argument("model", help="a folder holding config.json, or a model name")
+    planner.add_argument("--rows", type=int, required=True, help="training rows")
+    planner.add_argument("--batch-size", type=int, required=True, help="per_device_train_batch_size")
+    planner.add_argument("--epochs", type=float, default=1.0)
+    planner.add_argument("--keep-fraction", type=float, default=0.01)
+    planner.add_argument("--keep-layout", default="rows")
+    planner.add_argument("--store-dtype", help="default: float32 with --lora-r, float16 otherwise")
+    planner.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    planner.add_argument("--processes", type=int, default=1, help="training processes (DDP)")
+    planner.add_argument("--tail-memory-budget-mb", type=float, default=1024.0)
+    planner.add_argument("--sum-deltas-in-memory", action="store_true")
+    planner.add_argument("--lora-r", type=int, default=0, help="plan a LoRA fine-tune of this rank")
+    planner.add_argument("--lora-target-modules", help="comma-separated module names for --lora-r")
+    planner.add_argument("--json", action="store_true")
+    planner.set_defaults(run=cmd_plan)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
