@@ -2,6 +2,7 @@
 
     python benchmarks/tails.py            # about 3 minutes on 2 CPU cores
     python benchmarks/tails.py --smoke    # a few steps: checks the script works
+    python benchmarks/tails.py --sweep 4,16,32,64   # also the bounded error at these L
 
 Prints, as its last line, one JSON object with `completeness_rel_err_exact` and
 `completeness_rel_err_bounded` (the benchmark's tiny BERT, AdamW with decay, clipping, warmup and
@@ -67,6 +68,7 @@ def resnet18_tail_memory_mb(budget_mb: float) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--sweep", default="", help="comma-separated L: completeness_rel_err_bounded_L<L> too")
     args = parser.parse_args(argv)
     steps = 12 if args.smoke else 160
     result = {
@@ -75,6 +77,8 @@ def main(argv=None) -> None:
         "tail_memory_mb_resnet18": resnet18_tail_memory_mb(AmnesiaConfig.tail_memory_budget_mb),
         "tail_memory_mb_resnet18_exact": resnet18_tail_memory_mb(1e9),
     }
+    for open_steps in [int(x) for x in args.sweep.split(",") if x]:
+        result[f"completeness_rel_err_bounded_L{open_steps}"] = completeness(open_steps, steps)
     print(
         f"tiny BERT, {steps} steps, every entry kept: completeness error exact {result['completeness_rel_err_exact']:.2e}, "
         f"bounded to 8 steps {result['completeness_rel_err_bounded']:.2e}; ResNet-18 (GN, batch 128, p=0.01) open "
