@@ -1,6 +1,6 @@
 """Benchmarks of recording and forgetting; every ratio is measured side by side in one run.
 
-    python benchmarks/run.py --quick     # about 5-10 minutes on 2 CPU cores
+    python benchmarks/run.py --quick     # about 25 minutes on 2 CPU cores
     python benchmarks/run.py             # also sweeps keep_fraction and batch size
 
 Prints tables, then as its last line one JSON object with: overhead_cnn, overhead_bert (the
@@ -9,8 +9,12 @@ overhead_lora (a LoRA fine-tune of a GPT-2, the whole adapter recorded),
 overhead_cnn_tails_filling, overhead_cnn_tails_full (a 220-step run: while the open momentum
 tails fill, and once they are full), opacus_dense_cnn, peak_mem_ratio_cnn, store_overhead_pct, forget_1_ms, forget_6000_s,
 rte_speedup (Retrain without one id / forget of that id), rte_speedup_6000, forget_default_s,
-and without --quick overhead_mlp_11m, overhead_mlp_11m_full (an 11.5M-parameter MLP, batch 32),
-overhead_mlp_11m_summed_full (the same with sum_deltas_in_memory), and the same with glibc keeping freed memory (overhead_mlp_11m_malloc_kept*; see docs/performance.md).
+overhead_mlp_11m, overhead_mlp_11m_full (an 11.5M-parameter MLP, batch 32, steps 155-170),
+overhead_mlp_11m_summed_full (the same with sum_deltas_in_memory), floor_ratio_mlp_11m (its plain
+step plus the dense passes of exact recording, benchmarks/floor.py), overhead_bert_small (BERT 6x256,
+vocabulary 8,192, batch 16, after the tails close), completeness_rel_err_exact and _bounded and
+tail_memory_mb_resnet18 (benchmarks/tails.py), and without --quick the large MLP with glibc
+keeping freed memory (overhead_mlp_11m_malloc_kept*; see docs/performance.md) and two sweeps.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from transformers import TrainerCallback
 if __package__ in (None, ""):  # run as a file, not with -m: make `benchmarks` and `recipes` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import floor, tails
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader
 from recipes.mnist import MnistCNN, MnistMLP
 
@@ -63,6 +68,27 @@ def bert():
         num_labels=2,
     )
     return BertForSequenceClassification(config)
+
+
+def bert_small():
+    """BERT with 6 layers, hidden 256, 4 heads, intermediate 1024, vocabulary 8,192 (6.9M parameters)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=8192, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024,
+        max_position_embeddings=128, num_labels=2,
+    )  # fmt: skip
+    return BertForSequenceClassification(config)
+
+
+def overhead_bert_small(steps=80, batch=16, after=60):
+    """Recording / plain median step time of `bert_small` at sequence 128, p = 0.01, over the steps
+    after the tails close (at the default budget they stay open 55 steps: bounded), one run each."""
+    data = texts(batch * 10, vocab=8192)
+    plain = step_times(bert_small, data, batch, steps, record=False)
+    recording = step_times(bert_small, data, batch, steps, record=True)
+    return statistics.median(recording[after:]) / statistics.median(plain[after:]), statistics.median(plain[after:])
 
 
 def lora_gpt2():
@@ -103,11 +129,11 @@ def images(n, seed=0):
     ).with_format("torch")
 
 
-def texts(n, seq=128, seed=0):
+def texts(n, seq=128, seed=0, vocab=1000):
     rng = np.random.default_rng(seed)
     return Dataset.from_dict(
         {
-            "input_ids": rng.integers(1, 1000, (n, seq)),
+            "input_ids": rng.integers(1, vocab, (n, seq)),
             "attention_mask": np.ones((n, seq), np.int64),
             "labels": rng.integers(0, 2, n),
         }
@@ -427,8 +453,30 @@ def main(argv=None):
             )
         }
     )
+    large = large_model_in_subprocess({})
+    result["overhead_mlp_11m"], result["overhead_mlp_11m_full"] = large["all"], large["full"]
+    result["overhead_mlp_11m_summed_full"] = large["summed_full"]
+    floor_ms = floor.measure()["floor_ms"]  # the dense passes alone, beside this run's plain step
+    result["floor_ratio_mlp_11m"] = (large["plain_ms"] + floor_ms) / large["plain_ms"]
+    print(
+        f"large MLP (11.5M params, batch 32, p=0.01), one 170-step run each: recording / plain {large['all']:.2f}x "
+        f"over steps 3-170, {large['full']:.2f}x over 155-170, {large['summed_full']:.2f}x there with "
+        f"sum_deltas_in_memory; the dense passes alone {floor_ms:.1f} ms of a {large['plain_ms']:.1f} ms plain step: "
+        f"floor {result['floor_ratio_mlp_11m']:.2f}x"
+    )
+    result["overhead_bert_small"], plain = overhead_bert_small()
+    print(
+        f"BERT 6x256 (seq 128, batch 16, p=0.01), steps 60-80: plain {plain * 1e3:.0f} ms, {result['overhead_bert_small']:.2f}x"
+    )
+    result["completeness_rel_err_exact"] = tails.completeness(None, 160)
+    result["completeness_rel_err_bounded"] = tails.completeness(8, 160)
+    result["tail_memory_mb_resnet18"] = tails.resnet18_tail_memory_mb(AmnesiaConfig.tail_memory_budget_mb)
+    print(
+        f"bounded tails: completeness {result['completeness_rel_err_bounded']:.2e} at L = 8 (exact "
+        f"{result['completeness_rel_err_exact']:.2e}); ResNet-18 open tails {result['tail_memory_mb_resnet18']:,.0f} MiB"
+    )
     if not args.quick:
-        for name, env in (("", {}), ("_malloc_kept", MALLOC_KEPT)):
+        for name, env in (("_malloc_kept", MALLOC_KEPT),):
             large = large_model_in_subprocess(env)
             result[f"overhead_mlp_11m{name}"], result[f"overhead_mlp_11m{name}_full"] = large["all"], large["full"]
             result[f"overhead_mlp_11m{name}_summed_full"] = large["summed_full"]

@@ -1,6 +1,6 @@
 """Bounded momentum tails: their completeness error, and the tail memory the planner states.
 
-    python benchmarks/tails.py            # about 3 minutes on 2 CPU cores
+    python benchmarks/tails.py            # about 8 minutes on 2 CPU cores
     python benchmarks/tails.py --smoke    # a few steps: checks the script works
     python benchmarks/tails.py --sweep 4,16,32,64   # also the bounded error at these L
 
@@ -25,7 +25,6 @@ import torch
 if __package__ in (None, ""):  # run as a file, not with -m: make `benchmarks` and `recipes` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import run
 from hf_amnesia import AmnesiaConfig, AmnesiacTrainer, StoreReader, plan
 from hf_amnesia.attribution import open_tail_bound
 from hf_amnesia.forgetting import forget_update
@@ -39,6 +38,7 @@ def _flat(model) -> torch.Tensor:
 def completeness(open_steps: int | None, steps: int, batch: int = 8) -> float:
     """|sum of every sample's delta - the training change| / |training change| of one run of the
     tiny BERT, the tails exact (`open_steps` None) or bounded to `open_steps` steps."""
+    from benchmarks import run  # here: run.py imports this module
     model = run.bert()
     theta0, m = _flat(model), sum(p.numel() for p in model.parameters())
     budget = 1e9 if open_steps is None else open_tail_bound(open_steps, batch, m, m) / 2**20  # exact: holds all

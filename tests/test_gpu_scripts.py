@@ -38,3 +38,12 @@ def test_gpu_resnet18_smoke():
     _, result = _last_json("gpu_resnet18.py")
     assert result["device"] == "cpu" and result["params"] > 0
     assert result["overhead_resnet18"] > 0 and result["overhead_resnet18_entries"] > 0
+
+
+@pytest.mark.slow
+def test_floor_and_tails_benchmarks_smoke():
+    _, floor = _last_json("floor.py")
+    assert floor["floor_ms"] > 0 and floor["floor_bounded_ms"] > 0 and floor["floor_ratio_mlp_11m"] > 1.0
+    _, tails = _last_json("tails.py")
+    assert tails["completeness_rel_err_exact"] <= 1e-4 < tails["completeness_rel_err_bounded"]
+    assert tails["tail_memory_mb_resnet18"] <= 1024 < tails["tail_memory_mb_resnet18_exact"]
