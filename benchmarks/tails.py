@@ -39,6 +39,7 @@ def completeness(open_steps: int | None, steps: int, batch: int = 8) -> float:
     """|sum of every sample's delta - the training change| / |training change| of one run of the
     tiny BERT, the tails exact (`open_steps` None) or bounded to `open_steps` steps."""
     from benchmarks import run  # here: run.py imports this module
+
     model = run.bert()
     theta0, m = _flat(model), sum(p.numel() for p in model.parameters())
     budget = 1e9 if open_steps is None else open_tail_bound(open_steps, batch, m, m) / 2**20  # exact: holds all

@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     planner.add_argument("--gradient-accumulation-steps", type=int, default=1)
     planner.add_argument("--processes", type=int, default=1, help="training processes (DDP)")
     planner.add_argument("--tail-memory-budget-mb", type=float, default=1024.0)
-    planner.add_argument("--sum-deltas-in-memory", action="store_true")
+    planner.add_argument(
+        "--sum-deltas-in-memory", action="store_true", default=None, help="(default: when the sums take at most 1 GiB)"
+    )
     planner.add_argument("--lora-r", type=int, default=0, help="plan a LoRA fine-tune of this rank")
     planner.add_argument("--lora-target-modules", help="comma-separated module names for --lora-r")
     planner.add_argument("--json", action="store_true")

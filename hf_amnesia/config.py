@@ -70,12 +70,13 @@ class AmnesiaConfig(TrainingArguments):
         default=None,
         metadata={"help": f"Seed of the kept positions (default {DEFAULT_KEEP_SEED})."},
     )
-    sum_deltas_in_memory: bool = field(
-        default=False,
+    sum_deltas_in_memory: bool | None = field(
+        default=None,
         metadata={
             "help": "Sum each sample's closed deltas in memory on the training device (N*K*4 bytes per process "
             "for N training rows) and write them to the log only at checkpoints and at the end, instead of "
-            "copying and writing every step's (docs/limits.md, Speed)."
+            "copying and writing every step's (docs/limits.md, Speed). Unset: on when train_dataset is a "
+            "datasets.Dataset whose sums take at most 1 GiB."
         },
     )
     tail_tolerance: float = field(

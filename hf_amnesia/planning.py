@@ -22,7 +22,7 @@ from .attribution import MomentumLedger, bounded_steps, open_tail_bound
 from .config import DEFAULT_KEEP_FRACTION, DEFAULT_KEEP_LAYOUT
 from .errors import ConfigError
 from .layout import ParamLayout
-from .recording import default_store_dtype
+from .recording import AUTO_SUMS_BYTES, default_store_dtype
 from .store import KEEP_LAYOUTS, STORE_DTYPES, Manifest
 
 ROW_OVERHEAD = 8 + 4  # bytes per stored row besides its values: the int64 id and the uint32 checksum
@@ -78,7 +78,7 @@ def plan(
     beta1: float = 0.9,
     tail_tolerance: float = 1e-7,
     tail_memory_budget_mb: float = 1024.0,
-    sum_deltas_in_memory: bool = False,
+    sum_deltas_in_memory: bool | None = None,
     timing_dataset=None,
     timing_steps: int = 12,
 ) -> RecordingPlan:
@@ -107,7 +107,9 @@ def plan(
     bound = bounded_steps(tail_memory_budget_mb * 2**20, per_step, k, m, window)
     open_steps = min(bound or window, steps)
     value_bytes = 4 if store_dtype == "float32" else 2
-    rows_per_process = math.ceil(num_rows / num_processes)
+    rows_per_process = num_rows  # each process sums every training row's id
+    if sum_deltas_in_memory is None:  # as the trainer decides for a datasets.Dataset
+        sum_deltas_in_memory = rows_per_process * k * 4 <= AUTO_SUMS_BYTES
     result = RecordingPlan(
         num_params=m,
         k=k,

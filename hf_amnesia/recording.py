@@ -236,6 +236,21 @@ def _check_shard_files(store_dir: Path, checkpoint: Path, rank: int, saved: dict
         )
 
 
+AUTO_SUMS_BYTES = 2**30  # sum_deltas_in_memory=None sums in memory when the sums take at most this
+
+
+def sums_in_memory(setting: bool | None, train_dataset, k: int) -> bool:
+    """Whether closed deltas are summed in memory (`sum_deltas_in_memory`): as set, or, when unset,
+    for a `datasets.Dataset` (its ids are one column read) whose rows' sums take at most
+    AUTO_SUMS_BYTES (`N * K * 4`)."""
+    if setting is not None:
+        return bool(setting)
+    from .data import datasets
+
+    hf_dataset = datasets is not None and isinstance(train_dataset, datasets.Dataset)
+    return hf_dataset and len(train_dataset) * k * 4 <= AUTO_SUMS_BYTES
+
+
 def recording_plan(manifest: Manifest, recorder, args: AmnesiaConfig, num_rows: int | None) -> str:
     """One line on what recording will take: entries per sample, the store's size, the open tails' memory."""
     ledger = recorder.ledger

@@ -34,7 +34,7 @@ from .forgetting.record import (
     write_record_file,
 )
 from .recorder import Recorder
-from .recording import RECORDER_STATE, check_resume, hold_store, open_manifest, recording_plan
+from .recording import RECORDER_STATE, check_resume, hold_store, open_manifest, recording_plan, sums_in_memory
 from .store import folder_bytes
 from .store.journal import weights_fingerprint
 from .validate import (
@@ -97,8 +97,7 @@ class AmnesiacTrainer(Trainer):
     def _start_recorder(self, optimizer: torch.optim.Optimizer) -> None:
         accelerator, resuming = self.accelerator, self._resume_requested
         start, purged = run_start(self.model, self.args.store_dir, resuming)  # checked before the store changes
-        sums = self.args.sum_deltas_in_memory
-        need_ids = self.train_dataset is not None and ((start and start.digests) or len(purged) or sums)
+        need_ids = self.train_dataset is not None and ((start and start.digests) or len(purged))
         train_ids = dataset_ids(self.train_dataset, self.args.id_column) if need_ids else None
         if start is not None:
             refuse_forgotten_rows(start, train_ids, purged)
@@ -110,6 +109,9 @@ class AmnesiacTrainer(Trainer):
             accelerator.num_processes,
             accelerator.wait_for_everyone,
         )
+        sums = sums_in_memory(self.args.sum_deltas_in_memory, self.train_dataset, manifest.k)
+        if sums and train_ids is None:
+            train_ids = dataset_ids(self.train_dataset, self.args.id_column)
         self._standing = start or run_start_standing(self.model, manifest, self.args.store_dir, resuming)
         self._recorder = Recorder(
             self.model,

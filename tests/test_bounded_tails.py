@@ -27,6 +27,7 @@ class OpenBytes(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.seen.append(self.trainer._recorder.ledger.open_bytes())
+        self.summed = self.trainer._recorder.sums is not None
 
 
 def _bert_run(out, open_steps=None):
@@ -101,7 +102,10 @@ def test_the_planner_states_the_store_and_tails_of_a_real_run(tmp_path, keep_fra
     ids, rows, sums = generation_paths(args.store_dir, 0, 1)
     payload = rows.stat().st_size + len(np.load(ids)) * 8 + len(np.load(sums)) * 4
     assert figures.store_bytes == payload == 40 * (manifest.k * 2 + 12)
-    assert figures.transfer_bytes_per_step == 4 * manifest.k * 4
+    # a datasets.Dataset whose sums fit: summed in memory by default, nothing copied off per step
+    assert watch.summed and figures.sums_bytes == 40 * manifest.k * 4 and figures.transfer_bytes_per_step == 0
+    forced = plan(model, 40, 4, 3, keep_fraction=keep_fraction, keep_layout=layout, sum_deltas_in_memory=False)
+    assert forced.sums_bytes == 0 and forced.transfer_bytes_per_step == 4 * manifest.k * 4
 
 
 def test_plan_refuses_bad_settings_and_prints_from_a_config(tmp_path, capsys):
@@ -123,3 +127,13 @@ def test_plan_refuses_bad_settings_and_prints_from_a_config(tmp_path, capsys):
 def test_the_tail_budget_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="tail_memory_budget_mb"):
         tiny_config(tmp_path, tail_memory_budget_mb=0)
+
+
+def test_sums_in_memory_by_default_for_a_hf_dataset_whose_sums_fit():
+    from hf_amnesia.recording import AUTO_SUMS_BYTES, sums_in_memory
+
+    rows = image_dataset(8)
+    assert sums_in_memory(None, rows, k=100)
+    assert not sums_in_memory(None, rows, k=AUTO_SUMS_BYTES // (4 * 8) + 1)  # more than 1 GiB of sums
+    assert not sums_in_memory(None, list(rows), k=100)  # not a datasets.Dataset: reading ids costs a pass
+    assert sums_in_memory(True, None, k=10**9) and not sums_in_memory(False, rows, k=1)
