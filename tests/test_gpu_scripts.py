@@ -47,3 +47,18 @@ def test_floor_and_tails_benchmarks_smoke():
     _, tails = _last_json("tails.py")
     assert tails["completeness_rel_err_exact"] <= 1e-4 < tails["completeness_rel_err_bounded"]
     assert tails["tail_memory_mb_resnet18"] <= 1024 < tails["tail_memory_mb_resnet18_exact"]
+
+
+@pytest.mark.slow
+def test_gpu_sh_smoke_runs_every_part_on_the_cpu(tmp_path):
+    done = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--smoke", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "completeness.json").read_text())
+    assert result["completeness"] <= 1e-4
+    assert '"overhead_rows"' in (tmp_path / "profile.log").read_text()
