@@ -11,7 +11,7 @@
 #    (the card's default math: TF32 convolutions on).
 # benchmarks/gpu_resnet18.py adds the `entries` layout (its positions are hashed on the host).
 # Each part's log goes to LOG_DIR (default gpu_logs/); a failing part does not stop the others.
-set -u
+set -u -o pipefail
 smoke=""
 if [ "${1:-}" = "--smoke" ]; then smoke="--smoke"; shift; fi
 logs=${1:-gpu_logs}

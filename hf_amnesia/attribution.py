@@ -114,10 +114,12 @@ class MomentumLedger:
         positions: torch.Tensor,
         contrib: torch.Tensor,
         x_rest: torch.Tensor | None = None,
+        close_early: bool = True,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Account optimizer step `t` (1-based, consecutive) and yield the deltas that closed.
         `x_rest` (bounded tails only, dense like `x_t`): `R_t x_t`, the estimated rest of the tails
-        that close at this step; without it their rest is left out."""
+        that close at this step; without it their rest is left out. `close_early=False` keeps the
+        tails that reached `max_open` steps open for this step."""
         if len(ids):
             if positions.numel() >= self.ledger.numel():
                 start = self.pool.take(self.ledger.shape, torch.float64, self.ledger.device).copy_(self.ledger)
@@ -131,7 +133,7 @@ class MomentumLedger:
         _add_into(self.ledger, x_t, self.beta1 ** (t - self.base))
         while self.open and self.beta1 ** (t + 1 - self.open[0].step) < self.tail_tolerance:
             yield self._close(self.open.popleft())
-        while self.max_open is not None and self.open and t + 1 - self.open[0].step >= self.max_open:
+        while close_early and self.max_open is not None and self.open and t + 1 - self.open[0].step >= self.max_open:
             yield self._close(self.open.popleft(), x_rest, self.beta1 ** (t - self.base))
         if self.beta1 ** (t - self.base) < REBASE_WEIGHT:
             self._rebase(t + 1)

@@ -224,7 +224,7 @@ def cmd_plan(args) -> int:
     result = plan(
         model, args.rows, args.batch_size, args.epochs, args.keep_fraction, args.keep_layout, args.store_dtype,
         args.gradient_accumulation_steps, args.processes, tail_memory_budget_mb=args.tail_memory_budget_mb,
-        sum_deltas_in_memory=args.sum_deltas_in_memory,
+        sum_deltas_in_memory={"auto": None, "on": True, "off": False}[args.sum_deltas_in_memory],
     )  # fmt: skip
     print(json.dumps(result.to_json()) if args.json else result)
     return 0
@@ -274,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     planner.add_argument("--processes", type=int, default=1, help="training processes (DDP)")
     planner.add_argument("--tail-memory-budget-mb", type=float, default=1024.0)
     planner.add_argument(
-        "--sum-deltas-in-memory", action="store_true", default=None, help="(default: when the sums take at most 1 GiB)"
-    )
+        "--sum-deltas-in-memory", choices=["auto", "on", "off"], default="auto",
+        help="auto (the default): on when the sums take at most 1 GiB, as for a datasets.Dataset",
+    )  # fmt: skip
     planner.add_argument("--lora-r", type=int, default=0, help="plan a LoRA fine-tune of this rank")
     planner.add_argument("--lora-target-modules", help="comma-separated module names for --lora-r")
     planner.add_argument("--json", action="store_true")

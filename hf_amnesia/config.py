@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -76,7 +77,10 @@ class AmnesiaConfig(TrainingArguments):
             "help": "Sum each sample's closed deltas in memory on the training device (N*K*4 bytes per process "
             "for N training rows) and write them to the log only at checkpoints and at the end, instead of "
             "copying and writing every step's (docs/limits.md, Speed). Unset: on when train_dataset is a "
-            "datasets.Dataset whose sums take at most 1 GiB."
+            "datasets.Dataset whose sums take at most 1 GiB.",
+            # a bare --sum_deltas_in_memory on the command line still means True (HfArgumentParser reads these)
+            "nargs": "?",
+            "const": True,
         },
     )
     tail_tolerance: float = field(
@@ -109,9 +113,10 @@ class AmnesiaConfig(TrainingArguments):
             raise ConfigError(f"keep_seed must be an integer in [0, 2**32), got {self.keep_seed}.")
         if not (0.0 < self.tail_tolerance < 1.0):
             raise ConfigError(f"tail_tolerance must satisfy 0 < tail_tolerance < 1, got {self.tail_tolerance}.")
-        if not (float(self.tail_memory_budget_mb) > 0.0):
+        if not (0.0 < float(self.tail_memory_budget_mb) < math.inf):
             raise ConfigError(
-                f"tail_memory_budget_mb must be a positive number of MiB, got {self.tail_memory_budget_mb}."
+                f"tail_memory_budget_mb must be a positive, finite number of MiB, got {self.tail_memory_budget_mb}; a "
+                "budget larger than the planner's exact figure (hf_amnesia.plan) keeps every tail exact."
             )
         if not self.id_column or not isinstance(self.id_column, str):
             raise ConfigError(f"id_column must be a non-empty column name, got {self.id_column!r}.")

@@ -38,7 +38,8 @@ class RecordingPlan:
     steps: int  # optimizer steps of the run
     window: int  # steps an exact tail stays open
     open_steps: int  # steps the tails stay open in this run (bounded below the window by the budget)
-    bounded: bool  # tails closed early, their rest estimated (docs/limits.md)
+    bounded: bool  # some tails closed early, their rest estimated (docs/limits.md)
+    over_budget: bool  # one step's tails alone exceed tail_memory_budget_mb (the tails take one step)
     store_bytes: int  # the store's rows, every process together: num_rows * (K * value bytes + 12)
     tail_memory_bytes: int  # the open tails at their peak, on the training device
     dense_bytes: int  # the float64 ledger and the float32 step weights (M-sized), on the training device
@@ -49,6 +50,8 @@ class RecordingPlan:
     def __str__(self) -> str:
         mib = 2**20
         mode = f"bounded: closed after {self.open_steps} of {self.window} steps" if self.bounded else "exact"
+        if self.over_budget:
+            mode += "; one step alone exceeds tail_memory_budget_mb"
         lines = [
             f"trainable entries     {self.num_params:,} (K = {self.k:,} kept per sample, {self.store_dtype})",
             f"store on disk         {self.store_bytes / mib:,.1f} MiB",
@@ -91,10 +94,13 @@ def plan(
     store_dtype = store_dtype or default_store_dtype(model)
     if store_dtype not in STORE_DTYPES:
         raise ConfigError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}.")
-    if not 0.0 < keep_fraction <= 1.0 or num_rows < 1 or batch_size < 1 or epochs <= 0:
+    counts = (num_rows, batch_size, gradient_accumulation_steps, num_processes)
+    if not 0.0 < keep_fraction <= 1.0 or min(counts) < 1 or epochs <= 0 or not 0 < tail_memory_budget_mb < math.inf:
         raise ConfigError(
-            f"plan needs 0 < keep_fraction <= 1, num_rows >= 1, batch_size >= 1 and epochs > 0; got "
-            f"keep_fraction={keep_fraction}, num_rows={num_rows}, batch_size={batch_size}, epochs={epochs}."
+            "plan needs 0 < keep_fraction <= 1, num_rows, batch_size, gradient_accumulation_steps and num_processes "
+            f">= 1, epochs > 0 and a positive, finite tail_memory_budget_mb; got keep_fraction={keep_fraction}, "
+            f"num_rows={num_rows}, batch_size={batch_size}, gradient_accumulation_steps={gradient_accumulation_steps}, "
+            f"num_processes={num_processes}, epochs={epochs}, tail_memory_budget_mb={tail_memory_budget_mb}."
         )
     layout = ParamLayout.from_model(model)
     manifest = Manifest(
@@ -117,9 +123,10 @@ def plan(
         steps=steps,
         window=window,
         open_steps=open_steps,
-        bounded=bound is not None,
+        bounded=bound is not None and steps > bound,  # some tail closes before training ends
         store_bytes=num_rows * (k * value_bytes + ROW_OVERHEAD),
         tail_memory_bytes=open_tail_bound(open_steps, per_step, k, m),
+        over_budget=open_tail_bound(1, per_step, k, m) > tail_memory_budget_mb * 2**20,
         dense_bytes=m * (8 + 4 + (4 if bound is not None else 0)),
         sums_bytes=rows_per_process * k * 4 if sum_deltas_in_memory else 0,
         transfer_bytes_per_step=0 if sum_deltas_in_memory else per_step * k * 4,

@@ -66,6 +66,7 @@ class Recorder:
         )
         self.ledger = MomentumLedger(num_params, beta1, tail_tolerance, device, max_open=bound)
         self._schedule, self._total_steps, self._x_rest = None, None, None
+        self.bounded_steps: int | None = None  # the fewest steps a tail stayed open before its rest was estimated
         # sum_ids: every id this process may train on; their closed deltas are summed in memory
         # (made before any hook or file is opened: nothing to undo if it does not fit)
         self.sums = None if sum_ids is None else DeltaSums(sum_ids, self.k, device)
@@ -160,12 +161,28 @@ class Recorder:
             ids = np.zeros(0, dtype=np.int64)
             positions = contrib = None
         self.steps += 1
-        x_rest = (
-            self._rest_of(x_t, states, hyper) if self.ledger.max_open and self.steps >= self.ledger.max_open else None
-        )
-        for closed_ids, deltas in self.ledger.step(self.steps, x_t, ids, positions, contrib, x_rest):
+        x_rest, close_early = self._bounded_close(x_t, states, hyper)
+        for closed_ids, deltas in self.ledger.step(self.steps, x_t, ids, positions, contrib, x_rest, close_early):
             self._closed(closed_ids, deltas)
         self.record_seconds += time.perf_counter() - began
+
+    def _bounded_close(self, x_t, states, hyper) -> tuple[torch.Tensor | None, bool]:
+        """Bounded tails: `(x_rest, close_early)` for this step. The tails that reach `max_open`
+        steps close with their rest estimated, unless a learning rate of this step is 0 (warmup's
+        first step: `x_t` is 0 there and could not carry the rest), when they stay open a step
+        longer; with no training steps left, nothing remains to estimate."""
+        max_open = self.ledger.max_open
+        if not max_open or self.steps < max_open:
+            return None, True
+        horizon = self.ledger.window - max_open
+        if self._total_steps is not None:
+            horizon = max(0, min(horizon, self._total_steps - self.steps))
+        if horizon == 0:
+            return None, True
+        if any(float(group["lr"]) <= 0.0 for group, state in zip(hyper, states) if "step" in state):
+            return None, False
+        self.bounded_steps = max_open if self.bounded_steps is None else min(self.bounded_steps, max_open)
+        return self._rest_of(x_t, states, hyper, horizon), True
 
     def plan_schedule(self, scheduler, total_steps: int) -> None:
         """The learning rates planned for the steps ahead (bounded tails estimate the rest of a tail
@@ -176,12 +193,9 @@ class Recorder:
         if lambdas is not None and bases is not None and len(lambdas) == len(bases):
             self._schedule = lambda step: [base * f(step - 1) for base, f in zip(bases, lambdas)]
 
-    def _rest_of(self, x_t: torch.Tensor, states: list[dict], hyper: list[dict]) -> torch.Tensor:
+    def _rest_of(self, x_t: torch.Tensor, states: list[dict], hyper: list[dict], horizon: int) -> torch.Tensor:
         """`R_t x_t` per parameter tensor (`attribution.rest_factor`): the rest of the tails that
-        close at this step, over the steps their exact window has left (and training has left)."""
-        horizon = self.ledger.window - self.ledger.max_open
-        if self._total_steps is not None:
-            horizon = max(0, min(horizon, self._total_steps - self.steps))
+        close at this step, over the `horizon` steps their exact window (and training) has left."""
         groups = self.optimizer.param_groups
         index = {id(group): g for g, group in enumerate(groups)}
         ahead = [self._schedule(u) for u in range(self.steps + 1, self.steps + 1 + horizon)] if self._schedule else None
@@ -215,6 +229,14 @@ class Recorder:
 
     def close_tails(self) -> None:
         """End of training: every open tail is complete; append the deltas to the log."""
+        if self.bounded_steps is not None and self._total_steps is not None and self.steps < self._total_steps:
+            logger.warning(
+                "hf_amnesia: training stopped at step %d of the %d planned: the momentum tails closed early in "
+                "its last steps were estimated with steps that did not run, so their deltas are too large "
+                "(docs/limits.md, Bounded tails). A larger tail_memory_budget_mb keeps them exact.",
+                self.steps,
+                self._total_steps,
+            )
         for closed_ids, deltas in self.ledger.close_all():
             self._closed(closed_ids, deltas)
         self._write_sums()
@@ -244,6 +266,7 @@ class Recorder:
         state = {f"ledger.{k}": v for k, v in self.ledger.state_dict().items()}
         state["decay"] = self.decay.clone()
         state["steps"] = torch.tensor(self.steps)
+        state["bounded_steps"] = torch.tensor(-1 if self.bounded_steps is None else self.bounded_steps)
         state["log_size"] = torch.tensor(self.shard.log_size())
         state["generation"] = torch.tensor(self.shard.state.generation)
         state["log_consumed"] = torch.tensor(self.shard.state.log_consumed)
@@ -257,6 +280,9 @@ class Recorder:
         self.ledger.load_state_dict({k[len("ledger.") :]: v for k, v in state.items() if k.startswith("ledger.")})
         self.decay = state["decay"].to(torch.float64).clone()
         self.steps = int(state["steps"])
+        saved = int(state["bounded_steps"]) if "bounded_steps" in state else -1
+        if saved > 0:  # tails of the run before the checkpoint were estimated: the store says so at the end
+            self.bounded_steps = saved if self.bounded_steps is None else min(saved, self.bounded_steps)
         self.shard.resume(int(state["log_size"]), int(state["generation"]), int(state["log_consumed"]))
         self._last_counts = self._step_counts()
 
@@ -298,7 +324,8 @@ class DeltaSums:
         if len(ids) and (rows.max() >= len(self.ids) or not np.array_equal(self.ids[rows], ids)):
             raise UnsupportedTrainingError(
                 "a training batch holds an id that is not among train_dataset's ids; with "
-                "sum_deltas_in_memory every training row must come from train_dataset."
+                "sum_deltas_in_memory (on by default for a datasets.Dataset whose sums fit 1 GiB) every "
+                "training row must come from train_dataset. Set sum_deltas_in_memory=False to train on others."
             )
         return rows
 

@@ -260,6 +260,7 @@ def recording_plan(manifest: Manifest, recorder, args: AmnesiaConfig, num_rows: 
     bounded = (
         f", bounded by tail_memory_budget_mb={args.tail_memory_budget_mb:g}: closed after {open_steps} of their "
         f"{ledger.window} steps, the rest estimated"
+        + (", and one step's tails alone exceed that budget" if tails > args.tail_memory_budget_mb * 2**20 else "")
         if ledger.max_open
         else ""
     )

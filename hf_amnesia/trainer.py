@@ -202,7 +202,7 @@ class AmnesiacTrainer(Trainer):
         if self.accelerator.is_main_process:
             manifest = self._recorder.manifest
             manifest.decay = self._recorder.decay.tolist()
-            manifest.note_tails(self._recorder.ledger.max_open)
+            manifest.note_tails(self._recorder.bounded_steps)
             manifest.final_weights = weights_fingerprint(manifest.layout.params_of(self.model))
             manifest.save(Path(self.args.store_dir))
             end = self._standing.with_ids(manifest.final_weights, ())

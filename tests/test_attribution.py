@@ -96,6 +96,18 @@ def test_a_budget_that_holds_the_window_keeps_the_tails_exact():
     assert bounded_steps(1, 64, 100, 10_000, window=153) == 1  # never fewer than one step
 
 
+def test_tails_kept_open_a_step_longer_close_at_the_next():
+    ledger = MomentumLedger(4, 0.9, 1e-7, max_open=2)
+    positions = torch.arange(4).repeat(1, 1)
+    closed = []
+    for t, early in zip(range(1, 5), (True, False, False, True)):
+        closed += [
+            (t, int(i[0]))
+            for i, _ in ledger.step(t, torch.ones(4), np.array([t]), positions, torch.ones(1, 4), None, early)
+        ]
+    assert closed == [(4, 1), (4, 2), (4, 3)]  # steps 1-3 waited for step 4, which may close early
+
+
 def test_rest_factor_is_the_geometric_sum_at_a_constant_rate():
     # Constant lr, no decay, late in training (bias correction ~ 1): R = sum_k b1^k
     r = rest_factor(0.9, 10_000, 1e-3, [1e-3] * 50)

@@ -79,7 +79,7 @@ def test_bounded_tails_stay_within_the_budget_and_close_to_the_exact_deltas(tmp_
 def test_a_budget_as_long_as_the_run_is_exact(tmp_path, exact_run):
     _, _, exact, _, _ = exact_run
     manifest, completeness, same, _, _ = _bert_run(tmp_path, open_steps=40)  # no tail outlives training
-    assert manifest.bounded_tail_steps == 40 and completeness <= 1e-4
+    assert manifest.bounded_tail_steps is None and completeness <= 1e-4  # nothing was estimated
     assert max(float((same[i] - exact[i]).norm() / exact[i].norm()) for i in exact) <= 1e-4
 
 
@@ -124,9 +124,21 @@ def test_plan_refuses_bad_settings_and_prints_from_a_config(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
-def test_the_tail_budget_must_be_positive(tmp_path):
+@pytest.mark.parametrize("budget", [0, -1, float("inf"), float("nan")])
+def test_the_tail_budget_must_be_positive_and_finite(tmp_path, budget):
     with pytest.raises(ConfigError, match="tail_memory_budget_mb"):
-        tiny_config(tmp_path, tail_memory_budget_mb=0)
+        tiny_config(tmp_path, tail_memory_budget_mb=budget)
+    with pytest.raises(ConfigError, match="tail_memory_budget_mb"):
+        plan(TinyCNN(), 10, 2, tail_memory_budget_mb=budget)
+
+
+def test_the_planner_says_when_one_step_exceeds_the_budget():
+    model = TinyCNN()
+    m = sum(p.numel() for p in model.parameters())
+    tiny = plan(model, 400, 4, 3, keep_fraction=1.0, tail_memory_budget_mb=open_tail_bound(1, 4, m, m) / 2**21)
+    assert tiny.over_budget and tiny.open_steps == 1 and tiny.bounded
+    assert "one step alone exceeds" in str(tiny)
+    assert not plan(model, 400, 4, 3).over_budget
 
 
 def test_sums_in_memory_by_default_for_a_hf_dataset_whose_sums_fit():

@@ -31,7 +31,7 @@ def _store(out):
     return {int(i): reader.read(int(i)) for i in reader.all_ids()}
 
 
-MODES = {"log_every_step": {}, "sums_in_memory": SUMS_IN_MEMORY}
+MODES = {"log_every_step": {"sum_deltas_in_memory": False}, "sums_in_memory": SUMS_IN_MEMORY}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -65,7 +65,7 @@ def test_sums_in_memory_store_the_same_deltas(tmp_path, monkeypatch, tolerance):
             yield ids, values
 
     monkeypatch.setattr(DeltaSums, "drain", drain)
-    per_step = _train(tmp_path / "log", tail_tolerance=tolerance)
+    per_step = _train(tmp_path / "log", sum_deltas_in_memory=False, tail_tolerance=tolerance)
     summed = _train(tmp_path / "sums", sum_deltas_in_memory=True, tail_tolerance=tolerance)
     if tolerance == 0.8:
         assert len(written) > 1  # sums were written at a checkpoint too, not only at the end

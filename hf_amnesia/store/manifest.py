@@ -120,7 +120,9 @@ class Manifest:
             run_id=_typed(data, "run_id", (str, type(None))),
             commits=_typed(data, "commits", int),
             key_check=_typed(data, "key_check", (str, type(None))),
-            bounded_tail_steps=_typed({"b": data.get("bounded_tail_steps")}, "b", (int, type(None))),
+            bounded_tail_steps=_typed(
+                {"bounded_tail_steps": data.get("bounded_tail_steps")}, "bounded_tail_steps", (int, type(None))
+            ),
             format_version=_typed(data, "format_version", int),
             library_version=_typed(data, "library_version", str),
         )
@@ -142,7 +144,8 @@ class Manifest:
         return None
 
     def note_tails(self, max_open: int | None) -> None:
-        """Record a run's tail mode: bounded after `max_open` steps, or exact (None)."""
+        """Record a run's tail mode: tails closed after `max_open` steps with their rest estimated, or
+        exact (None)."""
         if max_open is not None:
             self.bounded_tail_steps = min(max_open, self.bounded_tail_steps or max_open)
 

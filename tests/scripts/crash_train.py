@@ -54,7 +54,7 @@ def config(out, **overrides):
 def main(out: str, resume: bool) -> None:
     torch.manual_seed(0)
     model = TinyCNN()
-    args = config(out, **(SUMS_IN_MEMORY if os.environ.get("SUMS_IN_MEMORY") else {}))
+    args = config(out, **(SUMS_IN_MEMORY if os.environ.get("SUMS_IN_MEMORY") else {"sum_deltas_in_memory": False}))
     trainer = AmnesiacTrainer(model=model, args=args, train_dataset=image_dataset(24), callbacks=[KillAt()])
     trainer.train(resume_from_checkpoint=True if resume else None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "final.safetensors"))
