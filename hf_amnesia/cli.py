@@ -194,7 +194,11 @@ def cmd_verify(args) -> int:
 
     if not Path(args.store).is_dir():
         raise CliError(f"{args.store} is not a store folder.")
-    print(f"{args.store}: {StoreReader(args.store).check_all().summary()}")
+    reader = StoreReader(args.store)
+    print(f"{args.store}: {reader.check_all().summary()}")
+    steps = reader.manifest.bounded_tail_steps
+    tails = "exact" if steps is None else f"bounded: closed after {steps} steps, their rest estimated (docs/limits.md)"
+    print(f"{args.store}: momentum tails {tails}")
     return 0
 
 

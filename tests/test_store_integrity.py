@@ -207,6 +207,7 @@ def test_an_intact_store_verifies_and_says_what_it_checked(copy_of, capsys):
     for checked in ("manifest", "1 shard state(s)", "rows", "the key", "1 audit record(s)", "lineage entries"):
         assert checked in out, out
     assert "all checksums match" in out
+    assert "momentum tails exact" in out  # a tiny run's tails fit the default budget
 
 
 def test_a_flipped_id_is_not_forgotten_as_another(copy_of):
