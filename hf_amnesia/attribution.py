@@ -270,6 +270,7 @@ def adam_step_weights(
     hyper: list[dict],
     decay: torch.Tensor,
     out: torch.Tensor | None = None,
+    steps: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`x_t = a_t D_t / Q_t` for every trainable entry, right after an optimizer step.
 
@@ -278,7 +279,8 @@ def adam_step_weights(
     tensor (on the CPU) and is returned updated to `Q_t`; `x_t` lies on the parameters' device,
     where the ledger is. A parameter without state this step (no gradient) gets x = 0 and no
     decay, as the optimizer skipped it. `out`, when given and of the right size and type,
-    receives `x_t` (a buffer reused every step: no fresh memory to fault in).
+    receives `x_t` (a buffer reused every step: no fresh memory to fault in). `steps`, when given,
+    holds each parameter's step count already read (no read of a device tensor per parameter).
     """
     # In the optimizer's own precision (at least float32): D_t is what the step used.
     wide = any("exp_avg_sq" in s and s["exp_avg_sq"].dtype == torch.float64 for s in states)
@@ -294,7 +296,7 @@ def adam_step_weights(
         if "exp_avg_sq" not in state:
             piece.zero_()
             continue
-        t = float(state["step"])
+        t = float(state["step"]) if steps is None else steps[j]
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         new_decay[j] *= 1.0 - lr * group["weight_decay"]

@@ -128,9 +128,14 @@ class Recorder:
         self.clip_coef = min(1.0, float(max_norm) / (float(total_norm) + 1e-6))
 
     def _step_counts(self) -> list[float]:
-        return [
-            float(self.optimizer.state[p]["step"]) if "step" in self.optimizer.state[p] else 0.0 for p in self.params
-        ]
+        """Each parameter's optimizer step count, read from the device in one transfer (a fused or
+        capturable AdamW keeps them on the GPU: one read per tensor would wait on it every time)."""
+        steps = [self.optimizer.state[p].get("step") for p in self.params]
+        tensors = [s for s in steps if isinstance(s, torch.Tensor)]
+        if tensors and len({t.device for t in tensors}) == 1:
+            read = iter(torch.stack([t.reshape(()) for t in tensors]).tolist())
+            return [0.0 if s is None else float(next(read)) if isinstance(s, torch.Tensor) else float(s) for s in steps]
+        return [0.0 if s is None else float(s) for s in steps]
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         began = time.perf_counter()
@@ -145,7 +150,7 @@ class Recorder:
         # Look groups up at every step: `load_state_dict` (Accelerate, resuming) replaces the dicts.
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         hyper = [group_of[id(p)] for p in self.params]
-        x_t, self.decay = adam_step_weights(self.params, states, hyper, self.decay, out=self._x_t)
+        x_t, self.decay = adam_step_weights(self.params, states, hyper, self.decay, out=self._x_t, steps=counts)
         self._x_t = x_t  # the ledger reads it at once: the next step reuses the buffer
         if len(pending) == 1:  # one microbatch: its own buffers become the open tail, no copy
             ids, positions, contrib = pending[0]
@@ -202,13 +207,13 @@ class Recorder:
         if self._x_rest is None or self._x_rest.shape != x_t.shape or self._x_rest.dtype != x_t.dtype:
             self._x_rest = torch.empty_like(x_t)
         factors, offset = {}, 0
-        for param, state, group in zip(self.params, states, hyper):
+        for j, (param, state, group) in enumerate(zip(self.params, states, hyper)):
             piece = slice(offset, offset + param.numel())
             offset += param.numel()
             if "step" not in state:
                 self._x_rest[piece] = 0.0
                 continue
-            g, step, lr = index[id(group)], int(state["step"]), float(group["lr"])
+            g, step, lr = index[id(group)], int(self._last_counts[j]), float(group["lr"])
             if (g, step) not in factors:
                 lrs = [rates[g] for rates in ahead] if ahead is not None else [lr] * horizon
                 factors[g, step] = rest_factor(self.ledger.beta1, step, lr, lrs, float(group["weight_decay"]))
