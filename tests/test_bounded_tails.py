@@ -149,3 +149,40 @@ def test_sums_in_memory_by_default_for_a_hf_dataset_whose_sums_fit():
     assert not sums_in_memory(None, rows, k=AUTO_SUMS_BYTES // (4 * 8) + 1)  # more than 1 GiB of sums
     assert not sums_in_memory(None, list(rows), k=100)  # not a datasets.Dataset: reading ids costs a pass
     assert sums_in_memory(True, None, k=10**9) and not sums_in_memory(False, rows, k=1)
+
+
+def _three_step_budget():
+    """A tail memory budget of exactly 3 steps for crash_train's TinyCNN runs (batch 4, keep 0.3)."""
+    figures = plan(TinyCNN(), 20, 4, 3, keep_fraction=0.3)
+    return open_tail_bound(3, 4, figures.k, figures.num_params) / 2**20
+
+
+def test_a_resumed_run_keeps_the_bounded_mode_of_its_start(tmp_path):
+    from scripts.crash_train import config
+    from tiny import Crash, CrashAt
+
+    def train(callbacks=None, resume=None, **overrides):  # 20 rows in batches of 4 for 3 epochs: 15 steps
+        torch.manual_seed(0)
+        trainer = AmnesiacTrainer(
+            model=TinyCNN(), args=config(tmp_path, **overrides), train_dataset=image_dataset(20), callbacks=callbacks
+        )
+        trainer.train(resume_from_checkpoint=resume)
+
+    with pytest.raises(Crash):
+        train([CrashAt(6)], tail_memory_budget_mb=_three_step_budget())
+    train(resume=str(tmp_path / "checkpoint-4"))  # the default budget: exact from here on
+    assert StoreReader(tmp_path / "_amnesia_store").manifest.bounded_tail_steps == 3
+
+
+def test_stopping_before_the_planned_steps_warns_that_bounded_deltas_are_too_large(tmp_path, caplog):
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 8
+
+    torch.manual_seed(0)
+    args = tiny_config(tmp_path, keep_fraction=0.3, num_train_epochs=3, tail_memory_budget_mb=_three_step_budget())
+    trainer = AmnesiacTrainer(model=TinyCNN(), args=args, train_dataset=image_dataset(20), callbacks=[StopAt()])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "training stopped at step 8 of the 15 planned" in caplog.text
+    assert StoreReader(args.store_dir).manifest.bounded_tail_steps == 3
