@@ -174,8 +174,8 @@ class Recorder:
     def _bounded_close(self, x_t, states, hyper) -> tuple[torch.Tensor | None, bool]:
         """Bounded tails: `(x_rest, close_early)` for this step. The tails that reach `max_open`
         steps close with their rest estimated, unless a learning rate of this step is 0 (warmup's
-        first step: `x_t` is 0 there and could not carry the rest), when they stay open a step
-        longer; with no training steps left, nothing remains to estimate."""
+        first step: `x_t` is 0 there and could not carry the rest), when they stay open until a step
+        whose rates are above 0; with no training steps left, nothing remains to estimate."""
         max_open = self.ledger.max_open
         if not max_open or self.steps < max_open:
             return None, True
