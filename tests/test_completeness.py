@@ -36,3 +36,14 @@ def test_completeness_two_processes(tmp_path, extra, port):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["num_shards"] == 2
     _check(result, 2)
+
+
+@pytest.mark.slow
+def test_bounded_tails_in_two_processes(tmp_path):
+    # Tails bounded to 3 steps on both processes: the same estimate on each (the weights agree),
+    # the store says so, and the deltas stay near the training change (measured 0.034).
+    run_two_processes(SCRIPT, str(tmp_path), "bounded", port=29547, timeout=600)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2 and result["num_shards"] == 2 and result["spread"] == 0.0
+    assert result["bounded_tail_steps"] == 3
+    assert result["completeness"] <= 0.1 and result["forgotten"] == 32 and result["committed"]

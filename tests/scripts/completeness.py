@@ -1,7 +1,7 @@
 """Train a tiny CNN with recording at keep_fraction 1.0 and check completeness.
 
-Run alone (`python tests/scripts/completeness.py OUT [sums]`) or in 2 processes
-(`torchrun --nproc_per_node 2 tests/scripts/completeness.py OUT [sums]`). Rank 0 writes
+Run alone (`python tests/scripts/completeness.py OUT [sums|bounded]`) or in 2 processes
+(`torchrun --nproc_per_node 2 tests/scripts/completeness.py OUT [sums|bounded]`). Rank 0 writes
 OUT/result.json with the relative errors.
 """
 
@@ -87,12 +87,24 @@ def run(out_dir: str, **overrides) -> dict:
         "saved": os.path.exists(os.path.join(out_dir, "forgot", "model.safetensors")),
         "num_shards": reader.manifest.num_shards,
         "min_decay": float(decay.min()),
+        "bounded_tail_steps": reader.manifest.bounded_tail_steps,
     }
 
 
+def bounded_budget_mb(open_steps: int = 3) -> float:
+    """A tail memory budget of `open_steps` steps of this script's run (8 samples per step and process)."""
+    from hf_amnesia.attribution import open_tail_bound
+
+    m = sum(p.numel() for p in TinyCNN().parameters())
+    return open_tail_bound(open_steps, 8, m, m) / 2**20
+
+
 if __name__ == "__main__":
-    # a second argument "sums": closed deltas summed in memory (sum_deltas_in_memory=True)
-    result = run(sys.argv[1], sum_deltas_in_memory=len(sys.argv) > 2 and sys.argv[2] == "sums")
+    # a second argument "sums": closed deltas summed in memory (sum_deltas_in_memory=True); "bounded":
+    # the tails bounded to 3 steps (the deltas are written every step either way otherwise)
+    mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    extra = {"tail_memory_budget_mb": bounded_budget_mb()} if mode == "bounded" else {}
+    result = run(sys.argv[1], sum_deltas_in_memory=mode == "sums", **extra)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(sys.argv[1], "result.json"), "w") as f:
             json.dump(result, f)
